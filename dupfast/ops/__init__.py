@@ -1,0 +1,9 @@
+"""dupfast's three hot paths, one dispatch point (see _dispatch.py):
+
+    mahalanobis(features, means, whiteners, ...)   multi-layer Mahalanobis distances
+    layer_transitions(features, ...)               per-sample layer Gram -> cosines, spectral concentration
+    kl_div(student, teacher, weights, ...)         fused KL(p_T || p_S) + gradient, signed row weights
+
+Each op has a pure-PyTorch reference beside it (`*_reference`) that the tests hold every backend to.
+"""
+from ._dispatch import available_backends, resolve  # noqa: F401
