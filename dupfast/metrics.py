@@ -3,6 +3,8 @@
 CACC = accuracy on clean test; ASR = fraction of triggered non-target inputs classified as the target;
 FRR = clean inputs flagged; FAR = poisoned inputs not flagged; AUROC over scores (larger = more suspicious).
 """
+import numbers
+
 import numpy as np
 import torch
 
@@ -11,6 +13,23 @@ def _np(x):
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _binary(x, name: str) -> np.ndarray:
+    """0/1 (or bool) vector as bool; anything else is a caller error, not something to coerce."""
+    a = _np(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D vector, got shape {a.shape}")
+    if a.size and not np.isin(a, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0/1 (or booleans), got values {np.unique(a)[:10].tolist()}")
+    return a.astype(bool)
+
+
+def _same_length(a, b, na: str, nb: str):
+    if a.shape != b.shape:
+        raise ValueError(f"{na} {a.shape} and {nb} {b.shape} differ in shape")
+    if a.size == 0:
+        raise ValueError(f"{na} is empty")
 
 
 def accuracy(preds, labels) -> float:
@@ -32,12 +51,15 @@ def asr(preds, target: int) -> float:
     p = _np(preds)
     if p.size == 0:
         raise ValueError("ASR of an empty poisoned set is undefined")
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral):
+        raise ValueError(f"target label must be an integer, got {target!r}")
     return float((p == target).mean())
 
 
 def auroc(poison_labels, scores) -> float:
     from sklearn.metrics import roc_auc_score
-    y, s = _np(poison_labels).astype(int), _np(scores).astype(np.float64)
+    y, s = _binary(poison_labels, "poison labels").astype(int), _np(scores).astype(np.float64)
+    _same_length(y, s, "poison labels", "scores")
     if len(np.unique(y)) < 2:
         raise ValueError("AUROC needs both clean (0) and poisoned (1) samples")
     if not np.isfinite(s).all():
@@ -47,9 +69,8 @@ def auroc(poison_labels, scores) -> float:
 
 def detection_report(poison_labels, flags, scores=None) -> dict:
     """FRR, FAR, precision, recall, F1 (and AUROC when scores are given) of a detector's flags."""
-    y, f = _np(poison_labels).astype(bool), _np(flags).astype(bool)
-    if y.shape != f.shape:
-        raise ValueError(f"poison labels {y.shape} and flags {f.shape} differ in shape")
+    y, f = _binary(poison_labels, "poison labels"), _binary(flags, "flags")
+    _same_length(y, f, "poison labels", "flags")
     tp, fp = int((f & y).sum()), int((f & ~y).sum())
     fn, tn = int((~f & y).sum()), int((~f & ~y).sum())
     out = {
@@ -67,8 +88,16 @@ def detection_report(poison_labels, flags, scores=None) -> dict:
 
 
 def far_at_frr(poison_labels, scores, frr: float = 0.05) -> float:
-    """FAR when the threshold is the (1 - frr) quantile of the clean scores in this same set."""
-    y, s = _np(poison_labels).astype(bool), _np(scores).astype(np.float64)
+    """FAR when the threshold is the (1 - frr) quantile of the clean scores in this same set (DUP's rule:
+    flag iff score > tau, tau = np.percentile(clean, 100 (1 - frr)))."""
+    y, s = _binary(poison_labels, "poison labels"), _np(scores).astype(np.float64)
+    _same_length(y, s, "poison labels", "scores")
+    if not 0 <= frr < 1:
+        raise ValueError(f"frr must be in [0, 1), got {frr!r}")
+    if y.all() or not y.any():
+        raise ValueError("FAR at a fixed FRR needs both clean (0) and poisoned (1) samples")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
     tau = np.quantile(s[~y], 1 - frr)
     return float((s[y] <= tau).mean())
 
@@ -76,6 +105,22 @@ def far_at_frr(poison_labels, scores, frr: float = 0.05) -> float:
 def behind_detector(preds, flags, num_classes: int) -> np.ndarray:
     """OpenBackdoor rule: a flagged input gets the impossible label `num_classes`, so a rejected clean
     input counts as an error (lowers CACC) and a rejected poisoned one as not attacked (lowers ASR)."""
-    p, f = _np(preds).copy(), _np(flags).astype(bool)
+    p, f = _np(preds).copy(), _binary(flags, "flags")
+    _same_length(p, f, "predictions", "flags")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if p.size and (p.min() < 0 or p.max() >= num_classes):
+        # the impossible label must not collide with a real prediction
+        raise ValueError(f"predictions must lie in [0, {num_classes}), got range [{p.min()}, {p.max()}]")
     p[f] = num_classes
     return p
+
+
+def cacc_asr_behind_detector(clean_preds, clean_labels, clean_flags, poison_preds, poison_flags,
+                             target: int, num_classes: int) -> dict:
+    """CACC and ASR of a model guarded by a detector (OpenBackdoor's test-detect evaluation): flagged
+    inputs are rejected, i.e. given the impossible label `num_classes`, before scoring."""
+    return {
+        "cacc": cacc(behind_detector(clean_preds, clean_flags, num_classes), clean_labels),
+        "asr": asr(behind_detector(poison_preds, poison_flags, num_classes), target),
+    }
