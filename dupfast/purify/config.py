@@ -1,0 +1,109 @@
+"""Every knob of a purification run, validated once (bad values fail before any model work)."""
+import dataclasses
+import math
+from typing import Optional
+
+STARTS = ("tie", "perturb", "sharpen")
+
+
+@dataclasses.dataclass(frozen=True)
+class PurifyConfig:
+    """Defaults: LoRA as the DUP authors (r 32, α 64, dropout 0.1, lr 5e-4, 5 epochs, warm-up 10%, clip 1.0,
+    batch 32, T = 1); the ascent cap, the start and the stopping rule are dupfast's (see README / methods)."""
+    # objective: -lambda_asr * KL(p_T || p_S) on flagged rows + lambda_acc * CE on clean rows
+    lambda_asr: float = 1.0
+    lambda_acc: float = 1.0
+    temperature: float = 1.0
+    # a flagged row stops pushing once KL(p_T || p_S) on it, at temperature 1, exceeds this many nats (None:
+    # unbounded ascent, the authors' objective). Bounds -KL, which otherwise runs away once the student
+    # leaves the teacher.
+    kl_cap: Optional[float] = 1.0
+    # how the student leaves the step-0 tie (student == teacher => dKL/ds = 0 on every flagged row):
+    #   "tie"      nothing added: only dropout (if on) and the CE term move the student;
+    #   "perturb"  LoRA B initialised ~ N(0, perturb_std) instead of 0;
+    #   "sharpen"  the ascent pushes away from the teacher sharpened by sharpen_temperature τ, so its
+    #              gradient at the tie, softmax(s/T) - softmax(t/(T·τ)), is not zero.
+    start: str = "tie"
+    dropout: bool = True  # train-mode dropout in the student's forward (False: eval-mode forward)
+    perturb_std: float = 1e-3
+    sharpen_temperature: float = 0.25
+    # LoRA (use_lora=False: plain full fine-tuning of every parameter, for comparisons)
+    use_lora: bool = True
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    target_modules: Optional[tuple] = None  # None: found per architecture (lora.find_target_modules)
+    # optimisation
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    epochs: int = 5
+    max_steps: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 2025
+    # stopping / selection from what a defender holds: held-out flagged rows and held-out clean rows
+    holdout_fraction: float = 0.2
+    evals_per_epoch: int = 1
+    agree_bound: float = 0.05      # stop once <= this fraction of held-out flagged rows keep the teacher's label
+    acc_tolerance: float = 0.02    # ... while held-out clean accuracy >= its step-0 value - this
+    patience: Optional[int] = 3    # ... or after this many evaluations without a lower agreement (None: never)
+    early_stop: bool = True
+    select_best: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("lambda_asr", "lambda_acc"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.lambda_asr == 0 and self.lambda_acc == 0:
+            raise ValueError("lambda_asr and lambda_acc are both 0: the objective would be empty")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.kl_cap is not None and not self.kl_cap > 0:
+            raise ValueError(f"kl_cap must be > 0 or None (unbounded), got {self.kl_cap!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        if not self.perturb_std > 0:
+            raise ValueError(f"perturb_std must be > 0, got {self.perturb_std!r}")
+        if not self.sharpen_temperature > 0:
+            raise ValueError(f"sharpen_temperature must be > 0, got {self.sharpen_temperature!r}")
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "evals_per_epoch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience must be an int >= 1 or None, got {self.patience!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+        if not 0 <= self.agree_bound <= 1:
+            raise ValueError(f"agree_bound must be in [0, 1], got {self.agree_bound!r}")
+        if not 0 <= self.acc_tolerance <= 1:
+            raise ValueError(f"acc_tolerance must be in [0, 1], got {self.acc_tolerance!r}")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"target_modules must be a non-empty list of module names, got "
+                                 f"{self.target_modules!r}")
+
+    def replace(self, **changes) -> "PurifyConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["target_modules"] is not None:
+            d["target_modules"] = list(d["target_modules"])
+        return d

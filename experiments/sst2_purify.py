@@ -1,0 +1,172 @@
+"""Purification quality on the SST-2 MiniLM victims (20% dirty-label BadNets, AddSent, StyleBkd).
+
+    python experiments/sst2_purify.py [--attacks badnets addsent stylebkd]
+        [--variants default lora_clean full_ft authors] [--detect-mode default] [--set key=value ...]
+        [--out runs/purify.jsonl]
+
+Protocol (the defender's side): clean set = one half of the clean SST-2 dev split; pool = the other half +
+dev-poison; flags = `dupfast.detect(victim, pool, clean=clean set)`. The defence sees only the pool, the
+flags and the clean set. CACC (SST-2 test) and ASR (test-poison) are computed only afterwards, to evaluate.
+
+Variants: (a) default = dupfast's defaults; (b) lora_clean = λ_asr 0 (clean LoRA fine-tuning, the authors'
+committed setting); (c) full_ft = plain full fine-tuning on the clean set (lr 2e-5); (b) and (c) run exactly
+the steps (a) ran, without early stopping or selection. authors = the authors' recipe (λ_asr 1, unbounded
+ascent, 5 epochs, no stopping rule) for reference.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from dupfast import metrics  # noqa: E402
+from dupfast.data import load_sst2, load_sst2_poison, split_samples  # noqa: E402
+from dupfast.victims import TextBatcher  # noqa: E402
+
+MAX_LEN, BATCH, SPLIT_SEED, TARGET = 64, 32, 2025, 1
+VARIANTS = {
+    "default": {},
+    "lora_clean": {"lambda_asr": 0.0},
+    "full_ft": {"use_lora": False, "lambda_asr": 0.0, "lr": 2e-5},
+    "authors": {"lambda_asr": 1.0, "kl_cap": None, "start": "tie", "temperature": 1.0,
+                "early_stop": False, "select_best": False},
+}
+SAME_STEPS = ("lora_clean", "full_ft")  # run for the steps the default ran, no stop/selection
+
+
+def victim_ready(attack: str, log="runs/victims.log") -> bool:
+    """The lead's victim script writes one JSON line per finished attack; loading earlier would start a
+    duplicate training run."""
+    p = pathlib.Path(log)
+    if not p.is_file():
+        return False
+    for line in p.read_text(errors="replace").replace("\r", "\n").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                if attack in json.loads(line):
+                    return True
+            except json.JSONDecodeError:
+                continue
+    return False
+
+
+def protocol(attack: str, data_dir=None):
+    """(defender's clean set, pool samples): disjoint halves of clean dev; pool gets dev-poison too."""
+    dev = load_sst2("dev", data_dir)
+    half = len(dev) // 2
+    clean_set, pool_clean = split_samples(dev, [half, len(dev) - half], seed=SPLIT_SEED)
+    return clean_set, pool_clean + load_sst2_poison(attack, "dev", data_dir=data_dir)
+
+
+def loaders(tok, clean_set, pool):
+    pool_loader = list(TextBatcher(tok, [s.text for s in pool], None, MAX_LEN).batches(BATCH))
+    clean_loader = list(TextBatcher(tok, [s.text for s in clean_set], [s.label for s in clean_set],
+                                    MAX_LEN).batches(BATCH))
+    return pool_loader, clean_loader
+
+
+def detect(model, pool_loader, clean_loader, mode):
+    import dupfast
+    t0 = time.perf_counter()
+    result = dupfast.detect(model, pool_loader, clean=clean_loader) if mode == "default" else \
+        dupfast.detect(model, pool_loader, clean=clean_loader, mode=mode)
+    return result, time.perf_counter() - t0
+
+
+def evaluate(model, tok, attack, data_dir=None):
+    from experiments.sst2_victims import evaluate as victim_eval
+    return victim_eval(model, tok, attack, data_dir, max_len=MAX_LEN)
+
+
+def run_attack(attack, variants, overrides, detect_mode, data_dir, out):
+    import dupfast
+    from experiments.sst2_victims import victim_for
+
+    if not victim_ready(attack):
+        raise SystemExit(f"victim {attack} is not trained yet (no JSON line for it in runs/victims.log)")
+    model, tok, info = victim_for(attack, data_dir=data_dir)
+    epoch_seconds = info["train_seconds"] / info["config"]["epochs"]
+    clean_set, pool = protocol(attack, data_dir)
+    pool_loader, clean_loader = loaders(tok, clean_set, pool)
+    before = evaluate(model, tok, attack, data_dir)
+    result, detect_s = detect(model, pool_loader, clean_loader, detect_mode)
+    flags = torch.as_tensor(result.flags).bool()
+    truth = torch.tensor([s.poison_label for s in pool]).bool()
+    det = metrics.detection_report(truth, flags, getattr(result, "scores", None))
+    print(json.dumps({"attack": attack, "before": before, "detection": det, "detect_s": round(detect_s, 1)}),
+          flush=True)
+    default_steps = None
+    rows = []
+    for name in variants:
+        cfg = dict(VARIANTS[name])
+        cfg.update(overrides if name == "default" else {})
+        if name in SAME_STEPS:
+            if default_steps is None:
+                raise SystemExit(f"variant {name} runs the default's steps: list 'default' before it")
+            cfg.update(max_steps=default_steps, early_stop=False, select_best=False)
+        model, tok, _ = victim_for(attack, data_dir=data_dir)  # a fresh copy: purify works in place
+        t0 = time.perf_counter()
+        purified = dupfast.purify(model, pool_loader, clean=clean_loader, detection=flags, **cfg)
+        seconds = time.perf_counter() - t0
+        report = purified.dupfast_report
+        if name == "default":
+            default_steps = report.steps_run
+        after = evaluate(purified, tok, attack, data_dir)
+        row = {"attack": attack, "variant": name, "overrides": cfg, "detect_mode": detect_mode,
+               "cacc_before": before["cacc"], "cacc_after": after["cacc"],
+               "asr_before": before["asr"], "asr_after": after["asr"],
+               "purify_s": round(seconds, 1), "epoch_s": round(epoch_seconds, 1),
+               "ratio_to_epoch": round(seconds / epoch_seconds, 3), "detect_s": round(detect_s, 1),
+               "steps": report.steps_run, "selected_step": (report.selected or {}).get("step"),
+               "stop_reason": report.stop_reason, "tie": report.tie, "teacher": report.teacher,
+               "flagged": report.data.get("flagged"), "detection": det, "history": report.history,
+               "timings": report.timings}
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("attack", "variant", "cacc_before", "cacc_after", "asr_before",
+                                                "asr_after", "purify_s", "ratio_to_epoch", "steps",
+                                                "selected_step", "stop_reason")}), flush=True)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| attack | variant | ASR before → after | CACC before → after | steps (kept) | purify s | × epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['attack']} | {r['variant']} | {100 * r['asr_before']:.1f}% → {100 * r['asr_after']:.1f}% "
+                     f"| {100 * r['cacc_before']:.2f} → {100 * r['cacc_after']:.2f} | {r['steps']} "
+                     f"({r['selected_step']}) | {r['purify_s']:.0f} | {r['ratio_to_epoch']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_set(items):
+    from dupfast.cli.purify import _parse_set
+    return _parse_set(items)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attacks", nargs="+", default=["badnets", "addsent", "stylebkd"])
+    ap.add_argument("--variants", nargs="+", default=["default", "lora_clean", "full_ft"], choices=list(VARIANTS))
+    ap.add_argument("--detect-mode", default="default", help="dupfast.detect mode ('default' = its default)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PurifyConfig overrides (default)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default="runs/purify.jsonl")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for attack in args.attacks:
+        rows += run_attack(attack, args.variants, parse_set(args.set), args.detect_mode, args.data_dir, args.out)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
