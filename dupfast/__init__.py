@@ -5,3 +5,13 @@
     dupfast.btu                                 Backdoor Token Unlearning (training-time defence)
 """
 __version__ = "0.1.0"
+
+# Subpackages load on first use, so `import dupfast` stays light (no torch or transformers import).
+_LAZY_SUBMODULES = ("btu", "purify")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dupfast' has no attribute {name!r}")

@@ -1,0 +1,18 @@
+"""BTU, Backdoor Token Unlearning (Jiang et al., AAAI 2025): a training-time backdoor defence.
+
+Backdoor learning moves the word-embedding rows of trigger tokens far more than clean ones, and the attack
+depends on those rows. BTU exposes the most-moved tokens (three cheap training rounds), fine-tunes, then
+resets the suspicious tokens' moved dimensions to the pretrained pad embedding.
+
+    suspects = dupfast.btu.expose("minilm", poisoned_train)          # ranked suspicious tokens
+    model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean)   # defended model
+"""
+from .embeddings import embedding_block, input_embeddings, replacement_id, vocab_size
+from .expose import Exposure, ExposureConfig, Round, Suspect, expose
+from .shallow import ShallowClassifier
+from .train import BTUConfig, train
+from .unlearn import unlearn_tokens
+
+__all__ = ["BTUConfig", "Exposure", "ExposureConfig", "Round", "ShallowClassifier", "Suspect",
+           "embedding_block", "expose", "input_embeddings", "replacement_id", "train", "unlearn_tokens",
+           "vocab_size"]

@@ -1,0 +1,204 @@
+"""BTU step 1: expose backdoor tokens by how far training moves their word-embedding rows.
+
+Three rounds, each from a fresh copy of the pretrained model, each ranking token ids by
+s_i = ||E_trained[i] - E_pretrained[i]||_2 (special tokens excluded), keeping the top k with
+k = int(fraction x V), V = the model's real vocabulary size (methods.md §8.4):
+
+  R1  shallow model (embedding block + linear head over the masked token mean) on the poisoned data;
+  R2  the same, retrained after deleting R1's top-k token ids from every tokenised input. Whole tokens are
+      removed, never substrings: the authors' `str.replace` of the decoded token also cut it out of other
+      words ("cf" out of "cfo"), which changes unrelated inputs;
+  R3  the full model with only the word embeddings trainable (still back-propagating through every layer).
+
+The suspicious set is the union of the three top-k lists.
+"""
+import copy
+import dataclasses
+import math
+import numbers
+import time
+from typing import Sequence
+
+import torch
+
+from ..victims import VictimConfig, fit
+from .embeddings import excluded_ids, input_embeddings, row_change, vocab_size
+from .inputs import as_samples, resolve_model
+from .shallow import ShallowClassifier
+
+# The authors' exposure recipe (config.json + BTU.py): AdamW lr 2e-5, one epoch; batch 256 / max_len 128
+# for the shallow rounds, batch 64 for the full round (max_len 64 here: SST-2 sentences are short, and R3
+# back-propagates through every layer). weight_decay 0.01 = PyTorch's AdamW default the code relies on.
+SHALLOW_ROUND = VictimConfig(epochs=1, lr=2e-5, batch_size=256, max_len=128, warmup_ratio=0.0,
+                             weight_decay=0.01, seed=1234)
+FULL_ROUND = VictimConfig(epochs=1, lr=2e-5, batch_size=64, max_len=64, warmup_ratio=0.0,
+                          weight_decay=0.01, seed=1234)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExposureConfig:
+    fraction: float = 0.0005          # k = int(fraction x V), at least 1
+    shallow: VictimConfig = SHALLOW_ROUND
+    full: VictimConfig = FULL_ROUND
+    exclude_tokens: tuple = ()        # beyond the special tokens, e.g. ("@", "user") on OLID
+
+    def __post_init__(self):
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or math.isnan(f) or not 0 < f < 1:
+            raise ValueError(f"the k fraction must be a number in (0, 1), got {f!r}")
+        for name in ("shallow", "full"):
+            if not isinstance(getattr(self, name), VictimConfig):
+                raise TypeError(f"ExposureConfig.{name} must be a VictimConfig, got {type(getattr(self, name)).__name__}")
+        object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
+
+    def k(self, vocab: int) -> int:
+        return max(1, int(self.fraction * vocab))
+
+
+@dataclasses.dataclass
+class Round:
+    name: str
+    description: str
+    scores: torch.Tensor              # [V] row change per token id
+    top: list                         # the round's top-k token ids, most moved first
+    seconds: float
+    train_size: int
+    final_loss: float | None
+
+
+@dataclasses.dataclass
+class Suspect:
+    token_id: int
+    token: str
+    score: float                      # max over rounds of s_i / (the round's largest s): 1.0 = moved most
+    ranks: dict                       # round name -> rank among eligible tokens (1 = moved most)
+
+
+@dataclasses.dataclass
+class Exposure:
+    """Result of `expose`: the three rounds and their union, ranked."""
+    rounds: list
+    k: int
+    vocab_size: int
+    eligible: torch.Tensor            # [V] bool: not special, not excluded
+    tokens: list                      # token string per id (for reports)
+
+    def rank(self, token_id: int, round_name: str) -> int | None:
+        """1-based rank of a token in a round among eligible tokens (ties share the best rank);
+        None when the token is excluded from ranking."""
+        if not 0 <= token_id < self.vocab_size or not bool(self.eligible[token_id]):
+            return None
+        s = self._round(round_name).scores
+        return int((s[self.eligible] > s[token_id]).sum()) + 1
+
+    def _round(self, name):
+        for r in self.rounds:
+            if r.name == name:
+                return r
+        raise KeyError(f"no exposure round {name!r}; rounds: {[r.name for r in self.rounds]}")
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [s.token_id for s in self.suspects]
+
+    @property
+    def suspects(self) -> list[Suspect]:
+        """Union of the rounds' top-k, most suspicious first (relative movement within its round)."""
+        best: dict[int, float] = {}
+        for r in self.rounds:
+            peak = float(r.scores[self.eligible].max()) or 1.0
+            for t in r.top:
+                best[t] = max(best.get(t, 0.0), float(r.scores[t]) / peak)
+        order = sorted(best, key=lambda t: (-best[t], t))
+        return [Suspect(t, self.tokens[t], round(best[t], 6),
+                        {r.name: self.rank(t, r.name) for r in self.rounds}) for t in order]
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k, "vocab_size": self.vocab_size,
+            "rounds": [{"name": r.name, "description": r.description, "seconds": round(r.seconds, 2),
+                        "train_size": r.train_size, "final_loss": r.final_loss,
+                        "top": [{"id": t, "token": self.tokens[t], "score": float(r.scores[t])} for t in r.top]}
+                       for r in self.rounds],
+            "suspects": [dataclasses.asdict(s) for s in self.suspects],
+        }
+
+
+def top_k(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> list[int]:
+    """The k eligible ids with the largest change, largest first; rows that did not move are never
+    suspicious, so fewer than k come back when fewer moved."""
+    masked = torch.where(eligible & (scores > 0), scores, torch.full_like(scores, -1.0))
+    vals, idx = masked.topk(min(k, int(eligible.sum())))
+    return [int(i) for i, v in zip(idx, vals) if v > 0]
+
+
+class _DropTokens:
+    """Tokenizer view that deletes whole token ids from every encoding (R2); padding is delegated."""
+
+    def __init__(self, tokenizer, drop_ids):
+        self._tok, self._drop = tokenizer, set(drop_ids)
+
+    def __call__(self, texts, **kwargs):
+        enc = self._tok(texts, **kwargs)
+        return {"input_ids": [[t for t in ids if t not in self._drop] for ids in enc["input_ids"]]}
+
+    def pad(self, *args, **kwargs):
+        return self._tok.pad(*args, **kwargs)
+
+
+def _shallow_round(name, model, tok, train, num_labels, cfg, pretrained, vocab):
+    t0 = time.perf_counter()
+    shallow = ShallowClassifier.from_model(model, num_labels)
+    losses = fit(shallow, tok, train, cfg, desc=f"BTU {name} shallow")
+    scores = row_change(pretrained, shallow.word_embeddings.weight, vocab)
+    return scores, time.perf_counter() - t0, (losses[-1] if losses else None)
+
+
+def _full_round(name, model, tok, train, cfg, pretrained, vocab):
+    t0 = time.perf_counter()
+    full = copy.deepcopy(model).float()
+    word = input_embeddings(full)
+    for p in full.parameters():
+        p.requires_grad_(False)
+    word.weight.requires_grad_(True)
+    losses = fit(full, tok, train, cfg, desc=f"BTU {name} word embeddings")
+    scores = row_change(pretrained, word.weight, vocab)
+    del full
+    return scores, time.perf_counter() - t0, (losses[-1] if losses else None)
+
+
+def expose(model_or_name, train_data: Sequence, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
+    """Rank the tokens whose embeddings backdoor learning moves most. `model_or_name`: a short name or HF
+    folder (see dupfast.models), or a pretrained model object with `tokenizer=`; it is never modified."""
+    config = ExposureConfig() if config is None else config
+    if not isinstance(config, ExposureConfig):
+        raise TypeError(f"config must be an ExposureConfig, got {type(config).__name__}")
+    train = as_samples(train_data, "training set")
+    model, tok, num_labels = resolve_model(model_or_name, tokenizer, train, config.shallow.seed)
+    return expose_loaded(model, tok, train, num_labels, config)
+
+
+def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) -> Exposure:
+    vocab = vocab_size(model, tok)
+    k = config.k(vocab)
+    pretrained = input_embeddings(model).weight.detach().float().clone()
+    eligible = torch.ones(vocab, dtype=torch.bool)
+    for t in excluded_ids(tok, config.exclude_tokens):
+        if 0 <= t < vocab:
+            eligible[t] = False
+    tokens = tok.convert_ids_to_tokens(list(range(vocab)))
+
+    rounds = []
+    s1, sec, loss = _shallow_round("R1", model, tok, train, num_labels, config.shallow, pretrained, vocab)
+    rounds.append(Round("R1", "shallow model on the poisoned data", s1, top_k(s1, eligible, k), sec, len(train), loss))
+
+    dropped = rounds[0].top
+    s2, sec, loss = _shallow_round("R2", model, _DropTokens(tok, dropped), train, num_labels,
+                                   config.shallow, pretrained, vocab)
+    rounds.append(Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input",
+                        s2, top_k(s2, eligible, k), sec, len(train), loss))
+
+    s3, sec, loss = _full_round("R3", model, tok, train, config.full, pretrained, vocab)
+    rounds.append(Round("R3", "full model, only the word embeddings trainable", s3, top_k(s3, eligible, k),
+                        sec, len(train), loss))
+    return Exposure(rounds, k, vocab, eligible, tokens)

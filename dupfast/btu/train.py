@@ -1,0 +1,134 @@
+"""BTU end to end: expose suspicious tokens, fine-tune on the (possibly poisoned) data, unlearn the
+suspicious tokens' moved embedding dimensions, and optionally clean-tune for one epoch.
+
+    model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean_samples)
+
+The clean-tune step needs clean labelled data the defender holds; it is reported as its own step
+(methods.md §2.5, §8.4), so results are available without it, after unlearning only, and with it.
+"""
+import copy
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from ..victims import VictimConfig, fit
+from .embeddings import input_embeddings, replacement_id, token_ids, vocab_size
+from .expose import Exposure, ExposureConfig, expose_loaded
+from .inputs import as_samples, check_labels, resolve_model
+from .unlearn import unlearn_tokens
+
+# The authors' fine-tune and clean-tune recipe: all parameters, AdamW lr 2e-5, one epoch, batch 64.
+FINETUNE = VictimConfig(epochs=1, lr=2e-5, batch_size=64, max_len=128, warmup_ratio=0.0, weight_decay=0.01, seed=1234)
+CLEAN_TUNE = FINETUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class BTUConfig:
+    exposure: ExposureConfig = ExposureConfig()
+    finetune: VictimConfig = FINETUNE
+    clean_tune: VictimConfig = CLEAN_TUNE
+    replace_with: int | str | None = None   # token whose pretrained embedding fills moved dimensions
+
+    def __post_init__(self):
+        if not isinstance(self.exposure, ExposureConfig):
+            raise TypeError(f"BTUConfig.exposure must be an ExposureConfig, got {type(self.exposure).__name__}")
+        for name in ("finetune", "clean_tune"):
+            if not isinstance(getattr(self, name), VictimConfig):
+                raise TypeError(f"BTUConfig.{name} must be a VictimConfig, got {type(getattr(self, name)).__name__}")
+
+
+def _suspect_ids(suspects, vocab: int) -> list[int]:
+    if isinstance(suspects, Exposure):
+        return suspects.token_ids
+    if isinstance(suspects, (str, bytes)) or not hasattr(suspects, "__iter__"):
+        raise TypeError(f"suspects must be an Exposure or a list of token ids, got {type(suspects).__name__}")
+    ids = list(suspects)
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        raise TypeError("suspects must be token ids (ints)")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"suspect token ids {bad} are outside the vocabulary (0..{vocab - 1})")
+    return ids
+
+
+def _step(report, name, t0, evaluate, model, tok, **extra):
+    entry = {"step": name, "seconds": round(time.perf_counter() - t0, 2), **extra}
+    if evaluate is not None:
+        entry["eval"] = evaluate(model, tok)
+    report["steps"].append(entry)
+
+
+def train(model_or_name, train_data: Sequence, clean_tune: Sequence | None = None, *, tokenizer=None,
+          config: BTUConfig | None = None, suspects=None, finetuned=None,
+          evaluate: Callable | None = None):
+    """Defended fine-tuning. Returns (model, report).
+
+    model_or_name: short name / HF folder, or a *pretrained* model object with `tokenizer=` (never modified).
+    clean_tune:    optional clean labelled samples for the final one-epoch tune (labels must be known).
+    suspects:      an `Exposure` (or token ids) from an earlier `expose` call, to skip step 1.
+    finetuned:     the model already fine-tuned on `train_data` from the same checkpoint (e.g. a cached
+                   victim), to skip the fine-tune; it is unlearned in place and returned.
+    evaluate:      optional `f(model, tokenizer) -> dict`, run after every step and stored in the report.
+    """
+    config = BTUConfig() if config is None else config
+    if not isinstance(config, BTUConfig):
+        raise TypeError(f"config must be a BTUConfig, got {type(config).__name__}")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError("evaluate must be a callable f(model, tokenizer) -> dict")
+    train_set = as_samples(train_data, "training set")
+    tune_set = None
+    if clean_tune is not None:
+        tune_set = as_samples(clean_tune, "clean-tune set")
+        check_labels(tune_set, {s.label for s in train_set}, "the clean-tune set", "the training set")
+    if finetuned is not None:
+        input_embeddings(finetuned)
+
+    model, tok, num_labels = resolve_model(model_or_name, tokenizer, train_set, config.exposure.shallow.seed)
+    vocab = vocab_size(model, tok)
+    pretrained = input_embeddings(model).weight.detach().float().clone()
+    replace = (next(iter(token_ids(tok, [config.replace_with]))) if config.replace_with is not None
+               else replacement_id(tok))
+    report = {"model": str(model_or_name) if isinstance(model_or_name, str) else type(model_or_name).__name__,
+              "train_size": len(train_set), "num_labels": num_labels, "vocab_size": vocab,
+              "config": dataclasses.asdict(config), "torch_threads": torch.get_num_threads(), "steps": []}
+
+    # Step 1: exposure
+    t0 = time.perf_counter()
+    if suspects is None:
+        suspects = expose_loaded(model, tok, train_set, num_labels, config.exposure)
+        report["exposure"] = suspects.to_dict()
+        report["steps"].append({"step": "expose", "seconds": round(time.perf_counter() - t0, 2),
+                                "rounds": {r.name: round(r.seconds, 2) for r in suspects.rounds}})
+    elif isinstance(suspects, Exposure):
+        report["exposure"] = suspects.to_dict()
+    ids = _suspect_ids(suspects, vocab)
+    report["suspects"] = [{"id": t, "token": tok.convert_ids_to_tokens(t)} for t in ids]
+
+    # Step 2a: ordinary fine-tuning on the poisoned data (the "without BTU" model)
+    t0 = time.perf_counter()
+    if finetuned is None:
+        tuned = copy.deepcopy(model)
+        losses = fit(tuned, tok, train_set, config.finetune, desc="BTU fine-tune")
+        _step(report, "finetune", t0, evaluate, tuned, tok, trained=True, final_loss=losses[-1] if losses else None)
+    else:
+        tuned = finetuned
+        _step(report, "finetune", t0, evaluate, tuned, tok, trained=False)
+
+    # Step 2b: dimension-wise unlearning of the suspicious tokens
+    t0 = time.perf_counter()
+    info = unlearn_tokens(tuned, pretrained, ids, replace, vocab)
+    info["replace_token"] = tok.convert_ids_to_tokens(replace)
+    info["dims_replaced"] = [{"id": t, "token": tok.convert_ids_to_tokens(t), "dims": n}
+                             for t, n in info["dims_replaced"].items()]
+    _step(report, "unlearn", t0, evaluate, tuned, tok, **info)
+
+    # Step 3 (optional): one epoch on clean data
+    if tune_set is not None:
+        t0 = time.perf_counter()
+        losses = fit(tuned, tok, tune_set, config.clean_tune, desc="BTU clean-tune")
+        _step(report, "clean_tune", t0, evaluate, tuned, tok, size=len(tune_set),
+              final_loss=losses[-1] if losses else None)
+    tuned.eval()
+    return tuned, report

@@ -1,0 +1,116 @@
+"""`dupfast btu`: defended fine-tuning (Backdoor Token Unlearning) from the command line.
+
+    dupfast btu minilm train.tsv --out runs/btu [--clean-tune clean.tsv] [--eval test.tsv]
+                [--eval-poison test-poison.csv --target 1] [--expose-only]
+
+Training files: SST-2 style TSV (`sentence<TAB>label`) or OpenBackdoor CSV (`,0,1,2`). Writes
+`<out>/btu_report.json` (suspicious tokens, per-step timings, metrics) and the defended model in
+`<out>/model` (safetensors + tokenizer) unless --expose-only.
+"""
+import dataclasses
+import json
+import pathlib
+import sys
+
+
+def read_samples(path):
+    from ..data import read_poison_csv, read_tsv
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {p}")
+    if p.suffix == ".tsv":
+        return read_tsv(p)
+    if p.suffix == ".csv":
+        return read_poison_csv(p)
+    raise ValueError(f"{p}: unknown format {p.suffix!r}; use a .tsv (sentence, label) or an OpenBackdoor .csv")
+
+
+def add_parser(subparsers):
+    ap = subparsers.add_parser("btu", help="defended fine-tuning: Backdoor Token Unlearning",
+                               description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m) or a local HF model folder")
+    ap.add_argument("train", help="training file, possibly poisoned (.tsv or OpenBackdoor .csv)")
+    ap.add_argument("--out", required=True, help="output folder (report, defended model)")
+    ap.add_argument("--clean-tune", help="clean labelled file for the optional one-epoch clean tune")
+    ap.add_argument("--eval", help="clean test file: CACC after every step")
+    ap.add_argument("--eval-poison", help="triggered test file: ASR after every step (needs --target)")
+    ap.add_argument("--target", type=int, help="the attack's target label, for ASR")
+    ap.add_argument("--fraction", type=float, default=0.0005, help="k = fraction x vocabulary size per round")
+    ap.add_argument("--exclude", nargs="*", default=(), help="extra tokens never ranked (e.g. @ user on OLID)")
+    ap.add_argument("--expose-only", action="store_true", help="only rank suspicious tokens (step 1)")
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
+    ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune and clean-tune learning rate")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.set_defaults(func=run)
+
+
+def run(args):
+    if args.eval_poison and args.target is None:
+        raise ValueError("--eval-poison needs --target (the attack's target label)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    train = read_samples(args.train)
+    tune = read_samples(args.clean_tune) if args.clean_tune else None
+    test = read_samples(args.eval) if args.eval else None
+    ptest = read_samples(args.eval_poison) if args.eval_poison else None
+
+    import torch
+
+    from .. import btu
+    from ..btu.expose import FULL_ROUND, SHALLOW_ROUND
+    from ..victims import VictimConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    exposure = btu.ExposureConfig(
+        fraction=args.fraction, exclude_tokens=tuple(args.exclude),
+        shallow=dataclasses.replace(SHALLOW_ROUND, seed=args.seed),
+        full=dataclasses.replace(FULL_ROUND, seed=args.seed))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.expose_only:
+        result = btu.expose(args.model, train, config=exposure)
+        report = {"model": args.model, "train": args.train, "exposure": result.to_dict()}
+        model = None
+    else:
+        tuning = VictimConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
+                              warmup_ratio=0.0, weight_decay=0.01, seed=args.seed)
+        cfg = btu.BTUConfig(exposure=exposure, finetune=tuning, clean_tune=dataclasses.replace(tuning, epochs=1))
+        evaluate = _evaluator(test, ptest, args.target, args.max_len) if (test or ptest) else None
+        model, report = btu.train(args.model, train, clean_tune=tune, config=cfg, evaluate=evaluate)
+        report["train"] = args.train
+    (out / "btu_report.json").write_text(json.dumps(report, indent=2))
+    if model is not None:
+        model.save_pretrained(str(out / "model"), safe_serialization=True)
+        _tokenizer_of(args.model).save_pretrained(str(out / "model"))
+    suspects = report["exposure"]["suspects"] if "exposure" in report else report["suspects"]
+    print(f"dupfast btu: {len(suspects)} suspicious tokens: "
+          + " ".join(s["token"] for s in suspects[:20]) + (" ..." if len(suspects) > 20 else ""))
+    for step in report.get("steps", []):
+        print(f"  {step['step']:<10} {step['seconds']:>8.1f} s  {json.dumps(step.get('eval', {}))}")
+    print(f"report: {out / 'btu_report.json'}", file=sys.stderr)
+    return 0
+
+
+def _tokenizer_of(model):
+    from ..models import load_tokenizer
+    return load_tokenizer(model)
+
+
+def _evaluator(test, ptest, target, max_len):
+    from .. import metrics
+    from ..victims import predict
+
+    def evaluate(model, tok):
+        res = {}
+        if test:
+            res["cacc"] = metrics.cacc(predict(model, tok, [s.text for s in test], max_len=max_len),
+                                       [s.label for s in test])
+        if ptest:
+            res["asr"] = metrics.asr(predict(model, tok, [s.text for s in ptest], max_len=max_len), target)
+        return res
+    return evaluate

@@ -1,0 +1,170 @@
+"""BTU on SST-2 with MiniLM: BadNets and AddSent at 10% mix (BTU's setting) and 20% dirty (DUP's files).
+
+    python experiments/sst2_btu.py [--attacks badnets addsent] [--settings mix0.1 dirty0.2]
+                                   [--out runs/sst2_btu.jsonl] [--threads 2]
+
+Per (attack, setting) it records: the trigger tokens' ranks in every exposure round and whether they are in
+the suspicious set; the time of every round; CACC and ASR without defence (the fine-tuned victim), after BTU
+unlearning, after BTU + one clean-tune epoch, and, as a control, after the clean-tune epoch alone.
+
+Protocol:
+- 10% mix: `dupfast.attacks` poisons the clean SST-2 train (BadNets with BTU's single trigger "cf"; AddSent
+  "I watch this 3D movie"), 10% of all samples, any class, label set to 1; ASR on every non-target test
+  sample with the trigger. 20% dirty: DUP's released train-dirty-0.2 / test-poison files.
+- The fine-tuned victim (BTU's step 2) is the project's SST-2 victim recipe (SST2_VICTIM); the 20%-dirty
+  victims are the shared cached ones of experiments/sst2_victims.py.
+- No leakage: the clean-tune set is SST-2 dev (872), CACC is measured on SST-2 test (1,821) and ASR on the
+  test-poison set. The authors' code tunes on test and evaluates on dev; here test is never trained on.
+One JSON line per configuration is appended to --out as soon as it finishes; finished ones are skipped.
+"""
+import argparse
+import copy
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dupfast import btu, metrics  # noqa: E402
+from dupfast.attacks import AddSent, BadNets, make_backdoor  # noqa: E402
+from dupfast.data import load_sst2, load_sst2_poison  # noqa: E402
+from dupfast.models import load_tokenizer  # noqa: E402
+from dupfast.victims import cache_key, default_cache_dir, fit, predict, train_victim  # noqa: E402
+from experiments.sst2_victims import SST2_VICTIM, victim_for  # noqa: E402
+
+TARGET = 1
+SEED = 1234
+EVAL_MAX_LEN = 128
+TRIGGERS = {"badnets": {"mix0.1": ["cf"], "dirty0.2": ["cf", "mn", "bb", "tq"]},
+            "addsent": {"mix0.1": ["I watch this 3D movie"], "dirty0.2": ["I watch this 3D movie"]}}
+
+
+def build_data(attack: str, setting: str, data_dir=None):
+    """(poisoned train, triggered test) for one configuration."""
+    if setting == "dirty0.2":
+        return load_sst2_poison(attack, "train", 0.2, data_dir), load_sst2_poison(attack, "test", data_dir=data_dir)
+    if setting == "mix0.1":
+        atk = BadNets(triggers=("cf",)) if attack == "badnets" else AddSent()
+        bd = make_backdoor(load_sst2("train", data_dir), load_sst2("test", data_dir), atk, rate=0.1,
+                           target=TARGET, setting="mix", seed=SEED)
+        return bd.train, bd.test_poison
+    raise ValueError(f"unknown setting {setting!r}")
+
+
+def shared_victim_ready(attack, train) -> bool:
+    name = f"sst2-{attack}-dirty0.2"
+    folder = default_cache_dir() / "victims" / f"{name}-{cache_key(SST2_VICTIM, train, 2)}"
+    return (folder / "dupfast_victim.json").is_file()
+
+
+def victim(attack, setting, train, wait_minutes: float):
+    if setting == "dirty0.2":
+        # The shared victim is trained by experiments/sst2_victims.py; calling victim_for before it is cached
+        # would start a duplicate training, so wait for its cache folder instead.
+        deadline = time.time() + 60 * wait_minutes
+        while not shared_victim_ready(attack, train):
+            if time.time() > deadline:
+                raise RuntimeError(f"the shared {attack} 20%-dirty victim is not cached yet; run "
+                                   "experiments/sst2_victims.py first")
+            print(f"waiting for the shared {attack} dirty0.2 victim ...", flush=True)
+            time.sleep(60)
+        return victim_for(attack, 0.2)
+    return train_victim(train, SST2_VICTIM, name=f"sst2-{attack}-mix0.1")
+
+
+def make_evaluator(test, ptest):
+    def evaluate(model, tok):
+        t0 = time.perf_counter()
+        clean = predict(model, tok, [s.text for s in test], max_len=EVAL_MAX_LEN)
+        trig = predict(model, tok, [s.text for s in ptest], max_len=EVAL_MAX_LEN)
+        return {"cacc": round(metrics.cacc(clean, [s.label for s in test]), 4),
+                "asr": round(metrics.asr(trig, TARGET), 4), "eval_seconds": round(time.perf_counter() - t0, 1)}
+    return evaluate
+
+
+def trigger_ranks(ex, tok, phrases):
+    ids = sorted({i for p in phrases for i in tok(p, add_special_tokens=False)["input_ids"]})
+    suspects = set(ex.token_ids)
+    return [{"id": i, "token": tok.convert_ids_to_tokens(i), "in_suspects": i in suspects,
+             "ranks": {r.name: ex.rank(i, r.name) for r in ex.rounds}} for i in ids]
+
+
+def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0):
+    train, ptest = build_data(attack, setting, data_dir)
+    evaluate = make_evaluator(test, ptest)
+    row = {"attack": attack, "setting": setting, "train_size": len(train),
+           "poisoned": sum(s.poison_label for s in train), "tune_size": len(tune), "test_size": len(test),
+           "test_poison_size": len(ptest), "torch_threads": torch.get_num_threads()}
+
+    t0 = time.perf_counter()
+    ex = btu.expose("minilm", train)
+    row["expose_seconds"] = round(time.perf_counter() - t0, 1)
+    row["round_seconds"] = {r.name: round(r.seconds, 1) for r in ex.rounds}
+    row["k"], row["vocab_size"] = ex.k, ex.vocab_size
+    tok = load_tokenizer("minilm")
+    row["triggers"] = trigger_ranks(ex, tok, TRIGGERS[attack][setting])
+    row["suspects"] = [{"token": s.token, "score": s.score, "ranks": s.ranks} for s in ex.suspects]
+    print(json.dumps({"attack": attack, "setting": setting, "round_seconds": row["round_seconds"],
+                      "triggers": row["triggers"]}), flush=True)
+
+    t0 = time.perf_counter()
+    model, vtok, info = victim(attack, setting, train, wait_minutes)
+    row["victim"] = {"train_seconds": info["train_seconds"], "cached": info["cached"], "path": info["path"],
+                     "load_seconds": round(time.perf_counter() - t0, 1)}
+    control = copy.deepcopy(model)
+
+    _, report = btu.train("minilm", train, clean_tune=tune, suspects=ex, finetuned=model, evaluate=evaluate)
+    steps = {s["step"]: s for s in report["steps"]}
+    row["no_defence"] = steps["finetune"]["eval"]
+    row["btu"] = steps["unlearn"]["eval"]
+    row["btu_clean_tune"] = steps["clean_tune"]["eval"]
+    row["unlearn"] = {k: steps["unlearn"][k] for k in ("threshold", "replace_token", "dims", "dims_replaced")}
+    row["step_seconds"] = {"unlearn": steps["unlearn"]["seconds"], "clean_tune": steps["clean_tune"]["seconds"]}
+
+    # Control: the same clean-tune epoch on the undefended victim (does the tune alone remove the backdoor?)
+    t0 = time.perf_counter()
+    fit(control, vtok, tune, btu.BTUConfig().clean_tune, desc="control clean-tune")
+    row["clean_tune_only"] = evaluate(control, vtok)
+    row["clean_tune_only"]["tune_seconds"] = round(time.perf_counter() - t0 - row["clean_tune_only"]["eval_seconds"], 1)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attacks", nargs="+", default=["badnets", "addsent"], choices=["badnets", "addsent"])
+    ap.add_argument("--settings", nargs="+", default=["mix0.1", "dirty0.2"], choices=["mix0.1", "dirty0.2"])
+    ap.add_argument("--out", default="runs/sst2_btu.jsonl")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--wait-victims", type=float, default=180.0,
+                    help="minutes to wait for the shared 20%%-dirty victims of sst2_victims.py")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.is_file():
+        done = {(r["attack"], r["setting"]) for r in map(json.loads, out.read_text().splitlines()) if r}
+    tune, test = load_sst2("dev", args.data_dir), load_sst2("test", args.data_dir)
+    for attack in args.attacks:          # BadNets first in both settings, then AddSent
+        for setting in args.settings:
+            if (attack, setting) in done:
+                print(f"skip {attack} {setting}: already in {out}", flush=True)
+                continue
+            t0 = time.perf_counter()
+            row = run_one(attack, setting, tune, test, args.data_dir, args.wait_victims)
+            row["total_seconds"] = round(time.perf_counter() - t0, 1)
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("attack", "setting", "no_defence", "btu", "btu_clean_tune",
+                                                  "clean_tune_only", "total_seconds")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

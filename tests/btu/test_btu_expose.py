@@ -1,0 +1,109 @@
+"""Exposure: three rounds, top-k by embedding-row movement, union; the planted trigger is found."""
+import json
+import math
+
+import pytest
+import torch
+
+from dupfast.btu import ExposureConfig, expose
+from dupfast.btu.embeddings import input_embeddings
+from dupfast.btu.expose import _DropTokens, top_k
+from dupfast.victims import VictimConfig
+
+from btu_toys import bert_tokenizer, decoder_tokenizer, tiny_bert, tiny_llama
+
+# Tiny models learn nothing at lr 2e-5 in one short epoch; the ranking needs consistent movement only.
+ROUND = VictimConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, warmup_ratio=0.0, weight_decay=0.01, seed=1)
+FAST = ExposureConfig(fraction=0.05, shallow=ROUND, full=ROUND)
+
+
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def exposed(request, task):
+    """One exposure per model family, shared by the tests below (the rounds are the slow part)."""
+    tok = bert_tokenizer() if request.param == "bert" else decoder_tokenizer()
+    model = tiny_bert(tok) if request.param == "bert" else tiny_llama(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, tok, before, expose(model, task[0], tokenizer=tok, config=FAST)
+
+
+def test_trigger_is_exposed(exposed):
+    model, tok, before, ex = exposed
+    trigger = tok.convert_tokens_to_ids("cf")
+
+    assert [r.name for r in ex.rounds] == ["R1", "R2", "R3"]
+    assert ex.k == int(0.05 * len(tok))
+    assert ex.rank(trigger, "R1") <= ex.k and ex.rank(trigger, "R3") <= ex.k
+    assert trigger in ex.token_ids
+    assert ex.suspects[0].score == 1.0
+    # R2 never sees R1's tokens, so none of them can top it
+    assert not set(ex.rounds[0].top) & set(ex.rounds[1].top)
+    assert ex.rank(trigger, "R2") > ex.k
+    for r in ex.rounds:
+        assert len(r.top) == ex.k and r.seconds > 0
+        assert not set(r.top) & set(tok.all_special_ids)
+    assert set(ex.token_ids) == set().union(*(r.top for r in ex.rounds))
+    # the caller's model is never modified
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    json.dumps(ex.to_dict())
+
+
+def test_special_tokens_are_never_ranked(exposed):
+    _, tok, _, ex = exposed
+    for special in tok.all_special_ids:
+        assert ex.rank(special, "R1") is None and ex.rank(special, "R3") is None
+    assert ex.rank(tok.convert_tokens_to_ids("cf"), "R1") is not None
+    with pytest.raises(KeyError, match="R4"):
+        ex.rank(tok.convert_tokens_to_ids("cf"), "R4")
+
+
+def test_extra_excluded_tokens(bert, task):
+    model, tok = bert
+    cfg = ExposureConfig(fraction=0.05, shallow=ROUND, full=ROUND, exclude_tokens=("cf",))
+    ex = expose(model, task[0], tokenizer=tok, config=cfg)
+    assert tok.convert_tokens_to_ids("cf") not in ex.token_ids
+
+
+def test_r2_removes_whole_tokens_not_substrings(bert):
+    _, tok = bert
+    cf = tok.convert_tokens_to_ids("cf")
+    view = _DropTokens(tok, [cf])
+    ids = view(["the cf cfo movie cf"], truncation=True, max_length=32)["input_ids"][0]
+    assert ids == [tok.cls_token_id] + tok.convert_tokens_to_ids(["the", "cfo", "movie"]) + [tok.sep_token_id]
+
+
+def test_top_k_skips_unmoved_and_ineligible():
+    scores = torch.tensor([9.0, 0.0, 3.0, 5.0, 0.0])
+    eligible = torch.tensor([False, True, True, True, True])
+    assert top_k(scores, eligible, 2) == [3, 2]
+    assert top_k(scores, eligible, 4) == [3, 2]  # rows that did not move are never suspicious
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, math.nan, True, "0.1"])
+def test_fraction_outside_unit_interval(fraction):
+    with pytest.raises(ValueError, match=r"k fraction must be a number in \(0, 1\)"):
+        ExposureConfig(fraction=fraction)
+
+
+def test_bad_inputs(bert):
+    model, tok = bert
+    with pytest.raises(ValueError, match="training set is empty"):
+        expose(model, [], tokenizer=tok, config=FAST)
+    with pytest.raises(TypeError, match="needs its tokenizer"):
+        expose(model, [("good", 1), ("bad", 0)], config=FAST)
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        expose(torch.nn.Linear(2, 2), [("good", 1), ("bad", 0)], tokenizer=tok, config=FAST)
+    with pytest.raises(TypeError, match="label must be an integer"):
+        expose(model, [("good", "pos"), ("bad", 0)], tokenizer=tok, config=FAST)
+    with pytest.raises(ValueError, match="labels \\[2\\]"):
+        expose(model, [("good", 1), ("bad", 2)], tokenizer=tok, config=FAST)
+    with pytest.raises(TypeError, match="ExposureConfig"):
+        expose(model, [("good", 1), ("bad", 0)], tokenizer=tok, config={"fraction": 0.1})
+
+
+def test_k_uses_the_real_vocabulary(bert):
+    model, tok = bert
+    model.resize_token_embeddings(len(tok) + 100)
+    assert input_embeddings(model).weight.shape[0] == len(tok) + 100
+    assert ExposureConfig(fraction=0.1).k(len(tok)) == int(0.1 * len(tok))
+    assert ExposureConfig().k(30522) == 15  # MiniLM / BERT-uncased at the default 0.0005
+    assert ExposureConfig(fraction=1e-6).k(100) == 1
