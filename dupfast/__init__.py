@@ -10,7 +10,15 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("btu", "purify")
 
 
+# dupfast.detect is a callable package (the function and its module); Detector and detect_texts live in it.
+_LAZY_DETECT = {"detect": None, "Detector": "Detector", "detect_texts": "detect_texts"}
+
+
 def __getattr__(name):
+    if name in _LAZY_DETECT:
+        import importlib
+        mod = importlib.import_module(".detect", __name__)
+        return mod if _LAZY_DETECT[name] is None else getattr(mod, _LAZY_DETECT[name])
     if name in _LAZY_SUBMODULES:
         import importlib
         return importlib.import_module(f".{name}", __name__)

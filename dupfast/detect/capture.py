@@ -1,0 +1,169 @@
+"""One forward pass per batch -> pooled per-layer features [B, L, d], logits, and per-token signals.
+
+The hidden states of a batch are pooled the moment the forward returns and then dropped, so at most one
+batch's [L, B, T, d] activations ever exist; the [N, L, T, d] tensor of a whole data set never does.
+
+Pooling (`pooling=`):
+    "cls"   first real token ([CLS] for BERT-like encoders), correct under left and right padding;
+    "last"  last real token (decoder LMs), correct under left and right padding;
+    "mean"  masked mean over real tokens;
+    "auto"  "cls" for known encoders, "mean" for encoder-decoders (encoder then decoder layers, as DUP),
+            "last" for everything else (decoder LMs: an open-ended family, encoders are a closed list).
+"""
+import contextlib
+import dataclasses
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+POOLINGS = ("cls", "last", "mean")
+ENCODER_TYPES = frozenset({
+    "bert", "roberta", "distilbert", "albert", "electra", "mpnet", "deberta", "deberta-v2", "xlm-roberta",
+    "xlm-roberta-xl", "camembert", "ernie", "megatron-bert", "roformer", "modernbert", "nomic_bert",
+    "mobilebert", "squeezebert", "funnel", "layoutlm", "longformer", "bigbird", "big_bird", "nezha", "esm",
+})
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclasses.dataclass
+class CapturedBatch:
+    """What one forward pass yields. features: pooling name -> [B, L, d] float32."""
+    features: dict
+    logits: torch.Tensor                    # [B, C] float32
+    labels: Optional[torch.Tensor] = None   # [B] long, when the loader gives them
+    index: Optional[torch.Tensor] = None    # [B] long, global sample ids, when the loader gives them
+    token: Optional[torch.Tensor] = None    # whatever `token_fn` returned for this batch
+
+
+def resolve_pooling(model, pooling: str = "auto") -> str:
+    if pooling != "auto":
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} or 'auto', not {pooling!r}")
+        return pooling
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("pooling='auto' needs a model with a HF `config`; pass pooling='cls', 'last' or 'mean'")
+    if getattr(config, "is_encoder_decoder", False):
+        return "mean"
+    return "cls" if getattr(config, "model_type", None) in ENCODER_TYPES else "last"
+
+
+def first_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Position of the first real token per row (0 under right padding)."""
+    return mask.long().argmax(dim=1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Position of the last real token per row, for left AND right padding (DUP's mask.sum()-1 assumes
+    right padding and picks a pad token under left padding)."""
+    T = mask.shape[1]
+    return T - 1 - mask.long().flip(1).argmax(dim=1)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden [B, T, d], mask [B, T] -> [B, d] float32."""
+    if how == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float()
+    pos = first_token_index(mask) if how == "cls" else last_token_index(mask)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos].float()
+
+
+def hidden_layers(outputs) -> list:
+    """The transformer-layer outputs of a forward (embedding output excluded); encoder-decoders give
+    encoder layers then decoder layers, as DUP does for BART/T5."""
+    get = (lambda k: outputs.get(k)) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k, None))
+    hs = get("hidden_states")
+    if hs is not None:
+        return list(hs[1:])
+    enc, dec = get("encoder_hidden_states"), get("decoder_hidden_states")
+    if enc is not None and dec is not None:
+        return list(enc[1:]) + list(dec[1:])
+    raise ValueError("the model returned no hidden states for output_hidden_states=True; dupfast needs a "
+                     "model whose forward accepts output_hidden_states and returns `hidden_states` "
+                     "(a HF PreTrainedModel, or a wrapper that forwards the flag)")
+
+
+def _logits(outputs):
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if logits is None:
+        raise ValueError("the model returned no `logits`; dupfast needs a sequence classifier "
+                         "(e.g. AutoModelForSequenceClassification)")
+    return logits
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def check_batch(batch, where: str = "batch"):
+    if not isinstance(batch, dict):
+        raise TypeError(f"{where}: loaders must yield dicts with input_ids and attention_mask, got {type(batch).__name__}")
+    for key in ("input_ids", "attention_mask"):
+        if key not in batch:
+            raise ValueError(f"{where} has no {key!r} (keys: {sorted(batch)}); dupfast needs input_ids and "
+                             "attention_mask to find the real tokens of padded batches")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"{where}: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be "
+                         "the same [B, T] shape")
+    if (mask.sum(1) == 0).any():
+        raise ValueError(f"{where}: a row of attention_mask is all zeros (an empty input)")
+
+
+def autocast_context(device: torch.device, autocast):
+    """autocast: None/False (off), True or "bf16" or torch.bfloat16, or "fp16"/torch.float16."""
+    if autocast in (None, False):
+        return contextlib.nullcontext()
+    dtype = {True: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, torch.float16: torch.float16}.get(autocast)
+    if dtype is None:
+        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', not {autocast!r}")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocast=None,
+            token_fn: Optional[Callable] = None, layers: Optional[Sequence[int]] = None):
+    """Yield one CapturedBatch per loader batch, from ONE forward pass each.
+
+    token_fn(hidden: list of [B, T, d], mask [B, T]) runs while the batch's hidden states are alive; its
+    return value lands in `CapturedBatch.token` (per-token signals without keeping token activations).
+    layers: optional subset of layer indices (0-based, embedding output excluded) to keep.
+    """
+    poolings = tuple(resolve_pooling(model, p) for p in poolings)
+    device = model_device(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    n_batches = 0
+    try:
+        for i, batch in enumerate(loader):
+            check_batch(batch, f"batch {i}")
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+            with torch.inference_mode(), autocast_context(device, autocast):
+                outputs = model(**inputs, output_hidden_states=True, return_dict=True)
+                hidden = hidden_layers(outputs)
+                if layers is not None:
+                    hidden = [hidden[j] for j in layers]
+                mask = inputs["attention_mask"]
+                feats = {p: torch.stack([pool(h, mask, p) for h in hidden], dim=1) for p in poolings}
+                token = token_fn(hidden, mask) if token_fn is not None else None
+                logits = _logits(outputs).float()
+            del outputs, hidden
+            for p, f in feats.items():
+                if not torch.isfinite(f).all():
+                    raise ValueError(f"batch {i}: the model produced NaN/inf hidden states ({p} pooling); "
+                                     "check the weights and inputs (bf16 overflow?)")
+            labels = batch.get("labels")
+            index = batch.get("index")
+            n_batches += 1
+            yield CapturedBatch(feats, logits, None if labels is None else torch.as_tensor(labels).long().cpu(),
+                                None if index is None else torch.as_tensor(index).long().cpu(), token)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    if n_batches == 0:
+        raise ValueError("the loader yielded no batches (empty data set)")

@@ -1,0 +1,32 @@
+"""Fixtures for the detection tests."""
+import pytest
+import torch
+
+from detect_helpers import batches, make_samples, tiny_bert
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead; on a shared 2-core machine a second intra-op
+    thread makes them ~10x slower (spin waits), so these tests run single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def clean_and_pool():
+    """(clean batches with labels, pool batches, poison flags of the pool): the 'poisoned' half of the pool
+    carries tokens never seen in clean data, which any representation-based detector must notice."""
+    clean = make_samples(120, seed=1)
+    labels = [int(sum(s) % 2) for s in clean]
+    pool_clean = make_samples(30, seed=2)
+    pool_poison = make_samples(30, seed=3, lo=80, hi=120, trigger=[110, 111, 112])
+    pool = pool_clean + pool_poison
+    return batches(clean, labels), batches(pool), torch.tensor([0] * 30 + [1] * 30)
