@@ -7,3 +7,5 @@
 Each op has a pure-PyTorch reference beside it (`*_reference`) that the tests hold every backend to.
 """
 from ._dispatch import available_backends, resolve  # noqa: F401
+from .mahalanobis import mahalanobis  # noqa: F401,E402
+from .transitions import layer_transitions  # noqa: F401,E402
