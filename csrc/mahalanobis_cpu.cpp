@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "mahalanobis_checks.h"
 #include "mahalanobis_math.h"
 
 namespace {
@@ -155,22 +156,9 @@ void run_layer(const LayerPlan& p, const In* feat, int64_t N, int64_t s_n, int64
 at::Tensor mahalanobis_cpu(const at::Tensor& features, const at::Tensor& means,
                            const at::Tensor& whiteners, at::IntArrayRef layers, bool squared,
                            bool reduce_min, bool bf16_gemm) {
-  TORCH_CHECK(features.dim() == 3, "mahalanobis: features must be [N, L, d], got ", features.sizes());
-  TORCH_CHECK(means.dim() == 3, "mahalanobis: means must be [L, K, d], got ", means.sizes());
-  TORCH_CHECK(whiteners.dim() == 3, "mahalanobis: whiteners must be [L, d, d], got ", whiteners.sizes());
-  const int64_t N = features.size(0), L = features.size(1), d = features.size(2);
+  maha_check_args(features, means, whiteners, layers);
+  const int64_t N = features.size(0), d = features.size(2);
   const int64_t K = means.size(1), nsel = static_cast<int64_t>(layers.size());
-  TORCH_CHECK(means.size(0) == L && means.size(2) == d, "mahalanobis: means ", means.sizes(),
-              " do not match features ", features.sizes());
-  TORCH_CHECK(whiteners.size(0) == L && whiteners.size(1) == d && whiteners.size(2) == d,
-              "mahalanobis: whiteners ", whiteners.sizes(), " do not match features ", features.sizes());
-  TORCH_CHECK(K >= 1 && d >= 1, "mahalanobis: need K >= 1 means and d >= 1");
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kBFloat16,
-              "mahalanobis: features must be float32 or bfloat16, got ", features.scalar_type());
-  TORCH_CHECK(means.scalar_type() == at::kFloat && whiteners.scalar_type() == at::kFloat,
-              "mahalanobis: means and whiteners must be float32");
-  for (int64_t l : layers) TORCH_CHECK(l >= 0 && l < L, "mahalanobis: layer index ", l, " out of range [0, ", L, ")");
-
   at::Tensor feat = features.stride(2) == 1 ? features : features.contiguous();
   const at::Tensor mu = means.contiguous(), wh = whiteners.contiguous();
   const bool use_bf16 = bf16_gemm && feat.scalar_type() == at::kBFloat16;

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "transitions_checks.h"
 #include "transitions_math.h"
 
 namespace {
@@ -82,7 +83,7 @@ void transitions_impl(const In* feat, int64_t N, int L, int64_t d, int64_t s_n, 
         const int64_t i = g * kLanes + s;
         bad[s] = false;
         if (i >= N) {  // tail lanes: a zero matrix, nothing written
-          tr_zero_lane<kLanes>(A.data(), n, s);
+          tr_zero_lane(A.data(), n, kLanes, s);
           continue;
         }
         for (int l = 0; l < L; ++l) {
@@ -98,28 +99,24 @@ void transitions_impl(const In* feat, int64_t N, int L, int64_t d, int64_t s_n, 
         if (!tr_all_finite(G.data(), L)) {  // non-finite features: NaN scores, not a fake number
           bad[s] = true;
           for (int l = 0; l < n; ++l) cout[l] = df_nanf();
-          tr_zero_lane<kLanes>(A.data(), n, s);
+          tr_zero_lane(A.data(), n, kLanes, s);
           continue;
         }
         tr_cosines(G.data(), L, cout);
-        tr_fill_diff_gram<kLanes>(G.data(), L, A.data(), s);
+        tr_fill_diff_gram(G.data(), L, A.data(), kLanes, s);
       }
-      tr_jacobi_eigenvalues<kLanes>(A.data(), n);
+      tr_jacobi_eigenvalues<kLanes>(A.data(), n, kLanes);
       for (int s = 0; s < kLanes; ++s) {
         const int64_t i = g * kLanes + s;
-        if (i < N) conc[i] = bad[s] ? df_nanf() : tr_concentration<kLanes>(A.data(), n, s);
+        if (i < N) conc[i] = bad[s] ? df_nanf() : tr_concentration(A.data(), n, kLanes, s);
       }
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_transitions_cpu(const at::Tensor& features) {
-  TORCH_CHECK(features.dim() == 3, "layer_transitions: features must be [N, L, d], got ", features.sizes());
+  transitions_check_args(features);
   const int64_t N = features.size(0), L = features.size(1), d = features.size(2);
-  TORCH_CHECK(L >= 2, "layer_transitions: need at least 2 layers, got L = ", L);
-  TORCH_CHECK(d >= 1, "layer_transitions: need d >= 1");
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kBFloat16,
-              "layer_transitions: features must be float32 or bfloat16, got ", features.scalar_type());
   const at::Tensor feat = features.stride(2) == 1 ? features : features.contiguous();
   const auto fopt = features.options().dtype(at::kFloat);
   at::Tensor gram = at::empty({N, L, L}, fopt);
