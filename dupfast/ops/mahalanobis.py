@@ -1,24 +1,149 @@
-"""Multi-layer Mahalanobis distance, dispatched to the best backend."""
+"""Multi-layer Mahalanobis distances, one call for all (selected) layers.
+
+    mahalanobis(features [N, L, d], means [L, K, d], whiteners [L, d, d],
+                layers=None, reduce="min", squared=False, backend=None)
+        -> [N, L'] (reduce="min": min over the K means) or [N, L', K] (reduce="none"), float32
+
+whiteners[l] is a factor W of layer l's precision, P = W W^T (the lower Cholesky factor in dupfast's
+detector), so q = ||(x - mu) W||^2; the output is sqrt(max(q, 0)), or q itself when squared=True.
+features may be float32 or bfloat16 (upcast, fp32 accumulation); means and whiteners are float32.
+
+Backends (dupfast.ops._dispatch): reference (mahalanobis_reference.py), cpu (csrc/mahalanobis_cpu.cpp),
+triton (mahalanobis_triton.py), cuda (csrc/cuda/mahalanobis_kernel.cu). The native ones never hold
+more than one row block of centred features; with K > 1 they do one GEMM per block for all K means
+(centred at the means' centroid, see csrc/mahalanobis_math.h for the cancellation argument).
+No gradient is defined (detection scores only).
+"""
+import torch
+
+from .. import _ext
+from . import mahalanobis_triton
 from ._dispatch import register, resolve
 from .mahalanobis_reference import mahalanobis_reference
 
-
-def _check(features, means, whiteners):
-    if features.dim() != 3:
-        raise ValueError(f"features must be [N, L, d], got shape {tuple(features.shape)}")
-    n, L, d = features.shape
-    if means.dim() != 3 or means.shape[0] != L or means.shape[2] != d:
-        raise ValueError(f"means must be [L={L}, K, d={d}], got {tuple(means.shape)}")
-    if tuple(whiteners.shape) != (L, d, d):
-        raise ValueError(f"whiteners must be [L={L}, d={d}, d={d}], got {tuple(whiteners.shape)}")
+OP = "mahalanobis"
+_REDUCTIONS = ("min", "none")
 
 
 def mahalanobis(features, means, whiteners, layers=None, reduce="min", squared=False, backend=None):
-    """Distances [N, L'] (min over the K means) or [N, L', K] (reduce='none') of features [N, L, d]
-    to per-layer means [L, K, d] under whitening factors [L, d, d] (lower Cholesky of the precision)."""
-    _check(features, means, whiteners)
-    _, fn = resolve("mahalanobis", features.device, backend)
-    return fn(features, means, whiteners, layers=layers, reduce=reduce, squared=squared)
+    """Distances of every sample to the per-layer means under the per-layer precision W W^T."""
+    layers = _check_args(features, means, whiteners, layers, reduce, squared)
+    _, fn = resolve(OP, features.device, backend)
+    return fn(features, means, whiteners, layers, reduce, bool(squared))
 
 
-register("mahalanobis", "reference", mahalanobis_reference)
+def _check_args(features, means, whiteners, layers, reduce, squared):
+    """Validates the arguments and returns the layer indices as a list of non-negative ints."""
+    for name, t in (("features", features), ("means", means), ("whiteners", whiteners)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mahalanobis: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"mahalanobis: {name} must be a floating-point tensor, got {t.dtype}")
+    if features.dim() != 3:
+        raise ValueError(f"mahalanobis: features must be [N, L, d], got shape {tuple(features.shape)}")
+    n_layers, d = features.shape[1], features.shape[2]
+    if means.dim() != 3 or means.shape[0] != n_layers or means.shape[2] != d:
+        raise ValueError(f"mahalanobis: means must be [L, K, d] = [{n_layers}, K, {d}] to match features "
+                         f"{tuple(features.shape)}, got {tuple(means.shape)} (for one mean per layer use "
+                         "means.unsqueeze(1))")
+    if means.shape[1] == 0:
+        raise ValueError("mahalanobis: means has K = 0 means per layer")
+    if tuple(whiteners.shape) != (n_layers, d, d):
+        raise ValueError(f"mahalanobis: whiteners must be [L, d, d] = [{n_layers}, {d}, {d}], got "
+                         f"{tuple(whiteners.shape)}")
+    if d == 0 or n_layers == 0:
+        raise ValueError(f"mahalanobis: features has no layers or no dimensions: {tuple(features.shape)}")
+    if not (features.device == means.device == whiteners.device):
+        raise ValueError(f"mahalanobis: tensors on different devices: features {features.device}, means "
+                         f"{means.device}, whiteners {whiteners.device}")
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"mahalanobis: reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    if not isinstance(squared, bool):
+        raise TypeError(f"mahalanobis: squared must be a bool, got {type(squared).__name__}")
+    return _layer_indices(layers, n_layers)
+
+
+def _layer_indices(layers, n_layers):
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, torch.Tensor):
+        if layers.dim() != 1 or layers.dtype in (torch.bool,) or layers.is_floating_point() or layers.is_complex():
+            raise TypeError(f"mahalanobis: layers must be a 1-D integer tensor, got {layers.dtype} "
+                            f"of shape {tuple(layers.shape)}")
+        layers = layers.tolist()
+    out = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"mahalanobis: layer indices must be ints, got {i!r}")
+        if not -n_layers <= i < n_layers:
+            raise ValueError(f"mahalanobis: layer index {i} out of range for L = {n_layers}")
+        out.append(i % n_layers)
+    if not out:
+        raise ValueError("mahalanobis: layers is empty")
+    return out
+
+
+def _reference(features, means, whiteners, layers, reduce, squared):
+    return mahalanobis_reference(features, means, whiteners, layers, reduce, squared)
+
+
+def _check_native_dtypes(features, means, whiteners, backend):
+    if features.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"mahalanobis[{backend}]: features must be float32 or bfloat16, got {features.dtype}")
+    if means.dtype != torch.float32 or whiteners.dtype != torch.float32:
+        raise TypeError(f"mahalanobis[{backend}]: means and whiteners must be float32, got {means.dtype} "
+                        f"and {whiteners.dtype}")
+
+
+def bf16_gemm_pays():
+    """Whether this CPU multiplies bf16 faster than fp32 (AMX or AVX512-BF16). Without it the bf16
+    path upcasts each block and uses the fp32 GEMM: torch's bf16 mm is about half the fp32 rate there."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def mahalanobis_cpu(features, means, whiteners, layers, reduce, squared, bf16_gemm=None):
+    """The C++ op. bf16_gemm (bf16 features only): round the centred block and W to bf16 and multiply
+    in bf16 with fp32 accumulation; default: only where the CPU has bf16 matrix instructions."""
+    if features.device.type not in ("cpu", "meta"):
+        raise ValueError(f"mahalanobis[cpu]: tensors must be on the CPU, got {features.device}")
+    _check_native_dtypes(features, means, whiteners, "cpu")
+    if bf16_gemm is None:
+        bf16_gemm = features.dtype == torch.bfloat16 and bf16_gemm_pays()
+    return torch.ops.dupfast.mahalanobis(features, means, whiteners, layers, squared, reduce == "min",
+                                         bool(bf16_gemm))
+
+
+def _cuda(features, means, whiteners, layers, reduce, squared):
+    if features.device.type != "cuda":
+        raise ValueError(f"mahalanobis[cuda]: tensors must be on a CUDA device, got {features.device}")
+    _check_native_dtypes(features, means, whiteners, "cuda")
+    return torch.ops.dupfast.mahalanobis(features, means, whiteners, layers, squared, reduce == "min", False)
+
+
+def _triton(features, means, whiteners, layers, reduce, squared):
+    _check_native_dtypes(features, means, whiteners, "triton")
+    return mahalanobis_triton.mahalanobis_triton(features, means, whiteners, layers, reduce, squared)
+
+
+def _fake(features, means, whiteners, layers, squared, reduce_min, bf16_gemm):
+    n, k = features.shape[0], means.shape[1]
+    shape = (n, len(layers)) if reduce_min else (n, len(layers), k)
+    return features.new_empty(shape, dtype=torch.float32)
+
+
+def _native_op_available():
+    return _ext.has_op(OP)
+
+
+def _cuda_available():
+    return (torch.cuda.is_available() and _native_op_available()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"dupfast::{OP}", "CUDA"))
+
+
+if _native_op_available():
+    torch.library.register_fake(f"dupfast::{OP}")(_fake)
+
+register(OP, "reference", _reference)
+register(OP, "cpu", mahalanobis_cpu, _native_op_available)
+register(OP, "triton", _triton, mahalanobis_triton.available)
+register(OP, "cuda", _cuda, _cuda_available)

@@ -1,0 +1,90 @@
+"""Shared measurements for the kernel benchmarks: this machine's peaks, taken in the same run.
+
+* fp32 GEMM rate: best of a few square torch.mm calls (MKL on the CPU build), GFLOP/s.
+* read bandwidth: best of a few torch.sum over a 256 MiB fp32 tensor, GB/s.
+* peak memory of one call: resident-set (RSS) high-water mark above the RSS before the call, from
+  /proc/self/status after resetting the mark via /proc/self/clear_refs. tracemalloc cannot see
+  torch's allocations and torch has no CPU allocator statistics; to make RSS track live memory,
+  glibc is told (mallopt) to serve every allocation >= 64 KiB by mmap, so freed buffers leave
+  the resident set at once instead of being reused silently.
+"""
+import ctypes
+import os
+import time
+
+import pytest
+import torch
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _pin_mmap_threshold():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+    except OSError:
+        return False
+
+
+MMAP_PINNED = _pin_mmap_threshold()
+
+
+def best_time(fn, repeats):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(fn):
+    """(result of fn(), bytes of resident memory fn needed above what was resident before it)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak memory needs Linux /proc/self/clear_refs")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    out = fn()
+    return out, (_status_kib("VmHWM") - before) * 1024
+
+
+@pytest.fixture(scope="session")
+def machine():
+    """fp32 GEMM GFLOP/s and read GB/s of this machine, measured now with torch's thread count."""
+    n = 3072
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    gemm_s = best_time(lambda: torch.mm(a, b, out=c), 3)
+    x = torch.ones(64 * 1024 * 1024)
+    sum_s = best_time(lambda: x.sum(), 5)
+    info = {
+        "fp32_gemm_gflops": 2 * n**3 / gemm_s / 1e9,
+        "read_gbps": x.numel() * 4 / sum_s / 1e9,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "mmap_threshold_pinned": MMAP_PINNED,
+    }
+    print(f"\nmachine: {info['cpu']}, {info['threads']} threads: fp32 GEMM {info['fp32_gemm_gflops']:.1f} "
+          f"GFLOP/s (torch.mm {n}^3), read {info['read_gbps']:.1f} GB/s (sum of 256 MiB)")
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

@@ -1,0 +1,296 @@
+"""dupfast.ops.mahalanobis: every available backend against the fp64 oracle.
+
+Rule: a backend's max error vs the fp64 oracle is at most 2x the error of the same-dtype PyTorch
+reference (the better of its two fp32 forms) plus a small atol scaled to the distances.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dupfast import _ext
+from dupfast.ops import _dispatch, mahalanobis
+from dupfast.ops.mahalanobis import bf16_gemm_pays, mahalanobis_cpu
+from dupfast.ops.mahalanobis_reference import (mahalanobis_precision_reference, mahalanobis_reference,
+                                               mahalanobis_whitened_reference)
+
+HAS_CPU = _ext.has_op("mahalanobis")
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="dupfast._C with the mahalanobis op is not built")
+HAS_TRITON = "triton" in _dispatch.available_backends("mahalanobis")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton (or TRITON_INTERPRET=1) unavailable")
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def make_problem(n, n_layers, d, k, seed=0, dtype=torch.float32, mean_spread=0.5, general_w=False):
+    """Features, per-layer means and whitening factors shaped like a fitted detector's: W is the lower
+    Cholesky factor of the inverse of a shrunk sample covariance (or, with general_w, the symmetric
+    inverse square root, which is not triangular)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n_layers, 1, d, generator=g, dtype=torch.float64) * 2 + 0.2
+    centre = torch.randn(n_layers, 1, d, generator=g, dtype=torch.float64)
+    means = centre + mean_spread * torch.randn(n_layers, k, d, generator=g, dtype=torch.float64)
+    fit = centre + scale * torch.randn(n_layers, max(2 * d, 8), d, generator=g, dtype=torch.float64)
+    fit = fit - fit.mean(dim=1, keepdim=True)
+    cov = fit.transpose(1, 2) @ fit / fit.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    cov = 0.9 * cov + 0.1 * cov.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+    prec = torch.linalg.inv(cov)
+    if general_w:
+        evals, evecs = torch.linalg.eigh(prec)
+        W = evecs @ torch.diag_embed(evals.sqrt()) @ evecs.transpose(1, 2)
+    else:
+        W = torch.linalg.cholesky(prec)
+    feats = (centre.transpose(0, 1) + scale.transpose(0, 1)
+             * torch.randn(n, n_layers, d, generator=g, dtype=torch.float64))
+    return feats.to(dtype), means.float(), W.float()
+
+
+def oracle(features, means, whiteners, layers=None, reduce="min", squared=False):
+    """fp64 whitened form on exactly the inputs the backends see."""
+    return mahalanobis_whitened_reference(features.double(), means.double(), whiteners.double(),
+                                          layers, reduce, squared)
+
+
+def reference_error(features, means, whiteners, layers, reduce, squared, exact):
+    errs = []
+    for form in (mahalanobis_reference, mahalanobis_whitened_reference):
+        out = form(features, means, whiteners, layers, reduce, squared)
+        errs.append((out.double() - exact).abs().max().item())
+    return min(errs)
+
+
+def assert_rule(out, exact, ref_err, what, rel_atol=2e-6):
+    assert out.dtype == torch.float32, what
+    assert out.shape == exact.shape, f"{what}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    atol = rel_atol * max(1.0, exact.abs().max().item())
+    err = (out.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + atol, f"{what}: error {err:.3g} > 2 x reference {ref_err:.3g} + {atol:.3g}"
+
+
+def backends():
+    out = ["reference"]
+    if HAS_CPU:
+        out.append("cpu")
+    if HAS_TRITON:
+        out.append("triton")
+    return out
+
+
+# (N, L, d, K): d = 1, L = 1, odd N, N above the CPU row block (256), d above its panel (128)
+SHAPES = [(1, 1, 1, 1), (7, 2, 1, 1), (5, 3, 9, 2), (33, 3, 17, 3), (300, 2, 130, 2), (257, 4, 64, 1)]
+TRITON_SHAPES = {(1, 1, 1, 1), (7, 2, 1, 1), (5, 3, 9, 2), (33, 3, 17, 3)}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}_L{}_d{}_K{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", backends())
+def test_backend_matches_oracle(backend, dtype, shape):
+    n, n_layers, d, k = shape
+    if backend == "triton" and shape not in TRITON_SHAPES:
+        pytest.skip("the Triton interpreter is slow: small shapes only")
+    feats, means, W = make_problem(n, n_layers, d, k, seed=n + d, dtype=dtype)
+    layers = [n_layers - 1, 0] if n_layers > 1 else None
+    for reduce in ("min", "none"):
+        for squared in (False, True):
+            exact = oracle(feats, means, W, layers, reduce, squared)
+            ref_err = reference_error(feats, means, W, layers, reduce, squared, exact)
+            out = mahalanobis(feats, means, W, layers=layers, reduce=reduce, squared=squared, backend=backend)
+            assert_rule(out, exact, ref_err, f"{backend} {dtype} {shape} {reduce} squared={squared}")
+
+
+def test_reference_forms_agree_with_oracle():
+    feats, means, W = make_problem(40, 3, 24, 2)
+    exact = oracle(feats, means, W, reduce="none")
+    for form in (mahalanobis_reference, mahalanobis_whitened_reference):
+        out = form(feats, means, W, reduce="none")
+        assert out.dtype == torch.float32
+        assert (out.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+    # the precision form on explicit P, in fp64, is the oracle itself
+    Wd = W.double()
+    prec = mahalanobis_precision_reference(feats.double(), means.double(), Wd @ Wd.transpose(1, 2),
+                                           reduce="none")
+    assert torch.allclose(prec, exact, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_general_factor_not_triangular(backend):
+    """A whitening factor that is not lower triangular (symmetric P^1/2) must not be skipped over."""
+    feats, means, W = make_problem(19, 2, 20, 2, general_w=True)
+    assert torch.triu(W, 1).abs().max() > 0
+    exact = oracle(feats, means, W, reduce="none")
+    ref_err = reference_error(feats, means, W, None, "none", False, exact)
+    assert_rule(mahalanobis(feats, means, W, reduce="none", backend=backend), exact, ref_err, backend)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_layer_selection_forms(backend):
+    feats, means, W = make_problem(11, 4, 8, 2)
+    full = mahalanobis(feats, means, W, backend=backend)
+    assert full.shape == (11, 4)
+    for layers in ([3, 1], torch.tensor([3, 1]), [-1, 1], (3, 1)):
+        out = mahalanobis(feats, means, W, layers=layers, backend=backend)
+        assert torch.allclose(out, full[:, [3, 1]], rtol=1e-5, atol=1e-6), layers
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_sample_at_mean_is_zero_and_nonfinite_rows_propagate(backend):
+    feats, means, W = make_problem(6, 2, 12, 1)
+    feats[0] = means[:, 0]                      # exactly at the mean in every layer
+    feats[2, 1, 3] = float("nan")
+    feats[4, 0, 5] = float("inf")
+    out = mahalanobis(feats, means, W, backend=backend)
+    assert torch.all(out[0] == 0)
+    assert torch.isnan(out[2, 1])
+    assert not torch.isfinite(out[4, 0])
+    clean = torch.ones_like(out, dtype=torch.bool)
+    clean[2, 1] = clean[4, 0] = False
+    assert torch.isfinite(out[clean]).all()
+    exact = oracle(feats, means, W)
+    assert torch.allclose(out[clean].double(), exact[clean], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_nan_in_one_mean_gives_nan_min(backend):
+    """min over K must not silently skip a NaN distance (fminf would under fast-math)."""
+    feats, means, W = make_problem(5, 1, 6, 2)
+    means[0, 1, 0] = float("nan")
+    out = mahalanobis(feats, means, W, backend=backend)
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_cancellation_many_means_far_from_origin(backend):
+    """K > 1 with one GEMM: samples sit near one of two means that are far from the origin and from
+    each other. The expanded form ||xW||^2 - 2 xW.S + ||S||^2 loses everything here; the centred
+    difference ||Y - S_k||^2 of the native backends keeps the error ~eps * ||S_k|| / ||Y - S_k||."""
+    g = torch.Generator().manual_seed(3)
+    n_layers, d, n = 1, 16, 64
+    W = torch.eye(d).expand(n_layers, d, d).contiguous()
+    means = torch.zeros(n_layers, 2, d)
+    means[0, 0] = 1000.0
+    means[0, 1] = 1000.0
+    means[0, 1, 0] = 1030.0                          # whitened separation 30, samples at distance ~4
+    feats = means[0, torch.arange(n) % 2][:, None, :] + torch.randn(n, n_layers, d, generator=g)
+    exact = oracle(feats, means, W, reduce="none", squared=True)
+    out = mahalanobis(feats, means, W, reduce="none", squared=True, backend=backend)
+    rel = ((out.double() - exact).abs() / exact).max().item()
+    assert rel < 1e-4, rel
+    # what the expanded form gives in fp32 on the same data (the choice this op avoids)
+    y = feats[:, 0] @ W[0]
+    s = means[0] @ W[0]
+    expanded = (y.square().sum(-1, keepdim=True) - 2 * y @ s.T + s.square().sum(-1)[None]).double()
+    assert ((expanded - exact[:, 0]).abs() / exact[:, 0]).max() > 100 * rel
+
+
+@needs_cpu
+def test_cpu_bf16_gemm_within_1e2_relative():
+    feats, means, W = make_problem(270, 2, 150, 2, dtype=torch.bfloat16)
+    exact = oracle(feats, means, W, reduce="none")
+    for bf16_gemm in (True, False):
+        out = mahalanobis_cpu(feats, means, W, [0, 1], "none", False, bf16_gemm=bf16_gemm)
+        rel = ((out.double() - exact).abs() / exact).max().item()
+        assert rel < (1e-2 if bf16_gemm else 1e-5), (bf16_gemm, rel)
+
+
+@needs_cpu
+def test_cpu_strided_features():
+    feats, means, W = make_problem(40, 3, 24, 2)
+    wide = torch.zeros(40, 5, 24)
+    wide[:, 1:4] = feats
+    view = wide[:, 1:4]                                          # row strides 120 and 24
+    transposed = feats.transpose(1, 2).contiguous().transpose(1, 2)  # last-dim stride != 1
+    base = mahalanobis(feats, means, W, backend="cpu")
+    assert torch.equal(mahalanobis(view, means, W, backend="cpu"), base)
+    assert torch.allclose(mahalanobis(transposed, means, W, backend="cpu"), base, rtol=1e-6, atol=1e-6)
+
+
+@needs_cpu
+def test_cpu_is_dispatched_on_cpu():
+    if os.environ.get("DUPFAST_BACKEND"):
+        pytest.skip("DUPFAST_BACKEND forces a backend")
+    name, _ = _dispatch.resolve("mahalanobis", torch.device("cpu"))
+    assert name == "cpu"
+    assert bf16_gemm_pays() in (True, False)
+
+
+@needs_cpu
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("DUPFAST_BACKEND", "reference")
+    assert _dispatch.resolve("mahalanobis", torch.device("cpu"))[0] == "reference"
+
+
+def test_empty_batch():
+    feats, means, W = make_problem(3, 2, 5, 2)
+    for backend in backends():
+        out = mahalanobis(feats[:0], means, W, reduce="none", backend=backend)
+        assert out.shape == (0, 2, 2), backend
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(features=torch.zeros(4, 8)), ValueError, r"features must be \[N, L, d\]"),
+    (dict(means=torch.zeros(3, 8)), ValueError, r"means must be \[L, K, d\]"),
+    (dict(means=torch.zeros(3, 0, 8)), ValueError, "K = 0"),
+    (dict(whiteners=torch.zeros(3, 8, 7)), ValueError, r"whiteners must be \[L, d, d\]"),
+    (dict(features=torch.zeros(4, 3, 8, dtype=torch.int32)), TypeError, "floating-point"),
+    (dict(layers=[3]), ValueError, "out of range"),
+    (dict(layers=[]), ValueError, "empty"),
+    (dict(layers=[0.5]), TypeError, "ints"),
+    (dict(layers=torch.tensor([0.0])), TypeError, "integer tensor"),
+    (dict(reduce="max"), ValueError, "reduce must be one of"),
+    (dict(squared=1), TypeError, "squared must be a bool"),
+    (dict(backend="nope"), ValueError, "no 'nope' backend"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    args = dict(features=torch.zeros(4, 3, 8), means=torch.zeros(3, 1, 8),
+                whiteners=torch.eye(8).expand(3, 8, 8).contiguous())
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        mahalanobis(**args)
+
+
+@needs_cpu
+def test_native_backend_rejects_other_dtypes():
+    feats, means, W = make_problem(3, 2, 5, 1)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        mahalanobis(feats.double(), means, W, backend="cpu")
+    with pytest.raises(TypeError, match="must be float32"):
+        mahalanobis(feats, means.double(), W, backend="cpu")
+
+
+@needs_cpu
+def test_torch_compile_and_meta():
+    feats, means, W = make_problem(9, 3, 10, 2)
+    expect = mahalanobis(feats, means, W, backend="cpu")
+
+    def direct(f, m, w):
+        return torch.ops.dupfast.mahalanobis(f, m, w, [0, 1, 2], False, True, False) * 2
+
+    compiled = torch.compile(direct, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(feats, means, W), 2 * expect)
+    via_api = torch.compile(lambda f: mahalanobis(f, means, W, backend="cpu"), backend="eager")
+    assert torch.allclose(via_api(feats), expect)
+    meta = mahalanobis(feats.to("meta"), means.to("meta"), W.to("meta"), layers=[1], reduce="none",
+                       backend="cpu")
+    assert meta.device.type == "meta" and meta.shape == (9, 1, 2) and meta.dtype == torch.float32
+
+
+@needs_cpu
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 300), n_layers=st.integers(1, 4), d=st.integers(1, 140), k=st.integers(1, 3),
+       seed=st.integers(0, 2**16), bf16=st.booleans(), reduce=st.sampled_from(["min", "none"]),
+       squared=st.booleans(), general_w=st.booleans(), data=st.data())
+def test_cpu_property(n, n_layers, d, k, seed, bf16, reduce, squared, general_w, data):
+    layers = data.draw(st.lists(st.integers(0, n_layers - 1), min_size=1, max_size=n_layers + 1))
+    feats, means, W = make_problem(n, n_layers, d, k, seed=seed, general_w=general_w,
+                                   dtype=torch.bfloat16 if bf16 else torch.float32)
+    exact = oracle(feats, means, W, layers, reduce, squared)
+    ref_err = reference_error(feats, means, W, layers, reduce, squared, exact)
+    out = mahalanobis(feats, means, W, layers=layers, reduce=reduce, squared=squared, backend="cpu")
+    assert_rule(out, exact, ref_err, "cpu property")
+    assert (out >= 0).all()
+    # rows are independent: a permuted batch gives the permuted result
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    permuted = mahalanobis(feats[perm], means, W, layers=layers, reduce=reduce, squared=squared, backend="cpu")
+    assert torch.allclose(permuted, out[perm], rtol=1e-5, atol=1e-6 * max(1.0, out.abs().max().item()))
