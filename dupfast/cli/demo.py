@@ -1,0 +1,172 @@
+"""`dupfast demo`: a backdoored MiniLM on Rotten Tomatoes, end to end on a CPU in a few minutes.
+
+    dupfast demo [--out runs/demo/report.json] [--train-size 1500] [--test-size 600] [--cache-dir DIR]
+
+The demo is a pipeline of named steps run in order; each step reads and writes a shared `DemoState`
+and returns the JSON-able results that go into the report under its name (with its wall time):
+
+    poison  -> Rotten Tomatoes split (stratified, seeded) + 20% dirty-label BadNets (target 1 = fresh)
+    victim  -> fine-tune MiniLM on the poisoned train set (or load it from the keyed cache); CACC, ASR
+
+Later stages (detection, purification) extend `DEMO_STEPS` with `(name, step)` pairs; the report is
+written after the last step.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Callable
+
+DEFAULT_OUT = "runs/demo/report.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and recipe chosen by measurement so the whole demo fits a 2-core CPU budget (see README)."""
+    model: str = "minilm"
+    train_size: int = 1500
+    test_size: int = 600
+    attack: str = "badnets"
+    rate: float = 0.2
+    target: int = 1
+    setting: str = "dirty"
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_len: int = 64
+    seed: int = 2025
+
+    def __post_init__(self):
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class DemoState:
+    """What the steps hand to each other (objects), next to the report (JSON-able results)."""
+    settings: DemoSettings
+    cache_dir: pathlib.Path | None = None
+    data: object = None          # attacks.BackdoorData
+    model: object = None
+    tokenizer: object = None
+    report: dict = dataclasses.field(default_factory=dict)
+
+
+Step = Callable[[DemoState], dict]
+
+
+def poison_step(state: DemoState) -> dict:
+    from ..attacks import get_attack, make_backdoor
+    from ..data import load_rotten_tomatoes, stratified_split
+
+    s = state.settings
+    train, test = stratified_split(load_rotten_tomatoes(), [s.train_size, s.test_size], seed=s.seed)
+    state.data = make_backdoor(train, test, get_attack(s.attack), rate=s.rate, target=s.target,
+                               setting=s.setting, seed=s.seed)
+    d = state.data
+    return {"dataset": "rotten_tomatoes", "attack": s.attack, "setting": s.setting, "rate": s.rate,
+            "target": s.target, "train_size": len(d.train), "train_poisoned": sum(x.poison_label for x in d.train),
+            "test_clean_size": len(d.test_clean), "test_poison_size": len(d.test_poison),
+            "example_poisoned_text": d.test_poison[0].text}
+
+
+def victim_step(state: DemoState) -> dict:
+    from ..victims import VictimConfig, evaluate_backdoor, train_victim
+
+    s = state.settings
+    cfg = VictimConfig(model=s.model, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, max_len=s.max_len,
+                       seed=s.seed)
+    name = f"demo-rt-{s.attack}-{s.setting}{s.rate:g}"
+    state.model, state.tokenizer, info = train_victim(state.data.train, cfg, cache_dir=state.cache_dir, name=name)
+    t0 = time.perf_counter()
+    scores = evaluate_backdoor(state.model, state.tokenizer, state.data.test_clean, state.data.test_poison,
+                               s.target, max_len=s.max_len)
+    return {**scores, "cached": info["cached"], "train_seconds": info["train_seconds"],
+            "eval_seconds": round(time.perf_counter() - t0, 1), "config": dataclasses.asdict(cfg),
+            "path": info["path"]}
+
+
+# Ordered (name, step) pairs; extend with detection / purification steps.
+DEMO_STEPS: list[tuple[str, Step]] = [("poison", poison_step), ("victim", victim_step)]
+
+
+def _log(msg: str):
+    print(msg, flush=True)
+
+
+def run_pipeline(state: DemoState, steps=None, log=_log) -> dict:
+    """Run the steps in order; each one's results (plus `seconds`) go to state.report["steps"][name]."""
+    steps = DEMO_STEPS if steps is None else steps
+    names = [n for n, _ in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pipeline step names must be unique, got {names}")
+    import torch
+
+    state.report.update(settings=dataclasses.asdict(state.settings), steps={},
+                        torch_threads=torch.get_num_threads(), torch_version=torch.__version__)
+    t_all = time.perf_counter()
+    for name, step in steps:
+        log(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        result = dict(step(state) or {})
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        state.report["steps"][name] = result
+        log(f"[demo] {name} done in {result['seconds']} s")
+    state.report["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    return state.report
+
+
+def write_report(report: dict, out) -> pathlib.Path:
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)  # a reader never sees a half-written report
+    return out
+
+
+def add_parser(subparsers):
+    d = DemoSettings()
+    ap = subparsers.add_parser("demo", help="backdoored MiniLM on Rotten Tomatoes: CACC and ASR (CPU, minutes)",
+                               description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
+    ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
+    ap.add_argument("--model", default=d.model, help="short model name or local HF folder")
+    ap.add_argument("--train-size", type=int, default=d.train_size)
+    ap.add_argument("--test-size", type=int, default=d.test_size)
+    ap.add_argument("--rate", type=float, default=d.rate, help="poison rate in (0, 1)")
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--max-len", type=int, default=d.max_len)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.set_defaults(func=run)
+
+
+def run(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every model is local
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    settings = DemoSettings(model=args.model, train_size=args.train_size, test_size=args.test_size,
+                            rate=args.rate, epochs=args.epochs, lr=args.lr, max_len=args.max_len, seed=args.seed)
+    state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None)
+    report = run_pipeline(state)
+    out = write_report(report, args.out)
+    v = report["steps"]["victim"]
+    print(f"backdoored {settings.model} ({'cached' if v['cached'] else 'trained'}): "
+          f"CACC {v['cacc']:.4f}  ASR {v['asr']:.4f}  ({report['total_seconds']} s)")
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from . import main
+    sys.exit(main(["demo", *sys.argv[1:]]))

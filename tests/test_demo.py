@@ -1,0 +1,89 @@
+"""`dupfast demo`: the step pipeline, the CLI wiring and its bad-input errors (tiny model, seconds)."""
+import json
+
+import pytest
+import torch
+
+from dupfast.cli import build_parser, main
+from dupfast.cli.demo import DEMO_STEPS, DemoSettings, DemoState, run_pipeline, write_report
+from tiny_models import tiny_bert_dir
+
+
+def test_pipeline_runs_steps_in_order_and_records_each_result():
+    seen = []
+
+    def first(state):
+        seen.append("first")
+        state.data = 41
+        return {"value": 1}
+
+    def second(state):
+        seen.append("second")
+        return {"value": state.data + 1}
+
+    report = run_pipeline(DemoState(DemoSettings()), [("first", first), ("second", second)], log=lambda m: None)
+    assert seen == ["first", "second"]
+    assert list(report["steps"]) == ["first", "second"]
+    assert report["steps"]["second"]["value"] == 42
+    assert all(r["seconds"] >= 0 for r in report["steps"].values())
+    assert report["settings"]["model"] == "minilm" and report["total_seconds"] >= 0
+
+
+def test_pipeline_is_extended_by_appending_steps():
+    steps = DEMO_STEPS + [("detect", lambda s: {"flags": 0})]
+    assert [n for n, _ in steps] == ["poison", "victim", "detect"]
+    with pytest.raises(ValueError, match="unique"):
+        run_pipeline(DemoState(DemoSettings()), [("a", lambda s: {}), ("a", lambda s: {})], log=lambda m: None)
+
+
+def test_write_report_writes_json(tmp_path):
+    out = write_report({"a": 1}, tmp_path / "deep" / "report.json")
+    assert json.loads(out.read_text()) == {"a": 1}
+    assert [p.name for p in out.parent.iterdir()] == ["report.json"]
+
+
+def test_demo_is_a_subcommand_with_the_documented_defaults():
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "runs/demo/report.json" and args.model == "minilm"
+    assert (args.train_size, args.test_size, args.rate) == (1500, 600, 0.2)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rate", "1.5"], "poison rate"),
+    (["--rate", "0"], "poison rate"),
+    (["--train-size", "1"], "train_size"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--threads", "0"], "--threads"),
+])
+def test_demo_bad_input_exits_2_with_a_clear_message(argv, message, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["demo", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r.json"), *argv]) == 2
+    finally:
+        torch.set_num_threads(before)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
+    # the real pipeline (Rotten Tomatoes, BadNets, train, evaluate, report) on a tiny from-scratch BERT
+    model_dir = tiny_bert_dir(tmp_path / "tiny")
+    out = tmp_path / "report.json"
+    argv = ["demo", "--model", str(model_dir), "--train-size", "60", "--test-size", "40", "--max-len", "16",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    before = torch.get_num_threads()
+    try:
+        assert main(argv + ["--threads", "1"]) == 0
+        report = json.loads(out.read_text())
+        assert main(argv + ["--threads", "1"]) == 0  # second run: the victim comes from the cache
+    finally:
+        torch.set_num_threads(before)
+    again = json.loads(out.read_text())
+    poison, victim = report["steps"]["poison"], report["steps"]["victim"]
+    assert (poison["train_size"], poison["train_poisoned"], poison["test_clean_size"]) == (60, 12, 40)
+    assert poison["test_poison_size"] == 17  # the rotten (non-target) share of a stratified 40: 40 * 5384/12752
+    assert 0 <= victim["cacc"] <= 1 and 0 <= victim["asr"] <= 1 and not victim["cached"]
+    assert again["steps"]["victim"]["cached"]
+    assert again["steps"]["victim"]["cacc"] == victim["cacc"] and again["steps"]["victim"]["asr"] == victim["asr"]
+    printed = capsys.readouterr().out
+    assert "CACC" in printed and "ASR" in printed and str(out) in printed
