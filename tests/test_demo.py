@@ -30,8 +30,8 @@ def test_pipeline_runs_steps_in_order_and_records_each_result():
 
 
 def test_pipeline_is_extended_by_appending_steps():
-    steps = DEMO_STEPS + [("detect", lambda s: {"flags": 0})]
-    assert [n for n, _ in steps] == ["poison", "victim", "detect"]
+    steps = DEMO_STEPS + [("extra", lambda s: {"flags": 0})]
+    assert [n for n, _ in steps] == ["poison", "victim", "detect", "purify", "extra"]
     with pytest.raises(ValueError, match="unique"):
         run_pipeline(DemoState(DemoSettings()), [("a", lambda s: {}), ("a", lambda s: {})], log=lambda m: None)
 
@@ -69,7 +69,7 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     # the real pipeline (Rotten Tomatoes, BadNets, train, evaluate, report) on a tiny from-scratch BERT
     model_dir = tiny_bert_dir(tmp_path / "tiny")
     out = tmp_path / "report.json"
-    argv = ["demo", "--model", str(model_dir), "--train-size", "60", "--test-size", "40", "--max-len", "16",
+    argv = ["demo", "--model", str(model_dir), "--train-size", "60", "--test-size", "40", "--dev-size", "90", "--max-len", "16",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     before = torch.get_num_threads()
     try:
@@ -85,5 +85,9 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     assert 0 <= victim["cacc"] <= 1 and 0 <= victim["asr"] <= 1 and not victim["cached"]
     assert again["steps"]["victim"]["cached"]
     assert again["steps"]["victim"]["cacc"] == victim["cacc"] and again["steps"]["victim"]["asr"] == victim["asr"]
+    detect, purify = report["steps"]["detect"], report["steps"]["purify"]
+    assert detect["clean_size"] == 45 and detect["pool_size"] == 45 + detect["pool_poisoned"] > 45
+    assert 0 <= detect["auroc"] <= 1 and 0 <= detect["flagged"] <= detect["pool_size"]
+    assert 0 <= purify["cacc_after"] <= 1 and 0 <= purify["asr_after"] <= 1 and purify["stop_reason"]
     printed = capsys.readouterr().out
     assert "CACC" in printed and "ASR" in printed and str(out) in printed

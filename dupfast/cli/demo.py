@@ -28,6 +28,7 @@ class DemoSettings:
     model: str = "minilm"
     train_size: int = 1500
     test_size: int = 600
+    dev_size: int = 400          # the defender's clean set + the clean half of the suspicious pool
     attack: str = "badnets"
     rate: float = 0.2
     target: int = 1
@@ -39,7 +40,7 @@ class DemoSettings:
     seed: int = 2025
 
     def __post_init__(self):
-        for name in ("train_size", "test_size"):
+        for name in ("train_size", "test_size", "dev_size"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
 
@@ -53,6 +54,9 @@ class DemoState:
     model: object = None
     tokenizer: object = None
     report: dict = dataclasses.field(default_factory=dict)
+    pool: list = None            # the suspicious pool the detector screens (clean dev half + triggered dev)
+    clean: list = None           # the defender's clean labelled set
+    detection: object = None
 
 
 Step = Callable[[DemoState], dict]
@@ -63,9 +67,10 @@ def poison_step(state: DemoState) -> dict:
     from ..data import load_rotten_tomatoes, stratified_split
 
     s = state.settings
-    train, test = stratified_split(load_rotten_tomatoes(), [s.train_size, s.test_size], seed=s.seed)
+    train, test, dev = stratified_split(load_rotten_tomatoes(), [s.train_size, s.test_size, s.dev_size],
+                                        seed=s.seed)
     state.data = make_backdoor(train, test, get_attack(s.attack), rate=s.rate, target=s.target,
-                               setting=s.setting, seed=s.seed)
+                               setting=s.setting, seed=s.seed, dev=dev)
     d = state.data
     return {"dataset": "rotten_tomatoes", "attack": s.attack, "setting": s.setting, "rate": s.rate,
             "target": s.target, "train_size": len(d.train), "train_poisoned": sum(x.poison_label for x in d.train),
@@ -90,7 +95,10 @@ def victim_step(state: DemoState) -> dict:
 
 
 # Ordered (name, step) pairs; extend with detection / purification steps.
-DEMO_STEPS: list[tuple[str, Step]] = [("poison", poison_step), ("victim", victim_step)]
+from .demo_defence import detect_step, purify_step  # noqa: E402
+
+DEMO_STEPS: list[tuple[str, Step]] = [("poison", poison_step), ("victim", victim_step),
+                                      ("detect", detect_step), ("purify", purify_step)]
 
 
 def _log(msg: str):
@@ -137,6 +145,8 @@ def add_parser(subparsers):
     ap.add_argument("--model", default=d.model, help="short model name or local HF folder")
     ap.add_argument("--train-size", type=int, default=d.train_size)
     ap.add_argument("--test-size", type=int, default=d.test_size)
+    ap.add_argument("--dev-size", type=int, default=d.dev_size,
+                    help="clean dev samples: half the defender's clean set, half the pool's clean part")
     ap.add_argument("--rate", type=float, default=d.rate, help="poison rate in (0, 1)")
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--lr", type=float, default=d.lr)
@@ -156,6 +166,7 @@ def run(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = DemoSettings(model=args.model, train_size=args.train_size, test_size=args.test_size,
+                            dev_size=args.dev_size,
                             rate=args.rate, epochs=args.epochs, lr=args.lr, max_len=args.max_len, seed=args.seed)
     state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None)
     report = run_pipeline(state)
@@ -163,6 +174,14 @@ def run(args) -> int:
     v = report["steps"]["victim"]
     print(f"backdoored {settings.model} ({'cached' if v['cached'] else 'trained'}): "
           f"CACC {v['cacc']:.4f}  ASR {v['asr']:.4f}  ({report['total_seconds']} s)")
+    if "detect" in report["steps"]:
+        d = report["steps"]["detect"]
+        print(f"detection on a pool of {d['pool_size']} ({d['pool_poisoned']} triggered): AUROC {d['auroc']:.4f}  "
+              f"FRR {d['frr']:.3f}  FAR {d['far']:.3f}  ({d['flagged']} flagged)")
+    if "purify" in report["steps"]:
+        p = report["steps"]["purify"]
+        print(f"purified: CACC {v['cacc']:.4f} -> {p['cacc_after']:.4f}  ASR {v['asr']:.4f} -> {p['asr_after']:.4f}  "
+              f"({p['purify_seconds']} s)")
     print(f"report: {out}")
     return 0
 
