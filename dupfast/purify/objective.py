@@ -25,10 +25,11 @@ class BatchLoss:
 
 
 def ascent_targets(teacher_logits: torch.Tensor, cfg) -> torch.Tensor:
-    """Teacher log-probs at temperature T the ascent pushes away from ("sharpen" start: sharpened by τ,
-    so that the gradient at the tie, softmax(s/T) − softmax(t/(T·τ)), is not zero)."""
+    """Teacher log-probs the ascent pushes away from ("sharpen" start: sharpened by τ, so that the gradient
+    at the tie, softmax(s/T) − softmax(t/(T·τ)), is not zero). They are at temperature 1: the KL op
+    re-normalises log-probs at its temperature T (softmax(log p / T)), which gives softmax(t/(T·τ))."""
     tau = cfg.sharpen_temperature if cfg.start == "sharpen" else 1.0
-    return F.log_softmax(teacher_logits.float() / (cfg.temperature * tau), dim=-1)
+    return F.log_softmax(teacher_logits.float() / tau, dim=-1)
 
 
 def unlearning_loss(flag_logits, flag_targets, teacher_flag_logits, clean_logits, clean_labels, cfg,
