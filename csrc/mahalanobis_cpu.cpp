@@ -34,21 +34,33 @@ struct LayerPlan {
   at::Tensor w;                 // [d, d] view of W (fp32) or its bf16 copy for the bf16 GEMM
 };
 
-bool strictly_lower(const float* W, int64_t d) {
+bool strictly_lower(const float* W, int64_t d, int64_t si, int64_t sj) {
   for (int64_t i = 0; i < d; ++i)
     for (int64_t j = i + 1; j < d; ++j)
-      if (W[i * d + j] != 0.0f) return false;
+      if (W[i * si + j * sj] != 0.0f) return false;
   return true;
 }
 
-LayerPlan plan_layer(const at::Tensor& means, const at::Tensor& whiteners, int64_t layer,
-                     bool bf16_gemm) {
+// W of one layer as a BLAS-usable matrix: row- or column-major views are used in place (a batched
+// torch.linalg.cholesky returns column-major factors; copying all L of them would cost L d^2 floats
+// per call), anything else is copied.
+at::Tensor blas_view(const at::Tensor& whiteners, int64_t layer) {
+  at::Tensor w = whiteners.select(0, layer);
+  const int64_t d = w.size(0);
+  const bool row_major = w.stride(1) == 1 && w.stride(0) >= d;
+  const bool col_major = w.stride(0) == 1 && w.stride(1) >= d;
+  return (row_major || col_major) ? w : w.contiguous();
+}
+
+LayerPlan plan_layer(const at::Tensor& means, const at::Tensor& whiteners, int64_t layer, bool bf16_gemm) {
   const int64_t K = means.size(1), d = means.size(2);
   const float* mu = means.data_ptr<float>() + layer * K * d;
-  const float* W = whiteners.data_ptr<float>() + layer * d * d;
+  const at::Tensor wl = blas_view(whiteners, layer);
+  const float* W = wl.data_ptr<float>();
+  const int64_t si = wl.stride(0), sj = wl.stride(1);
   LayerPlan p;
   p.layer = layer;
-  p.lower = strictly_lower(W, d);
+  p.lower = strictly_lower(W, d, si, sj);
   p.mu0.resize(d);
   for (int64_t i = 0; i < d; ++i) p.mu0[i] = maha_centroid(mu, K, d, i);
   if (K > 1) {
@@ -59,14 +71,13 @@ LayerPlan plan_layer(const at::Tensor& means, const at::Tensor& whiteners, int64
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t i = 0; i < d; ++i) {
         const double dm = static_cast<double>(mu[k * d + i]) - static_cast<double>(p.mu0[i]);
-        const float* wr = W + i * d;
+        const float* wr = W + i * si;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) acc[j] += dm * static_cast<double>(wr[j]);
+        for (int64_t j = 0; j < d; ++j) acc[j] += dm * static_cast<double>(wr[j * sj]);
       }
       for (int64_t j = 0; j < d; ++j) p.shift[k * d + j] = static_cast<float>(acc[j]);
     }
   }
-  at::Tensor wl = whiteners.select(0, layer);
   p.w = bf16_gemm ? wl.to(at::kBFloat16).contiguous() : wl;
   return p;
 }
@@ -160,7 +171,7 @@ at::Tensor mahalanobis_cpu(const at::Tensor& features, const at::Tensor& means,
   const int64_t N = features.size(0), d = features.size(2);
   const int64_t K = means.size(1), nsel = static_cast<int64_t>(layers.size());
   at::Tensor feat = features.stride(2) == 1 ? features : features.contiguous();
-  const at::Tensor mu = means.contiguous(), wh = whiteners.contiguous();
+  const at::Tensor mu = means.contiguous();  // whiteners: used per layer in place (blas_view)
   const bool use_bf16 = bf16_gemm && feat.scalar_type() == at::kBFloat16;
   at::Tensor out = reduce_min ? at::empty({N, nsel}, features.options().dtype(at::kFloat))
                               : at::empty({N, nsel, K}, features.options().dtype(at::kFloat));
@@ -168,7 +179,7 @@ at::Tensor mahalanobis_cpu(const at::Tensor& features, const at::Tensor& means,
   float* o = out.data_ptr<float>();
   const int64_t s_n = feat.stride(0), s_l = feat.stride(1);
   for (int64_t ls = 0; ls < nsel; ++ls) {
-    const LayerPlan p = plan_layer(mu, wh, layers[ls], use_bf16);
+    const LayerPlan p = plan_layer(mu, whiteners, layers[ls], use_bf16);
     if (feat.scalar_type() == at::kFloat) {
       run_layer<float, float>(p, feat.data_ptr<float>(), N, s_n, s_l, d, K, ls, nsel, squared, reduce_min, o);
     } else if (use_bf16) {

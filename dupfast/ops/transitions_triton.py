@@ -1,9 +1,11 @@
 """Triton layer transitions: one program per sample.
 
-The program accumulates the fp64 Gram G [LP, LP] over d in [LP, LP, BLOCK_D] broadcast products
-(fp32 features times fp32 features are exact in fp64, so no TF32 question arises), stores G and the
-cosines, forms the difference Gram K = D G D^T (D the (L-1) x L first-difference operator) scaled to
-unit max diagonal, and diagonalises K by parallel-order Jacobi (the rotation of csrc/transitions_math.h,
+The program accumulates the fp64 Gram G [LP, LP] over d with fp64 tl.dot of [LP, BLOCK_D] feature
+tiles (fp32 features times fp32 features are exact in fp64, and fp64 dot has no TF32 mode; bf16
+features use a broadcast-and-sum instead, because Triton's fp64 MMA lowering rejects operands
+widened from a 16-bit load — found by compiling for sm_80/sm_90 without a GPU), stores G
+and the cosines, forms the difference Gram K = D G D^T (D the (L-1) x L first-difference operator,
+two fp64 tl.dot) scaled to unit max diagonal, and diagonalises K by parallel-order Jacobi (the rotation of csrc/transitions_math.h,
 applied to all disjoint pairs of a round-robin round at once as A <- J^T A J: m - 1 matrix products
 per sweep instead of n(n-1)/2 scalar-indexed rotations, which Triton cannot express cheaply).
 Tested under TRITON_INTERPRET=1 on CPU tensors; not run on a GPU here.
@@ -32,19 +34,22 @@ if triton is not None:
     @triton.jit
     def _transitions_kernel(x_ptr, s_n, s_l, gram_ptr, cos_ptr, conc_ptr, L, D,
                             LP: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SWEEPS: tl.constexpr,
-                            OFF_TOL2: tl.constexpr):
+                            OFF_TOL2: tl.constexpr, GRAM_DOT: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         ri = tl.arange(0, LP)
         rmask = ri < L
         x_rows = x_ptr + sample * s_n + ri.to(tl.int64) * s_l
 
-        # Gram in fp64, one pass over the sample's [L, d] features
+        # Gram in fp64, one pass over the sample's [L, d] features (fp32 x fp32 products are exact)
         G = tl.zeros([LP, LP], dtype=tl.float64)
         for d0 in range(0, D, BLOCK_D):
             ks = d0 + tl.arange(0, BLOCK_D)
             h = tl.load(x_rows[:, None] + ks[None, :], mask=rmask[:, None] & (ks[None, :] < D), other=0.0)
-            h = h.to(tl.float64)
-            G += tl.sum(h[:, None, :] * h[None, :, :], axis=2)
+            h = h.to(tl.float32).to(tl.float64)
+            if GRAM_DOT:
+                G += tl.dot(h, tl.trans(h))
+            else:  # 16-bit input: Triton's fp64 MMA cannot take operands widened from a 16-bit load
+                G += tl.sum(h[:, None, :] * h[None, :, :], axis=2)
         r2 = ri[:, None]
         c2 = ri[None, :]
         gmask = (r2 < L) & (c2 < L)
@@ -66,13 +71,9 @@ if triton is not None:
         tl.store(cos_ptr + sample * n + ri, cosv.to(tl.float32), mask=ri < n)
 
         # K = D G D^T, D[i, r] = [r == i+1] - [r == i] for i < n
-        i3 = tl.arange(0, LP)[:, None, None]
-        m3 = tl.arange(0, LP)[None, :, None]
-        Dm = tl.where(m3 == i3 + 1, 1.0, 0.0) - tl.where(m3 == i3, 1.0, 0.0)
-        Dm = tl.where(i3 < n, Dm, 0.0).to(tl.float64)                  # [i, r, 1]
-        T = tl.sum(Dm * G[None, :, :], axis=1)                          # [i, c] = (D G)[i, c]
-        Dt = tl.permute(Dm, (2, 1, 0))                                  # [1, c, j] = D[j, c]
-        A = tl.sum(T[:, :, None] * Dt, axis=1)                          # [i, j] = (D G D^T)[i, j]
+        Dm = tl.where(c2 == r2 + 1, 1.0, 0.0) - tl.where(c2 == r2, 1.0, 0.0)
+        Dm = tl.where(r2 < n, Dm, 0.0).to(tl.float64)
+        A = tl.dot(tl.dot(Dm, G), tl.trans(Dm))
         kdiag = tl.sum(tl.where(r2 == c2, A, 0.0), axis=1)
         dmax = tl.max(tl.where(ri < n, kdiag, 0.0), axis=0)
         A = A * tl.where(dmax > 0, 1.0 / tl.where(dmax > 0, dmax, 1.0), 0.0)
@@ -108,8 +109,7 @@ if triton is not None:
                 s = t * c
                 J = tl.where(r2 == c2, c[:, None], 0.0)
                 J += tl.where(pc & paired[:, None], tl.where(is_p, s, -s)[:, None], 0.0)
-                B = tl.sum(A[:, :, None] * J[None, :, :], axis=1)             # A J
-                A = tl.sum(J[:, :, None] * B[:, None, :], axis=0)             # J^T (A J)
+                A = tl.dot(tl.trans(J), tl.dot(A, J))                        # J^T A J
                 A = tl.where(pc & paired[:, None], 0.0, A)                    # the annihilated pairs
             off = tl.sum(tl.sum(tl.where(c2 > r2, A * A, 0.0), axis=1), axis=0)
             dsq = tl.sum(tl.sum(tl.where(c2 == r2, A * A, 0.0), axis=1), axis=0)
@@ -128,15 +128,17 @@ def layer_transitions_triton(features, block_d=None):
     if triton is None:
         raise RuntimeError("layer_transitions[triton]: triton is not installed")
     x = features if features.stride(2) == 1 else features.contiguous()
+    gram_dot = x.dtype == torch.float32
     n, n_layers, d = x.shape
-    lp = max(triton.next_power_of_2(n_layers), 2)
-    if block_d is None:  # keep the [LP, LP, BLOCK_D] fp64 product at 8192 elements
-        block_d = max(1, min(triton.next_power_of_2(d), 8192 // (lp * lp)))
+    lp = max(triton.next_power_of_2(n_layers), 16)   # tl.dot needs every dimension >= 16
+    if block_d is None:  # the broadcast form holds [LP, LP, BLOCK_D]: keep it at 8192 elements
+        block_d = 32 if gram_dot else max(1, 8192 // (lp * lp))
     gram = torch.empty((n, n_layers, n_layers), device=x.device, dtype=torch.float32)
     cos = torch.empty((n, n_layers - 1), device=x.device, dtype=torch.float32)
     conc = torch.empty((n,), device=x.device, dtype=torch.float32)
     if n == 0:
         return gram, cos, conc
     _transitions_kernel[(n,)](x, x.stride(0), x.stride(1), gram, cos, conc, n_layers, d,
-                              LP=lp, BLOCK_D=block_d, MAX_SWEEPS=MAX_SWEEPS, OFF_TOL2=OFF_TOL2)
+                              LP=lp, BLOCK_D=block_d, MAX_SWEEPS=MAX_SWEEPS, OFF_TOL2=OFF_TOL2, GRAM_DOT=gram_dot,
+                              num_warps=8 if lp >= 64 else 4)
     return gram, cos, conc

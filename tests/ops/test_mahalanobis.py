@@ -79,8 +79,9 @@ def backends():
 
 
 # (N, L, d, K): d = 1, L = 1, odd N, N above the CPU row block (256), d above its panel (128)
-SHAPES = [(1, 1, 1, 1), (7, 2, 1, 1), (5, 3, 9, 2), (33, 3, 17, 3), (300, 2, 130, 2), (257, 4, 64, 1)]
-TRITON_SHAPES = {(1, 1, 1, 1), (7, 2, 1, 1), (5, 3, 9, 2), (33, 3, 17, 3)}
+SHAPES = [(1, 1, 1, 1), (7, 2, 1, 1), (5, 3, 9, 2), (33, 3, 17, 3), (20, 2, 70, 2), (300, 2, 130, 2),
+          (257, 4, 64, 1)]
+TRITON_SHAPES = {(1, 1, 1, 1), (7, 2, 1, 1), (5, 3, 9, 2), (33, 3, 17, 3), (20, 2, 70, 2)}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}_L{}_d{}_K{}".format(*s))
@@ -116,8 +117,9 @@ def test_reference_forms_agree_with_oracle():
 
 @pytest.mark.parametrize("backend", backends())
 def test_general_factor_not_triangular(backend):
-    """A whitening factor that is not lower triangular (symmetric P^1/2) must not be skipped over."""
-    feats, means, W = make_problem(19, 2, 20, 2, general_w=True)
+    """A whitening factor that is not lower triangular (symmetric P^1/2) must not be skipped over
+    (d = 150 spans several CPU panels of 128 and Triton tiles of 64)."""
+    feats, means, W = make_problem(19, 2, 150, 2, general_w=True)
     assert torch.triu(W, 1).abs().max() > 0
     exact = oracle(feats, means, W, reduce="none")
     ref_err = reference_error(feats, means, W, None, "none", False, exact)
@@ -204,6 +206,23 @@ def test_cpu_strided_features():
     base = mahalanobis(feats, means, W, backend="cpu")
     assert torch.equal(mahalanobis(view, means, W, backend="cpu"), base)
     assert torch.allclose(mahalanobis(transposed, means, W, backend="cpu"), base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_whitener_layouts(backend):
+    """Row-major, column-major (what batched torch.linalg.cholesky returns) and non-BLAS strided W
+    give the same distances; the cpu op uses the first two in place."""
+    feats, means, W = make_problem(30, 2, 140, 2)
+    row = W.contiguous()
+    col = W.transpose(1, 2).contiguous().transpose(1, 2)
+    assert col.stride(1) == 1 or col.stride(2) != 1
+    big = torch.zeros(2, 280, 280)
+    big[:, ::2, ::2] = W
+    strided = big[:, ::2, ::2]
+    base = mahalanobis(feats, means, row, reduce="none", backend=backend)
+    for other in (col, strided):
+        assert torch.allclose(mahalanobis(feats, means, other, reduce="none", backend=backend), base,
+                              rtol=1e-5, atol=1e-5)
 
 
 @needs_cpu

@@ -65,6 +65,8 @@ TRITON_SHAPES = {(1, 2, 1), (5, 2, 7), (9, 3, 1), (7, 5, 33)}
 def test_backend_matches_oracle(backend, dtype, shape):
     if backend == "triton" and shape not in TRITON_SHAPES:
         pytest.skip("the Triton interpreter is slow: small shapes only")
+    if backend == "triton":  # one program per sample, ~1 s each under the interpreter
+        shape = (min(shape[0], 3),) + shape[1:]
     feats = make_features(*shape, seed=sum(shape), dtype=dtype)
     exact = oracle(feats)
     ref = layer_transitions_reference(feats)
