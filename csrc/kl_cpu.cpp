@@ -30,6 +30,9 @@ namespace dupfast::kl {
 namespace {
 
 constexpr int64_t kBlock = 1024;  // float scratch of one block per input: stays in L1
+// Below this many elements one thread does it all: a fork/join costs more than it saves there, and
+// far more on a loaded machine.
+constexpr int64_t kParallelMin = int64_t{1} << 17;
 
 // ---- loading (16-bit types as raw bits, so the loops vectorise) -------------------------------
 
@@ -156,7 +159,7 @@ template <typename TS, typename TT>
 void kl_rows(const TS* s, const TT* t, const float* w, float* loss, TS* g, int64_t rows, int64_t v, float inv_t,
              float grad_scale) {
   const int64_t nblocks = (v + kBlock - 1) / kBlock;
-  const int nthreads = rows * v >= (int64_t{1} << 15) ? at::get_num_threads() : 1;
+  const int nthreads = rows * v >= kParallelMin ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(nthreads)
   {
     alignas(64) float buf_s[kBlock];
@@ -196,6 +199,92 @@ void kl_rows(const TS* s, const TT* t, const float* w, float* loss, TS* g, int64
   }
 }
 
+// ---- small vocabularies (V <= kSmallVocab: classification heads) -------------------------------
+// One row is too short for SIMD, so a chunk of rows is swept column by column: every loop runs over
+// the rows of the chunk (stride V), vectorised across rows. Same formulas as above with a single
+// block per row: z = y - m stored, e = exp(z), p = e / S, log p_T - log p_S = (z_T - z_S) +
+// (log S_S - log S_T).
+
+constexpr int64_t kSmallVocab = 16;
+constexpr int64_t kChunkRows = 256;
+
+template <typename TS, typename TT>
+void kl_rows_small(const TS* s, const TT* t, const float* w, float* loss, TS* g, int64_t rows, int64_t v,
+                   float inv_t, float grad_scale) {
+  const int64_t nchunks = (rows + kChunkRows - 1) / kChunkRows;
+  const int nthreads = rows * v >= kParallelMin ? at::get_num_threads() : 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> zs(kChunkRows * v), zt(kChunkRows * v), es(kChunkRows * v), et(kChunkRows * v),
+        gb(kChunkRows * v);
+    alignas(64) float ms[kChunkRows], mt[kChunkRows], ss[kChunkRows], st[kChunkRows], acc[kChunkRows];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t r0 = c * kChunkRows, nr = std::min(kChunkRows, rows - r0), n = nr * v;
+      float* ys = zs.data();  // scaled logits, shifted in place to z below
+      float* yt = zt.data();
+      load_scaled(s + r0 * v, n, inv_t, ys);
+      load_scaled(t + r0 * v, n, inv_t, yt);
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) ms[i] = mt[i] = -INFINITY;
+      for (int64_t j = 0; j < v; ++j) {
+#pragma omp simd
+        for (int64_t i = 0; i < nr; ++i) {
+          ms[i] = std::max(ms[i], ys[i * v + j]);
+          mt[i] = std::max(mt[i], yt[i * v + j]);
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) ss[i] = st[i] = 0.0f;
+      for (int64_t j = 0; j < v; ++j) {
+#pragma omp simd
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t k = i * v + j;
+          ys[k] -= ms[i];  // z, stored (see load_shifted)
+          yt[k] -= mt[i];
+          es[k] = expf(ys[k]);
+          et[k] = expf(yt[k]);
+          ss[i] += es[k];
+          st[i] += et[k];
+        }
+      }
+      // per row: 1/S into ss/st, log S_S - log S_T into ms, coef into mt (ms/mt are no longer needed)
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) {
+        ms[i] = logf(ss[i]) - logf(st[i]);
+        ss[i] = 1.0f / ss[i];
+        st[i] = 1.0f / st[i];
+        const float wr = w ? w[r0 + i] : 1.0f;
+        mt[i] = wr * inv_t * grad_scale;
+        acc[i] = 0.0f;
+      }
+      for (int64_t j = 0; j < v; ++j) {
+#pragma omp simd
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t k = i * v + j;
+          const float pt = et[k] * st[i];
+          // 1/S shared (always so for a tie): an exact zero for a tie whatever the compiler contracts
+          const float gk = float_bits(ss[i]) == float_bits(st[i]) ? mt[i] * ss[i] * (es[k] - et[k])
+                                                                   : mt[i] * (es[k] * ss[i] - pt);
+          const bool masked = w && w[r0 + i] == 0.0f;  // zero, whatever the row holds (NaN/inf)
+          gb[k] = masked ? 0.0f : gk;
+          acc[i] += kl_term(pt, yt[k] - ys[k], ms[i]);
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) {
+        const float wr = w ? w[r0 + i] : 1.0f;
+        loss[r0 + i] = wr == 0.0f ? 0.0f : wr * acc[i];
+      }
+      if constexpr (std::is_same_v<TS, float>) {
+        std::copy(gb.data(), gb.data() + n, g + r0 * v);
+      } else {
+        store_from_f32(gb.data(), n, g + r0 * v);
+      }
+    }
+  }
+}
+
 template <typename F>
 void with_dtype(c10::ScalarType st, F&& f) {
   switch (st) {
@@ -215,9 +304,10 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fused_cpu(const at::Tensor& student, c
     using TS = decltype(s_tag);
     with_dtype(teacher.scalar_type(), [&](auto t_tag) {
       using TT = decltype(t_tag);
-      kl_rows<TS, TT>(student.const_data_ptr<TS>(), teacher.const_data_ptr<TT>(), w, loss.mutable_data_ptr<float>(),
-                      grad.mutable_data_ptr<TS>(), student.size(0), student.size(1),
-                      static_cast<float>(inv_temperature), static_cast<float>(grad_scale));
+      auto* rows_fn = student.size(1) <= kSmallVocab ? &kl_rows_small<TS, TT> : &kl_rows<TS, TT>;
+      rows_fn(student.const_data_ptr<TS>(), teacher.const_data_ptr<TT>(), w, loss.mutable_data_ptr<float>(),
+              grad.mutable_data_ptr<TS>(), student.size(0), student.size(1), static_cast<float>(inv_temperature),
+              static_cast<float>(grad_scale));
     });
   });
   return {loss, grad};

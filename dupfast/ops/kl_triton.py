@@ -30,7 +30,7 @@ def _row_norm(ptr, V, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _to_grad_dtype(x, dtype, GRAD_BF16: tl.constexpr):
+def _to_grad_dtype(x, g_ptr, GRAD_BF16: tl.constexpr):
     """float32 -> gradient dtype, bf16 rounded to nearest even by hand: the interpreter's cast
     truncates (3x the error of PyTorch's bf16 gradient in the tests); the GPU cast rounds."""
     if GRAD_BF16:
@@ -38,7 +38,7 @@ def _to_grad_dtype(x, dtype, GRAD_BF16: tl.constexpr):
         b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return x.to(dtype)
+        return x.to(g_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _kl_rows_kernel(s_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, V, inv_t, grad_scale,
             yt = tl.load(t_row + off + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
             ps = tl.exp((ys - m_s) - log_s_s)
             pt = tl.exp((yt - m_t) - log_s_t)
-            tl.store(g_row + off + cols, _to_grad_dtype(coef * (ps - pt), g_ptr.dtype.element_ty, GRAD_BF16),
+            tl.store(g_row + off + cols, _to_grad_dtype(coef * (ps - pt), g_ptr, GRAD_BF16),
                      mask=mask)
             # p_T == 0 adds 0, even where the student slot is -inf too; masked lanes add 0.
             # log p_T - log p_S from the differences: exactly 0 for a tie (as in kl_math.h).
