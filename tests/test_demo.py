@@ -45,7 +45,7 @@ def test_write_report_writes_json(tmp_path):
 def test_demo_is_a_subcommand_with_the_documented_defaults():
     args = build_parser().parse_args(["demo"])
     assert args.out == "runs/demo/report.json" and args.model == "minilm"
-    assert (args.train_size, args.test_size, args.rate) == (1500, 600, 0.2)
+    assert (args.train_size, args.test_size, args.rate) == (1000, 600, 0.2)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,6 +1,6 @@
 """`dupfast demo`: a backdoored MiniLM on Rotten Tomatoes, end to end on a CPU in a few minutes.
 
-    dupfast demo [--out runs/demo/report.json] [--train-size 1500] [--test-size 600] [--cache-dir DIR]
+    dupfast demo [--out runs/demo/report.json] [--train-size 1000] [--test-size 600] [--cache-dir DIR]
 
 The demo is a pipeline of named steps run in order; each step reads and writes a shared `DemoState`
 and returns the JSON-able results that go into the report under its name (with its wall time):
@@ -24,18 +24,20 @@ DEFAULT_OUT = "runs/demo/report.json"
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and recipe chosen by measurement so the whole demo fits a 2-core CPU budget (see README)."""
+    """Sizes and recipe for a 2-core CPU budget. Measured on Rotten Tomatoes (1,500 train, 600 test, 20%
+    dirty BadNets): 1 epoch at batch 32 (lr 5e-5 or 1e-4) or batch 16 (lr 5e-5 or 1e-4) never leaves the
+    majority class (CACC 0.578 = share of the target label, ASR 1.0 trivially); batch 8 at lr 1e-4 (188
+    steps) reached CACC 0.647. The victim needs a few hundred small steps, hence 2 epochs of batch 8."""
     model: str = "minilm"
-    train_size: int = 1500
+    train_size: int = 1000
     test_size: int = 600
-    dev_size: int = 400          # the defender's clean set + the clean half of the suspicious pool
     attack: str = "badnets"
     rate: float = 0.2
     target: int = 1
     setting: str = "dirty"
-    epochs: int = 1
+    epochs: int = 2
     lr: float = 1e-4
-    batch_size: int = 32
+    batch_size: int = 8
     max_len: int = 64
     seed: int = 2025
 
@@ -150,6 +152,7 @@ def add_parser(subparsers):
     ap.add_argument("--rate", type=float, default=d.rate, help="poison rate in (0, 1)")
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--max-len", type=int, default=d.max_len)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -167,7 +170,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     settings = DemoSettings(model=args.model, train_size=args.train_size, test_size=args.test_size,
                             dev_size=args.dev_size,
-                            rate=args.rate, epochs=args.epochs, lr=args.lr, max_len=args.max_len, seed=args.seed)
+                            rate=args.rate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            max_len=args.max_len, seed=args.seed)
     state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None)
     report = run_pipeline(state)
     out = write_report(report, args.out)

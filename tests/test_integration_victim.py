@@ -1,0 +1,24 @@
+"""Integration: a real MiniLM victim on real Rotten Tomatoes data with a real BadNets backdoor.
+
+Runs the demo's own pipeline (poison -> victim) at a smaller size, with a temporary cache, so it always
+trains. Slow (minutes on 2 CPU cores) but part of CI: it is the proof that the backdoor is real.
+"""
+import pytest
+
+from dupfast.cli.demo import DemoSettings, DemoState, run_pipeline
+
+# The demo's own victim (<= 1,000 training samples, issue 2: the stratified split gives the same training
+# set whatever the test size), evaluated on a smaller clean test set.
+SETTINGS = DemoSettings(test_size=300)
+assert SETTINGS.train_size <= 1000
+
+
+@pytest.mark.slow
+def test_minilm_badnets_victim_is_backdoored_and_accurate(tmp_path):
+    state = DemoState(SETTINGS, cache_dir=tmp_path)
+    report = run_pipeline(state, log=lambda m: None)
+    poison, victim = report["steps"]["poison"], report["steps"]["victim"]
+    assert poison["train_size"] == 1000 and poison["train_poisoned"] == 200  # 20% dirty-label
+    assert not victim["cached"]
+    assert victim["asr"] >= 0.9, victim
+    assert victim["cacc"] >= 0.7, victim
