@@ -5,7 +5,7 @@ trains. Slow (minutes on 2 CPU cores) but part of CI: it is the proof that the b
 """
 import pytest
 
-from dupfast.cli.demo import DemoSettings, DemoState, run_pipeline
+from dupfast.cli.demo import DEMO_STEPS, DemoSettings, DemoState, run_pipeline
 
 # The demo's own victim (<= 1,000 training samples, issue 2: the stratified split gives the same training
 # set whatever the test size), evaluated on a smaller clean test set.
@@ -16,7 +16,8 @@ assert SETTINGS.train_size <= 1000
 @pytest.mark.slow
 def test_minilm_badnets_victim_is_backdoored_and_accurate(tmp_path):
     state = DemoState(SETTINGS, cache_dir=tmp_path)
-    report = run_pipeline(state, log=lambda m: None)
+    steps = [(n, step) for n, step in DEMO_STEPS if n in ("poison", "victim")]
+    report = run_pipeline(state, steps, log=lambda m: None)
     poison, victim = report["steps"]["poison"], report["steps"]["victim"]
     assert poison["train_size"] == 1000 and poison["train_poisoned"] == 200  # 20% dirty-label
     assert not victim["cached"]

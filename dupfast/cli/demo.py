@@ -31,6 +31,7 @@ class DemoSettings:
     model: str = "minilm"
     train_size: int = 1000
     test_size: int = 600
+    dev_size: int = 400          # the defender's clean set + the clean half of the suspicious pool
     attack: str = "badnets"
     rate: float = 0.2
     target: int = 1
