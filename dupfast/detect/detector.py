@@ -22,7 +22,8 @@ import torch
 from . import distributed as D
 from .capture import capture, resolve_pooling
 from .scorers import DupScorer
-from .scores import ZNorm, frr_threshold, fuse
+from .scores import ZNorm, excess_weights, frr_threshold, fuse
+from .transductive import loo_projections
 
 FORMAT_VERSION = 1
 
@@ -40,6 +41,7 @@ class DetectionResult:
     transitions: Optional[dict] = None               # {"cosines": [N, L-1], "concentration": [N]}
     logits: Optional[torch.Tensor] = None            # [N, C]
     index: Optional[torch.Tensor] = None             # [N] loader ids
+    weights: tuple = ()                              # the fusion weight of each component
 
     def __len__(self):
         return self.scores.shape[0]
@@ -68,6 +70,8 @@ class Detector:
         if not 0 < calibration_fraction < 1:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
         self.mode, self.frr, self.seed, self.calibration_fraction = mode, frr, seed, calibration_fraction
+        self.val_z: Optional[torch.Tensor] = None  # z-normalised validation components (adaptive thresholds)
+        self.val_feats: dict = {}                  # validation pooled features (transductive projection)
         if not 0 < pool_trim < 1 or pool_iterations < 1:
             raise ValueError(f"pool_trim must lie in (0, 1) and pool_iterations be >= 1, got {pool_trim}, {pool_iterations}")
         self.autocast, self.pool_trim, self.pool_iterations = autocast, pool_trim, pool_iterations
@@ -108,6 +112,8 @@ class Detector:
         self.scorer.fit({k: v[cal] for k, v in features.items()}, pick(labels, cal), self.num_classes)
         comps, _ = self.scorer.components({k: v[val] for k, v in features.items()}, pick(logits, val))
         self._calibrate(comps)
+        # the transductive projection places validation samples on each pool's direction at score time
+        self.val_feats = {p: _gather_features(features[p][val]) for p in getattr(self.scorer, "proj_poolings", ())}
         self.calibration = {"calibration_samples": n_cal, "validation_samples": n_val, "source": "clean"}
         return self
 
@@ -148,10 +154,9 @@ class Detector:
             self.fit_features(sub, labels[keep], logits=logits[keep], index=ids)
             result = self.score_features(features, logits, index)
             cal_rows = torch.nonzero(keep).flatten()[self._split(int(keep.sum()), ids)[0]]
-            other = swapped.score_features({k: v[cal_rows] for k, v in features.items()},
-                                           None if logits is None else logits[cal_rows])
-            result.scores[cal_rows] = other.scores - swapped.threshold + self.threshold
-            result.flags = result.scores > self.threshold
+            other = swapped.score_features(features, logits, index)
+            result.scores[cal_rows] = other.scores[cal_rows] - other.threshold + result.threshold
+            result.flags = result.scores > result.threshold
             cut = torch.quantile(D.all_gather_rows(result.scores), 1 - self.pool_trim).item()
             new_keep = result.scores <= cut
             changed = int(D.all_reduce_sum(torch.tensor(float((new_keep != keep).sum()), dtype=torch.float64)))
@@ -169,8 +174,8 @@ class Detector:
         s1 = D.all_reduce_sum(c.sum(0))
         s2 = D.all_reduce_sum((c ** 2).sum(0))
         self.znorm = ZNorm.from_moments(n, s1, s2)
-        fused = fuse(self.znorm(c), self.scorer.weights)
-        self.threshold = frr_threshold(D.all_gather_rows(fused), self.frr)
+        self.val_z = D.all_gather_rows(self.znorm(c))
+        self.threshold = frr_threshold(fuse(self.val_z, self.scorer.weights), self.frr)
 
     def _split(self, n_local: int, index):
         """(calibration rows, validation rows) of this rank: a seeded permutation of the global ids 0..N-1,
@@ -209,10 +214,41 @@ class Detector:
         self._check_features(feats, fitting=False)
         comps, extra = self.scorer.components(feats, logits)
         z = self.znorm(comps.double().cpu())
-        fused = fuse(z, self.scorer.weights)
-        return dict(scores=fused, z=z, extra={k: v.detach().cpu() for k, v in extra.items()},
+        proj = {p: (feats[p].detach().cpu(), extra.pop(f"proj_q.{p}").detach().cpu())
+                for p in getattr(self.scorer, "proj_poolings", ())}
+        return dict(z=z, proj=proj, extra={k: v.detach().cpu() for k, v in extra.items()},
                     logits=None if logits is None else logits.detach().cpu(),
                     index=None if index is None else torch.as_tensor(index).long())
+
+    def projection_components(self, pool: dict):
+        """pool: {pooling: (features [N, L, d], ‖z‖² [N, L])} of this rank -> z-normalised projection
+        columns (pool [N, m_t], clean validation [n, m_t]); see transductive.py."""
+        t = self.scorer.tensors
+        per_pool, per_val = {}, {}
+        for p, (x, q) in pool.items():
+            per_pool[p], per_val[p] = loo_projections(x, q, self.val_feats[p], t[f"proj.{p}.means"],
+                                                      t[f"proj.{p}.whiteners"])
+        cols_pool, cols_val = self.scorer.projection_columns(per_pool), self.scorer.projection_columns(per_val)
+        zn = ZNorm.fit(cols_val)  # validation features are identical on every rank: no reduction needed
+        return zn(cols_pool), zn(cols_val)
+
+    def fusion(self, z: torch.Tensor, val_z: torch.Tensor):
+        """(weights [m], threshold) for the pool components z [N, m] of this rank. Fixed scorers: their
+        weights and the fitted threshold. Adaptive scorers (mode="default"): `scores.excess_weights` from
+        the whole pool (counts all-reduced over ranks), threshold re-placed on the clean validation scores
+        fused with those weights, so the FRR guarantee is the same."""
+        fixed = torch.tensor(self.scorer.weights, dtype=torch.float64)
+        fixed = torch.cat([fixed, torch.zeros(z.shape[1] - fixed.numel(), dtype=torch.float64)])
+        if not getattr(self.scorer, "adaptive", False):
+            return fixed, self.threshold
+        tau = torch.quantile(val_z, 1 - self.frr, dim=0)
+        val_rate = (val_z > tau).double().mean(0)
+        above = D.all_reduce_sum((z > tau).double().sum(0))
+        n = D.all_reduce_sum(torch.tensor(float(z.shape[0]), dtype=torch.float64))
+        w = excess_weights(above, n.item(), val_rate)
+        if w.sum() == 0:
+            return fixed, self.threshold
+        return w, frr_threshold(fuse(val_z, w), self.frr)
 
     # ---- checks -----------------------------------------------------------------------------------
     def _resolve_poolings(self, model):
@@ -251,6 +287,9 @@ class Detector:
         tensors, meta = self.scorer.state()
         tensors = {f"scorer.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
         tensors["znorm.mean"], tensors["znorm.std"] = self.znorm.mean.contiguous(), self.znorm.std.contiguous()
+        tensors["validation.z"] = self.val_z.contiguous()
+        for p, x in self.val_feats.items():
+            tensors[f"validation.features.{p}"] = x.contiguous()
         save_file(tensors, str(path / "detector.safetensors"))
         info = {"format_version": FORMAT_VERSION, "mode": self.mode, "frr": self.frr, "seed": self.seed,
                 "calibration_fraction": self.calibration_fraction, "threshold": self.threshold,
@@ -279,7 +318,15 @@ class Detector:
         det.scorer = scorer_class(det.mode).from_state(
             {k[len("scorer."):]: v for k, v in tensors.items() if k.startswith("scorer.")}, info["scorer"])
         det.znorm = ZNorm(tensors["znorm.mean"], tensors["znorm.std"])
+        det.val_z = tensors["validation.z"]
+        det.val_feats = {k[len("validation.features."):]: v for k, v in tensors.items()
+                         if k.startswith("validation.features.")}
         return det
+
+
+def _gather_features(x: torch.Tensor) -> torch.Tensor:
+    """[n_r, L, d] on each rank -> [n, L, d] everywhere (small: the clean validation half only)."""
+    return D.all_gather_rows(x.detach().cpu().reshape(x.shape[0], -1)).reshape(-1, *x.shape[1:])
 
 
 def _renumber(ids: torch.Tensor) -> torch.Tensor:
@@ -316,13 +363,20 @@ def collect(batches):
 
 
 def _concat(parts, det) -> DetectionResult:
-    scores = torch.cat([p["scores"] for p in parts])
+    z, val_z = torch.cat([p["z"] for p in parts]), det.val_z
+    names = tuple(det.scorer.component_names)
+    if parts[0]["proj"]:
+        zt, val_zt = det.projection_components({k: (torch.cat([p["proj"][k][0] for p in parts]),
+                                                    torch.cat([p["proj"][k][1] for p in parts])) for k in parts[0]["proj"]})
+        z, val_z = torch.cat([z, zt], 1), torch.cat([val_z, val_zt], 1)
+        names += tuple(det.scorer.projection_names)
+    weights, threshold = det.fusion(z, val_z)
+    scores = fuse(z, weights)
     extra = {k: torch.cat([p["extra"][k] for p in parts]) for k in parts[0]["extra"]}
     cat = lambda key: None if any(p[key] is None for p in parts) else torch.cat([p[key] for p in parts])  # noqa: E731
     trans = {k: extra[k] for k in ("cosines", "concentration") if k in extra} or None
-    return DetectionResult(scores=scores, flags=scores > det.threshold, threshold=det.threshold,
-                           components=torch.cat([p["z"] for p in parts]),
-                           component_names=tuple(det.scorer.component_names),
+    return DetectionResult(scores=scores, flags=scores > threshold, threshold=threshold, weights=tuple(weights.tolist()),
+                           components=z, component_names=names,
                            selected_layers=list(det.scorer.layers) if det.scorer.layers is not None else [],
                            layer_distances=extra.get("layer_distances"), transitions=trans,
                            logits=cat("logits"), index=cat("index"))

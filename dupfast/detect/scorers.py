@@ -105,55 +105,88 @@ class DupScorer:
         return s
 
 
-SIGNALS = ("pred", "agnostic", "cos", "ss")
+SIGNALS = ("pred", "agnostic", "cos", "ss", "proj")
 
 
 class DefaultScorer:
-    """dupfast's default (chosen by measurement, see experiments/sst2_detection.py and the README):
+    """dupfast's default, chosen by measurement (experiments/sst2_detection.py, README). Column groups:
 
     pred      per layer, squared Mahalanobis distance of the pooled feature to the clean mean of the class
               the model PREDICTS (class means + one tied ShrunkCovariance per layer, fitted on the clean
               labels). A triggered input is pushed to the target class by the last layers while its
-              earlier layers still look like its true class: distance to the predicted class sees both
-              "far from every class" (≥ DAN's min over classes) and "looks like another class";
-    agnostic  per layer, DUP's class-agnostic distance;
-    cos       the consecutive-layer cosine profile [L-1] from the layer Gram, scored by its own
-              class-agnostic Gaussian (one Mahalanobis distance over L-1 dims);
-    ss        DUP's spectral concentration.
-    Each signal's columns are z-normalised on the clean validation half and averaged (every layer counts,
-    no label-based layer selection); signals are then summed with `signal_weights`."""
+              earlier layers still look like its true class: the distance to the predicted class sees both
+              "far from every class" (>= DAN's min over classes) and "looks like another class";
+    agnostic  per layer, DUP's class-agnostic distance (optional);
+    cos       the consecutive-layer cosines from the per-sample layer Gram, each as two columns (+cos and
+              -cos: a trigger can make a transition unusually abrupt or unusually smooth);
+    ss        DUP's spectral concentration, also two-sided;
+    proj      transductive: per layer (and summed over layers), the projection of the sample's whitened
+              feature on the direction from the clean mean to the mean of the REST of the pool
+              (leave-one-out). Poisoned inputs share one shift (the trigger, the style), so the pool mean
+              moves along it and every poisoned input projects high on it. Computed after the pass from
+              the pooled features the pass kept ([N, L, d] per pooling in `proj_poolings`: the main
+              pooling and the masked mean, which sees whole-sentence shifts such as a style).
+
+    Every column is z-normalised on the clean validation half; the columns are fused with `adaptive`
+    weights (scores.excess_weights): a column counts as much as the pool exceeds the clean validation
+    half above the clean 95th percentile, which selects layers and signals with no labels and no poisoned
+    examples. `weights` (used when no column shows any excess) is the mean of the distance columns."""
 
     name = "default"
+    adaptive = True
 
-    def __init__(self, pooling: str = "auto", signals=("pred",), signal_weights=None, shrinkage: float = SHRINKAGE,
-                 **_ignored):
+    def __init__(self, pooling: str = "auto", signals=("pred", "cos", "ss", "proj"), proj_poolings=("main", "mean"),
+                 shrinkage: float = SHRINKAGE, **_ignored):
         bad = [s for s in signals if s not in SIGNALS]
-        if bad or not signals:
-            raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {list(signals)}")
+        if bad or not signals or not ({"pred", "agnostic"} & set(signals)):
+            raise ValueError(f"signals must be a subset of {SIGNALS} with 'pred' or 'agnostic', got {list(signals)}")
+        if "proj" in signals and not proj_poolings:
+            raise ValueError("the 'proj' signal needs at least one pooling in proj_poolings")
         self.pooling, self.signals, self.shrinkage = pooling, tuple(signals), shrinkage
-        self.signal_weights = tuple(float(w) for w in (signal_weights or [1.0] * len(self.signals)))
-        if len(self.signal_weights) != len(self.signals):
-            raise ValueError(f"{len(self.signals)} signals but {len(self.signal_weights)} signal_weights")
+        self._proj_poolings = tuple(proj_poolings)
         self.tensors = {}
         self.num_layers = None
         self.layers = None
 
-    poolings = property(lambda self: (self.pooling,))
+    @property
+    def proj_poolings(self):
+        """Resolved pooling names the transductive projection uses (() without the 'proj' signal)."""
+        if "proj" not in self.signals:
+            return ()
+        out = []
+        for p in self._proj_poolings:
+            p = self.pooling if p == "main" else p
+            if p not in out:
+                out.append(p)
+        return tuple(out)
+
+    @property
+    def poolings(self):
+        return tuple(dict.fromkeys((self.pooling,) + self.proj_poolings))
 
     def _columns(self):
         L = self.num_layers
         return {"pred": [f"pred{l}" for l in range(L)], "agnostic": [f"agnostic{l}" for l in range(L)],
-                "cos": ["cos"], "ss": ["ss"]}
+                "cos": [f"+cos{l}" for l in range(L - 1)] + [f"-cos{l}" for l in range(L - 1)],
+                "ss": ["+ss", "-ss"]}
 
     @property
     def component_names(self):
         cols = self._columns()
-        return tuple(c for s in self.signals for c in cols[s])
+        return tuple(c for s in self.signals if s != "proj" for c in cols[s])
+
+    @property
+    def projection_names(self):
+        return tuple(n for p in self.proj_poolings for n in [f"proj-{p}{l}" for l in range(self.num_layers)] + [f"proj-{p}-all"])
 
     @property
     def weights(self):
+        """Fallback weights over component_names (the fixed columns)."""
         cols = self._columns()
-        return tuple(w / len(cols[s]) for s, w in zip(self.signals, self.signal_weights) for _ in cols[s])
+        fixed = [s for s in self.signals if s != "proj"]
+        dist = [s for s in fixed if s in ("pred", "agnostic")]
+        n = sum(len(cols[s]) for s in dist)
+        return tuple((1.0 / n if s in dist else 0.0) for s in fixed for _ in cols[s])
 
     def fit(self, feats: dict, labels, num_classes: int):
         x = feats[self.pooling]
@@ -169,10 +202,9 @@ class DefaultScorer:
         if "agnostic" in self.signals:
             st = fit_stats(x, None, 0)
             t["means"], t["whiteners"] = gaussian(st, False, self.shrinkage)
-        if "cos" in self.signals:
-            _, cos, _ = transitions(x)
-            st = fit_stats(cos.unsqueeze(1), None, 0)
-            t["cos_mean"], t["cos_whitener"] = gaussian(st, False, self.shrinkage)
+        for p in self.proj_poolings:
+            st = fit_stats(feats[p], None, 0)
+            t[f"proj.{p}.means"], t[f"proj.{p}.whiteners"] = gaussian(st, False, self.shrinkage)
         self.tensors = t
         return self
 
@@ -193,18 +225,27 @@ class DefaultScorer:
                 cols.append(d.double())
                 extra.setdefault("layer_distances", d)
             elif s == "cos":
-                cols.append(layer_distances(cosines.unsqueeze(1), t["cos_mean"], t["cos_whitener"]).double())
-            else:
-                cols.append(conc.double().unsqueeze(1))
+                cols += [cosines.double(), -cosines.double()]
+            elif s == "ss":
+                cols += [conc.double().unsqueeze(1), -conc.double().unsqueeze(1)]
+        for p in self.proj_poolings:  # ‖z‖² per layer, for the leave-one-out projection
+            extra[f"proj_q.{p}"] = layer_distances(feats[p], t[f"proj.{p}.means"], t[f"proj.{p}.whiteners"], squared=True)
         return torch.cat(cols, 1), extra
+
+    def projection_columns(self, per_pooling: dict) -> torch.Tensor:
+        """{pooling: [N, L] projections} -> [N, len(projection_names)]: per layer, then their sum."""
+        cols = []
+        for p in self.proj_poolings:
+            cols += [per_pooling[p], per_pooling[p].sum(1, keepdim=True)]
+        return torch.cat(cols, 1)
 
     def state(self):
         return dict(self.tensors), {"pooling": self.pooling, "signals": list(self.signals), "shrinkage": self.shrinkage,
-                                    "signal_weights": list(self.signal_weights), "num_layers": self.num_layers}
+                                    "proj_poolings": list(self.proj_poolings), "num_layers": self.num_layers}
 
     @classmethod
     def from_state(cls, tensors, meta):
-        s = cls(meta["pooling"], meta["signals"], meta["signal_weights"], meta["shrinkage"])
+        s = cls(meta["pooling"], meta["signals"], meta["proj_poolings"], meta["shrinkage"])
         s.tensors, s.num_layers = dict(tensors), meta["num_layers"]
         s.layers = list(range(s.num_layers))
         return s

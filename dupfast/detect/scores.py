@@ -79,3 +79,16 @@ def select_top_k(values: torch.Tensor, k: int) -> list:
     """Indices of the k largest values, ties broken by the lower index (Python's stable sort, as DUP)."""
     order = sorted(range(values.numel()), key=lambda i: -float(values[i]))
     return sorted(order[:k])
+
+
+def excess_weights(z_pool_above: torch.Tensor, n_pool: float, val_above_rate: torch.Tensor) -> torch.Tensor:
+    """Label-free column weights from the pool itself.
+
+    z_pool_above [m]: how many pool samples exceed each column's clean (1 - frr) percentile; n_pool: pool
+    size; val_above_rate [m]: the share of the clean validation half above it (= frr up to ties).
+    The excess max(0, pool share - clean share) estimates, per column, the poisoned mass that column
+    lifts over a clean threshold: columns (layers, signals) where the pool looks like clean data get 0.
+    Returns weights summing to 1, or all zeros when no column shows any excess."""
+    excess = (z_pool_above.double() / float(n_pool) - val_above_rate.double()).clamp_min(0)
+    total = excess.sum()
+    return excess / total if total > 0 else torch.zeros_like(excess)

@@ -82,7 +82,7 @@ def distributed_worker(rank, world, init_file, out_dir, configs):
                 det.fit(model, shard(batches(clean, labels, batch_size=7)))
                 res = det.score(model, shard(batches(pool, batch_size=7)))
             save_file({"scores": res.scores, "index": res.index,
-                       "threshold": torch.tensor(det.threshold, dtype=torch.float64)},
+                       "threshold": torch.tensor(res.threshold, dtype=torch.float64)},
                       f"{out_dir}/{mode}-{pool_only}-rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()

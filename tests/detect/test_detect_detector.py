@@ -19,7 +19,7 @@ def test_fit_score_separates_out_of_distribution_inputs(bert, clean_and_pool, mo
     det = Detector(mode=mode).fit(bert, clean)
     res = det.score(bert, pool)
     assert res.scores.shape == (60,) and res.flags.dtype == torch.bool
-    assert torch.equal(res.flags, res.scores > det.threshold)
+    assert torch.equal(res.flags, res.scores > res.threshold)
     assert res.index.tolist() == list(range(60))
     assert metrics.auroc(y, res.scores) > 0.9
     assert res.flags[y == 1].float().mean() > res.flags[y == 0].float().mean()
@@ -73,14 +73,14 @@ def test_pool_only_calibration(bert):
     # pool calibration needs the poisoned share well below pool_trim (here 9% poisoned, trim 30%)
     pool = batches(make_samples(150, seed=2) + make_samples(15, seed=3, lo=80, hi=120, trigger=[110, 111, 112]))
     y = torch.tensor([0] * 150 + [1] * 15)
-    det = Detector(mode="default", pool_trim=0.3)
+    det = Detector(mode="dup", pool_trim=0.3)
     res = det.fit_pool(bert, pool)
     assert det.calibration["source"] == "pool" and det.calibration["iterations"] >= 1
-    assert metrics.auroc(y, res.scores) > 0.85
+    assert metrics.auroc(y, res.scores) > 0.8  # an easy case (far out-of-vocabulary poison); see README for SST-2
     # the detector keeps the last fit: it reproduces the returned scores outside its own calibration half
     again = det.score(bert, pool).scores
     assert (again == res.scores).float().mean() > 0.45
-    res2 = dupfast.detect(bert, pool, mode="default", pool_trim=0.3)
+    res2 = dupfast.detect(bert, pool, mode="dup", pool_trim=0.3)
     torch.testing.assert_close(res.scores, res2.scores, rtol=0, atol=0)
 
 
