@@ -241,13 +241,20 @@ class Detector:
         fixed = torch.cat([fixed, torch.zeros(z.shape[1] - fixed.numel(), dtype=torch.float64)])
         if not getattr(self.scorer, "adaptive", False):
             return fixed, self.threshold
-        tau = torch.quantile(val_z, 1 - self.frr, dim=0)
-        val_rate = (val_z > tau).double().mean(0)
-        above = D.all_reduce_sum((z > tau).double().sum(0))
+        # the fixed (DUP-recipe) combination competes as one more column, so a pool whose poison only the
+        # combination lifts keeps it, and a column lifted by noise alone cannot outweigh it
+        fv, fp = fuse(val_z, fixed), fuse(z, fixed)
+        mu, sd = fv.mean(), fv.std(unbiased=False).clamp_min(1e-12)
+        val_aug = torch.cat([val_z, ((fv - mu) / sd).unsqueeze(1)], 1)
+        pool_aug = torch.cat([z, ((fp - mu) / sd).unsqueeze(1)], 1)
+        tau = torch.quantile(val_aug, 1 - self.frr, dim=0)
+        val_rate = (val_aug > tau).double().mean(0)
+        above = D.all_reduce_sum((pool_aug > tau).double().sum(0))
         n = D.all_reduce_sum(torch.tensor(float(z.shape[0]), dtype=torch.float64))
-        w = excess_weights(above, n.item(), val_rate)
-        if w.sum() == 0:
+        wa = excess_weights(above, n.item(), val_rate, val_z.shape[0])
+        if wa.sum() == 0:
             return fixed, self.threshold
+        w = wa[:-1] + wa[-1] * fixed / sd
         return w, frr_threshold(fuse(val_z, w), self.frr)
 
     # ---- checks -----------------------------------------------------------------------------------

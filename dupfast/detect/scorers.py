@@ -109,7 +109,9 @@ SIGNALS = ("pred", "agnostic", "cos", "ss", "proj")
 
 
 class DefaultScorer:
-    """dupfast's default, chosen by measurement (experiments/sst2_detection.py, README). Column groups:
+    """dupfast's default, chosen by measurement (experiments/sst2_detection.py, README). Column groups
+    (default: pred + proj; cos and ss are optional, they made spurious column selections on poison-free
+    and low-poison pools in the SST-2 measurements):
 
     pred      per layer, squared Mahalanobis distance of the pooled feature to the clean mean of the class
               the model PREDICTS (class means + one tied ShrunkCovariance per layer, fitted on the clean
@@ -129,13 +131,14 @@ class DefaultScorer:
 
     Every column is z-normalised on the clean validation half; the columns are fused with `adaptive`
     weights (scores.excess_weights): a column counts as much as the pool exceeds the clean validation
-    half above the clean 95th percentile, which selects layers and signals with no labels and no poisoned
-    examples. `weights` (used when no column shows any excess) is the mean of the distance columns."""
+    half above the clean 95th percentile, beyond a Bonferroni significance floor, which selects layers and
+    signals with no labels and no poisoned examples. `weights` (DUP's recipe on the distance columns)
+    competes as one more column and is used alone when no column shows a significant excess."""
 
     name = "default"
     adaptive = True
 
-    def __init__(self, pooling: str = "auto", signals=("pred", "cos", "ss", "proj"), proj_poolings=("main", "mean"),
+    def __init__(self, pooling: str = "auto", signals=("pred", "proj"), proj_poolings=("main", "mean"),
                  shrinkage: float = SHRINKAGE, **_ignored):
         bad = [s for s in signals if s not in SIGNALS]
         if bad or not signals or not ({"pred", "agnostic"} & set(signals)):
@@ -147,6 +150,7 @@ class DefaultScorer:
         self.tensors = {}
         self.num_layers = None
         self.layers = None
+        self.ch_layers = None
 
     @property
     def proj_poolings(self):
@@ -181,12 +185,15 @@ class DefaultScorer:
 
     @property
     def weights(self):
-        """Fallback weights over component_names (the fixed columns)."""
-        cols = self._columns()
-        fixed = [s for s in self.signals if s != "proj"]
-        dist = [s for s in fixed if s in ("pred", "agnostic")]
-        n = sum(len(cols[s]) for s in dist)
-        return tuple((1.0 / n if s in dist else 0.0) for s in fixed for _ in cols[s])
+        """Fallback weights over component_names (the fixed columns), used when the pool shows no
+        significant excess anywhere: DUP's recipe on these columns, 0.9 spread over the distance columns
+        of the top-3 Calinski-Harabasz layers (all layers without CH) and 0.1 on +ss when present."""
+        names = self.component_names
+        dist = [s for s in ("pred", "agnostic") if s in self.signals][0]
+        layers = self.layers if self.ch_layers is None else self.ch_layers
+        has_ss = "+ss" in names
+        w_dist = (0.9 if has_ss else 1.0) / len(layers)
+        return tuple(w_dist if n in {f"{dist}{l}" for l in layers} else (0.1 if n == "+ss" else 0.0) for n in names)
 
     def fit(self, feats: dict, labels, num_classes: int):
         x = feats[self.pooling]
@@ -199,9 +206,12 @@ class DefaultScorer:
             st = fit_stats(x, labels, num_classes)
             t["class_means"], t["class_whiteners"] = gaussian(st, True, self.shrinkage)
             t["classes"] = st.present_classes()
+            self.ch_layers = ch_layers(st, 3)[0]
         if "agnostic" in self.signals:
-            st = fit_stats(x, None, 0)
+            st = fit_stats(x, labels, num_classes if labels is not None else 0)
             t["means"], t["whiteners"] = gaussian(st, False, self.shrinkage)
+            if self.ch_layers is None and labels is not None:
+                self.ch_layers = ch_layers(st, 3)[0]
         for p in self.proj_poolings:
             st = fit_stats(feats[p], None, 0)
             t[f"proj.{p}.means"], t[f"proj.{p}.whiteners"] = gaussian(st, False, self.shrinkage)
@@ -241,13 +251,15 @@ class DefaultScorer:
 
     def state(self):
         return dict(self.tensors), {"pooling": self.pooling, "signals": list(self.signals), "shrinkage": self.shrinkage,
-                                    "proj_poolings": list(self.proj_poolings), "num_layers": self.num_layers}
+                                    "proj_poolings": list(self.proj_poolings), "num_layers": self.num_layers,
+                                    "ch_layers": self.ch_layers}
 
     @classmethod
     def from_state(cls, tensors, meta):
         s = cls(meta["pooling"], meta["signals"], meta["proj_poolings"], meta["shrinkage"])
         s.tensors, s.num_layers = dict(tensors), meta["num_layers"]
         s.layers = list(range(s.num_layers))
+        s.ch_layers = meta.get("ch_layers")
         return s
 
 

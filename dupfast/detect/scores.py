@@ -81,14 +81,22 @@ def select_top_k(values: torch.Tensor, k: int) -> list:
     return sorted(order[:k])
 
 
-def excess_weights(z_pool_above: torch.Tensor, n_pool: float, val_above_rate: torch.Tensor) -> torch.Tensor:
+def excess_weights(above: torch.Tensor, n_pool: float, val_rate: torch.Tensor, n_val: float,
+                   alpha: float = 0.05) -> torch.Tensor:
     """Label-free column weights from the pool itself.
 
-    z_pool_above [m]: how many pool samples exceed each column's clean (1 - frr) percentile; n_pool: pool
-    size; val_above_rate [m]: the share of the clean validation half above it (= frr up to ties).
-    The excess max(0, pool share - clean share) estimates, per column, the poisoned mass that column
-    lifts over a clean threshold: columns (layers, signals) where the pool looks like clean data get 0.
-    Returns weights summing to 1, or all zeros when no column shows any excess."""
-    excess = (z_pool_above.double() / float(n_pool) - val_above_rate.double()).clamp_min(0)
+    above [m]: how many pool samples exceed each column's clean (1 - frr) percentile; n_pool: pool size;
+    val_rate [m]: the share of the n_val clean validation samples above it (= frr up to ties).
+    The excess (pool share - clean share) estimates, per column, the poisoned mass that column lifts over
+    a clean threshold. Only the part beyond a Bonferroni-corrected significance floor (one-sided level
+    `alpha` over the m columns, in standard errors of the difference) counts: on a poison-free pool every
+    column's excess is sampling noise, and weighting columns by noise would pick exactly those where clean
+    pool samples happen to score high, inflating the FRR. Returns weights summing to 1, or all zeros when
+    no column shows a significant excess (the caller falls back to fixed weights)."""
+    z_floor = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - alpha / above.numel())))
+    rate = above.double() / float(n_pool)
+    p = val_rate.double().clamp(1e-6, 1 - 1e-6)
+    se = (p * (1 - p) * (1.0 / float(n_pool) + 1.0 / float(n_val))).sqrt()
+    excess = (rate - val_rate.double() - z_floor * se).clamp_min(0)
     total = excess.sum()
     return excess / total if total > 0 else torch.zeros_like(excess)
