@@ -40,3 +40,10 @@ def has_op(name):
 
 def load_error():
     return _ERROR
+
+
+def has_cuda_op(name):
+    """Whether torch.ops.dupfast.<name> can run on this machine's GPU: a CUDA device is visible and the
+    extension was built with the op's CUDA kernel."""
+    return (torch.cuda.is_available() and has_op(name)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"dupfast::{name}", "CUDA"))

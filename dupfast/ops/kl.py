@@ -159,8 +159,7 @@ def _compiled_available():
 
 
 def _cuda_available():
-    return (torch.cuda.is_available() and _compiled_available()
-            and torch._C._dispatch_has_kernel_for_dispatch_key("dupfast::kl_div_fused", "CUDA"))
+    return _ext.has_cuda_op("kl_div_fused")
 
 
 def _triton_available():

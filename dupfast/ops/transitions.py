@@ -78,8 +78,7 @@ def _native_op_available():
 
 
 def _cuda_available():
-    return (torch.cuda.is_available() and _native_op_available()
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"dupfast::{OP}", "CUDA"))
+    return _ext.has_cuda_op(OP)
 
 
 if _native_op_available():
