@@ -33,7 +33,8 @@ if str(ROOT) not in sys.path:
 from dupfast import btu, metrics  # noqa: E402
 from dupfast.attacks import AddSent, BadNets, make_backdoor  # noqa: E402
 from dupfast.data import load_sst2, load_sst2_poison  # noqa: E402
-from dupfast.models import load_tokenizer  # noqa: E402
+from dupfast.btu.unlearn import unlearn_tokens  # noqa: E402
+from dupfast.models import load_model, load_tokenizer  # noqa: E402
 from dupfast.victims import cache_key, default_cache_dir, fit, predict, train_victim  # noqa: E402
 from experiments.sst2_victims import SST2_VICTIM, victim_for  # noqa: E402
 
@@ -78,12 +79,18 @@ def victim(attack, setting, train, wait_minutes: float):
 
 
 def make_evaluator(test, ptest):
+    """CACC on clean test, ASR on triggered test, and the ASR floor: the share of *clean* non-target test
+    samples already predicted as the target (what ASR would be if the trigger did nothing)."""
+    nontarget = torch.tensor([s.label != TARGET for s in test])
+
     def evaluate(model, tok):
         t0 = time.perf_counter()
         clean = predict(model, tok, [s.text for s in test], max_len=EVAL_MAX_LEN)
         trig = predict(model, tok, [s.text for s in ptest], max_len=EVAL_MAX_LEN)
         return {"cacc": round(metrics.cacc(clean, [s.label for s in test]), 4),
-                "asr": round(metrics.asr(trig, TARGET), 4), "eval_seconds": round(time.perf_counter() - t0, 1)}
+                "asr": round(metrics.asr(trig, TARGET), 4),
+                "asr_floor": round(float((clean[nontarget] == TARGET).float().mean()), 4),
+                "eval_seconds": round(time.perf_counter() - t0, 1)}
     return evaluate
 
 
@@ -94,21 +101,35 @@ def trigger_ranks(ex, tok, phrases):
              "ranks": {r.name: ex.rank(i, r.name) for r in ex.rounds}} for i in ids]
 
 
-def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0):
+def exposure_summary(attack, setting, train, cache_dir: pathlib.Path):
+    """Run the three exposure rounds once per configuration and keep what later steps need (each round's
+    top-k ids, trigger ranks, timings) in a JSON file, so a rerun does not repeat the R3 round."""
+    path = cache_dir / f"{attack}-{setting}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    tok = load_tokenizer("minilm")
+    t0 = time.perf_counter()
+    ex = btu.expose("minilm", train)
+    summary = {"expose_seconds": round(time.perf_counter() - t0, 1),
+               "round_seconds": {r.name: round(r.seconds, 1) for r in ex.rounds},
+               "k": ex.k, "vocab_size": ex.vocab_size, "tops": {r.name: r.top for r in ex.rounds},
+               "triggers": trigger_ranks(ex, tok, TRIGGERS[attack][setting]),
+               "suspects": [{"id": s.token_id, "token": s.token, "score": s.score, "ranks": s.ranks}
+                            for s in ex.suspects]}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+    return summary
+
+
+def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0, cache_dir=pathlib.Path("runs")):
     train, ptest = build_data(attack, setting, data_dir)
     evaluate = make_evaluator(test, ptest)
     row = {"attack": attack, "setting": setting, "train_size": len(train),
            "poisoned": sum(s.poison_label for s in train), "tune_size": len(tune), "test_size": len(test),
            "test_poison_size": len(ptest), "torch_threads": torch.get_num_threads()}
 
-    t0 = time.perf_counter()
-    ex = btu.expose("minilm", train)
-    row["expose_seconds"] = round(time.perf_counter() - t0, 1)
-    row["round_seconds"] = {r.name: round(r.seconds, 1) for r in ex.rounds}
-    row["k"], row["vocab_size"] = ex.k, ex.vocab_size
-    tok = load_tokenizer("minilm")
-    row["triggers"] = trigger_ranks(ex, tok, TRIGGERS[attack][setting])
-    row["suspects"] = [{"token": s.token, "score": s.score, "ranks": s.ranks} for s in ex.suspects]
+    ex = exposure_summary(attack, setting, train, cache_dir)
+    row.update({k: ex[k] for k in ("expose_seconds", "round_seconds", "k", "vocab_size", "triggers", "suspects")})
     print(json.dumps({"attack": attack, "setting": setting, "round_seconds": row["round_seconds"],
                       "triggers": row["triggers"]}), flush=True)
 
@@ -116,9 +137,11 @@ def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0):
     model, vtok, info = victim(attack, setting, train, wait_minutes)
     row["victim"] = {"train_seconds": info["train_seconds"], "cached": info["cached"], "path": info["path"],
                      "load_seconds": round(time.perf_counter() - t0, 1)}
-    control = copy.deepcopy(model)
+    r3_only, control = copy.deepcopy(model), copy.deepcopy(model)
 
-    _, report = btu.train("minilm", train, clean_tune=tune, suspects=ex, finetuned=model, evaluate=evaluate)
+    # BTU as specified: union of the three rounds, unlearn, then the clean-tune epoch
+    union = [s["id"] for s in ex["suspects"]]
+    _, report = btu.train("minilm", train, clean_tune=tune, suspects=union, finetuned=model, evaluate=evaluate)
     steps = {s["step"]: s for s in report["steps"]}
     row["no_defence"] = steps["finetune"]["eval"]
     row["btu"] = steps["unlearn"]["eval"]
@@ -126,12 +149,40 @@ def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0):
     row["unlearn"] = {k: steps["unlearn"][k] for k in ("threshold", "replace_token", "dims", "dims_replaced")}
     row["step_seconds"] = {"unlearn": steps["unlearn"]["seconds"], "clean_tune": steps["clean_tune"]["seconds"]}
 
+    # Variant: only R3's top-k (the full-model round), fewer clean tokens reset
+    pre_model, _ = load_model("minilm")
+    pretrained = btu.input_embeddings(pre_model).weight.detach().clone()
+    unlearn_tokens(r3_only, pretrained, ex["tops"]["R3"], btu.replacement_id(vtok), ex["vocab_size"])
+    row["btu_r3_only"] = evaluate(r3_only, vtok)
+    fit(r3_only, vtok, tune, btu.BTUConfig().clean_tune, desc="R3-only clean-tune")
+    row["btu_r3_only_clean_tune"] = evaluate(r3_only, vtok)
+
     # Control: the same clean-tune epoch on the undefended victim (does the tune alone remove the backdoor?)
     t0 = time.perf_counter()
     fit(control, vtok, tune, btu.BTUConfig().clean_tune, desc="control clean-tune")
     row["clean_tune_only"] = evaluate(control, vtok)
     row["clean_tune_only"]["tune_seconds"] = round(time.perf_counter() - t0 - row["clean_tune_only"]["eval_seconds"], 1)
     return row
+
+
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def table(rows) -> str:
+    """Markdown quality table + trigger ranks + timings from the JSON lines."""
+    out = ["| attack | setting | no defence CACC / ASR | BTU CACC / ASR | BTU + clean-tune CACC / ASR "
+           "| clean-tune only CACC / ASR | trigger ranks R1 / R2 / R3 (in suspects) | |S| | R1 / R2 / R3 s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{_pct(r[k]['cacc'])} / {_pct(r[k]['asr'])}"
+                 for k in ("no_defence", "btu", "btu_clean_tune", "clean_tune_only")]
+        trig = "; ".join(f"{t['token']} {t['ranks']['R1']}/{t['ranks']['R2']}/{t['ranks']['R3']}"
+                         f" ({'yes' if t['in_suspects'] else 'no'})" for t in r["triggers"])
+        secs = " / ".join(str(r["round_seconds"][n]) for n in ("R1", "R2", "R3"))
+        out.append(f"| {r['attack']} | {r['setting']} | " + " | ".join(cells)
+                   + f" | {trig} | {len(r['suspects'])} | {secs} |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -143,9 +194,14 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--wait-victims", type=float, default=180.0,
                     help="minutes to wait for the shared 20%%-dirty victims of sst2_victims.py")
+    ap.add_argument("--exposure-dir", default="runs/sst2_btu_exposure", help="cache of the exposure rounds")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
+    if args.table:
+        print(table([json.loads(line) for line in out.read_text().splitlines() if line.strip()]))
+        return 0
+    torch.set_num_threads(args.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.is_file():
@@ -157,7 +213,8 @@ def main(argv=None):
                 print(f"skip {attack} {setting}: already in {out}", flush=True)
                 continue
             t0 = time.perf_counter()
-            row = run_one(attack, setting, tune, test, args.data_dir, args.wait_victims)
+            row = run_one(attack, setting, tune, test, args.data_dir, args.wait_victims,
+                          pathlib.Path(args.exposure_dir))
             row["total_seconds"] = round(time.perf_counter() - t0, 1)
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -7,9 +7,12 @@ and returns the JSON-able results that go into the report under its name (with i
 
     poison  -> Rotten Tomatoes split (stratified, seeded) + 20% dirty-label BadNets (target 1 = fresh)
     victim  -> fine-tune MiniLM on the poisoned train set (or load it from the keyed cache); CACC, ASR
+    detect  -> dupfast.detect on a suspicious pool (clean dev half + triggered dev), calibrated on the
+               other clean dev half; AUROC, FRR, FAR (demo_defence.detect_step)
+    purify  -> dupfast.purify of the victim from the detector's flags and the clean set; CACC and ASR
+               after (demo_defence.purify_step)
 
-Later stages (detection, purification) extend `DEMO_STEPS` with `(name, step)` pairs; the report is
-written after the last step.
+`DEMO_STEPS` holds the `(name, step)` pairs in order; the report is written after the last step.
 """
 import dataclasses
 import json
@@ -141,7 +144,7 @@ def write_report(report: dict, out) -> pathlib.Path:
 
 def add_parser(subparsers):
     d = DemoSettings()
-    ap = subparsers.add_parser("demo", help="backdoored MiniLM on Rotten Tomatoes: CACC and ASR (CPU, minutes)",
+    ap = subparsers.add_parser("demo", help="poison -> victim -> detect -> purify on Rotten Tomatoes with MiniLM, JSON report (CPU, minutes)",
                                description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
