@@ -9,8 +9,8 @@ dev-poison; flags = `dupfast.detect(victim, pool, clean=clean set)`. The defence
 flags and the clean set. CACC (SST-2 test) and ASR (test-poison) are computed only afterwards, to evaluate.
 
 Variants: (a) default = dupfast's defaults; (b) lora_clean = λ_asr 0 (clean LoRA fine-tuning, the authors'
-committed setting); (c) full_ft = plain full fine-tuning on the clean set (lr 2e-5); (b) and (c) run exactly
-the steps (a) ran, without early stopping or selection. authors = the authors' recipe (λ_asr 1, unbounded
+committed setting); (c) full_ft = plain full fine-tuning on the clean set (lr 5e-5, as the victims were
+trained); (b) and (c) run exactly the steps (a) ran, without early stopping or selection. authors = the authors' recipe (λ_asr 1, unbounded
 ascent, 5 epochs, no stopping rule) for reference.
 """
 import argparse
@@ -30,10 +30,10 @@ from dupfast.victims import TextBatcher  # noqa: E402
 MAX_LEN, BATCH, SPLIT_SEED, TARGET = 64, 32, 2025, 1
 VARIANTS = {
     "default": {},
-    "lora_clean": {"lambda_asr": 0.0},
-    "full_ft": {"use_lora": False, "lambda_asr": 0.0, "lr": 2e-5},
-    "authors": {"lambda_asr": 1.0, "kl_cap": None, "start": "tie", "temperature": 1.0,
-                "early_stop": False, "select_best": False},
+    "lora_clean": {"lambda_asr": 0.0, "lambda_keep": 0.0},  # CE on the clean set only
+    "full_ft": {"use_lora": False, "lambda_asr": 0.0, "lambda_keep": 0.0, "lr": 5e-5},  # the victim recipe's lr
+    "authors": {"lambda_asr": 1.0, "lambda_keep": 0.0, "kl_cap": None, "start": "tie", "temperature": 1.0,
+                "epochs": 5, "early_stop": False, "select_best": False},
 }
 SAME_STEPS = ("lora_clean", "full_ft")  # run for the steps the default ran, no stop/selection
 
@@ -83,7 +83,7 @@ def evaluate(model, tok, attack, data_dir=None):
     return victim_eval(model, tok, attack, data_dir, max_len=MAX_LEN)
 
 
-def run_attack(attack, variants, overrides, detect_mode, data_dir, out):
+def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_cache=False, skip_test_eval=False):
     import dupfast
     from experiments.sst2_victims import victim_for
 
@@ -93,18 +93,36 @@ def run_attack(attack, variants, overrides, detect_mode, data_dir, out):
     epoch_seconds = info["train_seconds"] / info["config"]["epochs"]
     clean_set, pool = protocol(attack, data_dir)
     pool_loader, clean_loader = loaders(tok, clean_set, pool)
-    before = evaluate(model, tok, attack, data_dir)
-    result, detect_s = detect(model, pool_loader, clean_loader, detect_mode)
-    flags = torch.as_tensor(result.flags).bool()
-    truth = torch.tensor([s.poison_label for s in pool]).bool()
-    det = metrics.detection_report(truth, flags, getattr(result, "scores", None))
+    before_cache = pathlib.Path(out).parent / f"before-{attack}.json"
+    if before_cache.is_file() and json.loads(before_cache.read_text())["victim"] == info["path"]:
+        before = json.loads(before_cache.read_text())["before"]
+    else:
+        before = evaluate(model, tok, attack, data_dir)
+        before_cache.write_text(json.dumps({"victim": info["path"], "before": before}))
+    cache = pathlib.Path(out).parent / f"flags-{attack}-{detect_mode}.json"
+    if flags_cache and cache.is_file() and json.loads(cache.read_text())["victim"] == info["path"]:
+        saved = json.loads(cache.read_text())  # flags of this same victim and pool, from an earlier run
+        flags, scores, detect_s = torch.tensor(saved["flags"]).bool(), torch.tensor(saved["scores"]), saved["detect_s"]
+    else:
+        result, detect_s = detect(model, pool_loader, clean_loader, detect_mode)
+        result = result.sorted_by_index() if getattr(result, "index", None) is not None else result
+        flags, scores = torch.as_tensor(result.flags).bool(), torch.as_tensor(result.scores)
+        cache.write_text(json.dumps({"victim": info["path"], "flags": flags.int().tolist(),
+                                     "scores": scores.tolist(), "detect_s": detect_s}))
+    truth = torch.tensor([s.poison_label for s in pool]).bool()  # evaluation only
+    det = metrics.detection_report(truth, flags, scores)
     print(json.dumps({"attack": attack, "before": before, "detection": det, "detect_s": round(detect_s, 1)}),
           flush=True)
     default_steps = None
     rows = []
     for name in variants:
-        cfg = dict(VARIANTS[name])
-        cfg.update(overrides if name == "default" else {})
+        if name in VARIANTS:
+            cfg = dict(VARIANTS[name])
+            cfg.update(overrides if name == "default" else {})
+        else:  # a sweep point "label:key=value,key=value" on top of the defaults
+            label, _, items = name.partition(":")
+            cfg = {**overrides, **parse_set([kv for kv in items.split(",") if kv])}
+            name = label
         if name in SAME_STEPS:
             if default_steps is None:
                 raise SystemExit(f"variant {name} runs the default's steps: list 'default' before it")
@@ -116,7 +134,13 @@ def run_attack(attack, variants, overrides, detect_mode, data_dir, out):
         report = purified.dupfast_report
         if name == "default":
             default_steps = report.steps_run
-        after = evaluate(purified, tok, attack, data_dir)
+        # the selection may keep the input model (step 0): its numbers are the "before" ones
+        if skip_test_eval:  # trajectory-only sweep points (e.g. the step-0 tie study)
+            after = {"cacc": float("nan"), "asr": float("nan")}
+        elif report.changed or not cfg.get("select_best", True):
+            after = evaluate(purified, tok, attack, data_dir)
+        else:
+            after = dict(before)
         row = {"attack": attack, "variant": name, "overrides": cfg, "detect_mode": detect_mode,
                "cacc_before": before["cacc"], "cacc_after": after["cacc"],
                "asr_before": before["asr"], "asr_after": after["asr"],
@@ -153,9 +177,14 @@ def parse_set(items):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", nargs="+", default=["badnets", "addsent", "stylebkd"])
-    ap.add_argument("--variants", nargs="+", default=["default", "lora_clean", "full_ft"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["default", "lora_clean", "full_ft"],
+                    help=f"{list(VARIANTS)} or sweep points 'label:key=value,key=value' (PurifyConfig fields)")
     ap.add_argument("--detect-mode", default="default", help="dupfast.detect mode ('default' = its default)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PurifyConfig overrides (default)")
+    ap.add_argument("--flags-cache", action="store_true",
+                    help="reuse the detector's flags saved by an earlier run for the same victim (sweeps)")
+    ap.add_argument("--skip-test-eval", action="store_true",
+                    help="no CACC/ASR after purification (trajectory-only sweeps; the table needs them)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/purify.jsonl")
     args = ap.parse_args(argv)
@@ -163,7 +192,8 @@ def main(argv=None):
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for attack in args.attacks:
-        rows += run_attack(attack, args.variants, parse_set(args.set), args.detect_mode, args.data_dir, args.out)
+        rows += run_attack(attack, args.variants, parse_set(args.set), args.detect_mode, args.data_dir, args.out,
+                           args.flags_cache, args.skip_test_eval)
     print(table(rows))
     return 0
 

@@ -29,9 +29,14 @@ def victim_for(attack: str, rate: float = 0.2, cfg: VictimConfig = SST2_VICTIM, 
 def evaluate(model, tok, attack, data_dir=None, max_len=64):
     test = load_sst2("test", data_dir)
     ptest = load_sst2_poison(attack, "test", data_dir=data_dir)
-    cacc = metrics.cacc(predict(model, tok, [s.text for s in test], max_len=max_len), [s.label for s in test])
+    clean = predict(model, tok, [s.text for s in test], max_len=max_len)
+    cacc = metrics.cacc(clean, [s.label for s in test])
     asr = metrics.asr(predict(model, tok, [s.text for s in ptest], max_len=max_len), target=1)
-    return {"cacc": cacc, "asr": asr, "test_size": len(test), "poison_test_size": len(ptest)}
+    # ASR floor: the share of clean non-target test inputs already predicted as the target, i.e. what ASR
+    # would be if the trigger did nothing (test-poison = the non-target test inputs with the trigger)
+    nontarget = torch.tensor([s.label != 1 for s in test])
+    floor = float((torch.as_tensor(clean)[nontarget] == 1).float().mean())
+    return {"cacc": cacc, "asr": asr, "asr_floor": floor, "test_size": len(test), "poison_test_size": len(ptest)}
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ from . import dist
 from .config import PurifyConfig
 from .lora import attach_lora, find_target_modules, merge, trainable_parameters
 from .report import PurifyReport
-from .rows import as_flags, check_labels, collect, select_flagged, split_holdout
+from .rows import check_labels, collect, select_flagged, split_holdout
 from .trainer import cache_teacher, predict_rows, train
 
 __all__ = ["purify", "PurifyConfig", "PurifyReport", "find_target_modules"]
@@ -76,8 +76,7 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
 
     t0 = time.perf_counter()
     pool_rows, row_ids = collect(loader, "pool")
-    flags = as_flags(detection, len(pool_rows))
-    flagged = select_flagged(pool_rows, row_ids, flags)
+    flagged = select_flagged(pool_rows, row_ids, detection)
     del pool_rows
     clean_rows, _ = collect(clean, "clean", need_labels=True)
     check_labels(clean_rows, num_labels)
@@ -122,12 +121,15 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
                         "total_params": sum(p.numel() for p in student.parameters()), "lora": cfg.use_lora}
 
         t0 = time.perf_counter()
-        teacher_train, teacher_hold = cache_teacher(student, [flag_train, flag_hold], pad_id, device)
+        teacher_train, teacher_hold, teacher_clean = cache_teacher(
+            student, [flag_train, flag_hold, clean_train if cfg.lambda_keep > 0 else clean_train.subset([])],
+            pad_id, device)
         report.timings["teacher_s"] = round(time.perf_counter() - t0, 3)
 
         torch.manual_seed(cfg.seed + dist.rank())  # dropout differs across ranks, as with separate batches
         data = {"flag_train": flag_train, "flag_hold": flag_hold, "clean_train": clean_train,
-                "clean_hold": clean_hold, "teacher_flag_train": teacher_train, "teacher_flag_hold": teacher_hold}
+                "clean_hold": clean_hold, "teacher_flag_train": teacher_train, "teacher_flag_hold": teacher_hold,
+                "teacher_clean_train": teacher_clean}
         train(student, data, cfg, pad_id, device, report)
 
     t0 = time.perf_counter()

@@ -8,12 +8,16 @@ STARTS = ("tie", "perturb", "sharpen")
 
 @dataclasses.dataclass(frozen=True)
 class PurifyConfig:
-    """Defaults: LoRA as the DUP authors (r 32, α 64, dropout 0.1, lr 5e-4, 5 epochs, warm-up 10%, clip 1.0,
-    batch 32, T = 1); the ascent cap, the start and the stopping rule are dupfast's (see README / methods)."""
-    # objective: -lambda_asr * KL(p_T || p_S) on flagged rows + lambda_acc * CE on clean rows
+    """Defaults: LoRA as the DUP authors (r 32, α 64, dropout 0.1, lr 5e-4, warm-up 10%, clip 1.0, batch 32).
+    dupfast's own, chosen by measurement on the SST-2 victims (README): temperature 4 with the "sharpen"
+    start, the keep term (λ_keep 16), the ascent cap, 8 epochs with 4 evaluations each and the stopping rule.
+    The authors' objective is lambda_keep=0, kl_cap=None, start="tie", temperature=1, epochs=5."""
+    # objective: -lambda_asr·T²·KL_T(p_T||p_S) on flagged rows + lambda_keep·T²·KL_T(p_T||p_S) on clean rows
+    #            + lambda_acc·CE on clean rows
     lambda_asr: float = 1.0
     lambda_acc: float = 1.0
-    temperature: float = 1.0
+    lambda_keep: float = 16.0  # KL descent toward the teacher on clean rows (keeps clean logits in place)
+    temperature: float = 4.0
     # a flagged row stops pushing once KL(p_T || p_S) on it, at temperature 1, exceeds this many nats (None:
     # unbounded ascent, the authors' objective). Bounds -KL, which otherwise runs away once the student
     # leaves the teacher.
@@ -23,7 +27,7 @@ class PurifyConfig:
     #   "perturb"  LoRA B initialised ~ N(0, perturb_std) instead of 0;
     #   "sharpen"  the ascent pushes away from the teacher sharpened by sharpen_temperature τ, so its
     #              gradient at the tie, softmax(s/T) - softmax(t/(T·τ)), is not zero.
-    start: str = "tie"
+    start: str = "sharpen"
     dropout: bool = True  # train-mode dropout in the student's forward (False: eval-mode forward)
     perturb_std: float = 1e-3
     sharpen_temperature: float = 0.25
@@ -33,32 +37,34 @@ class PurifyConfig:
     lora_alpha: int = 64
     lora_dropout: float = 0.1
     target_modules: Optional[tuple] = None  # None: found per architecture (lora.find_target_modules)
+    train_head: bool = True  # the classification head as a fully trainable copy (peft modules_to_save)
     # optimisation
     lr: float = 5e-4
     weight_decay: float = 0.0
-    epochs: int = 5
+    epochs: int = 8
     max_steps: Optional[int] = None  # overrides epochs when set
     batch_size: int = 32
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 2025
     # stopping / selection from what a defender holds: held-out flagged rows and held-out clean rows
-    holdout_fraction: float = 0.2
-    evals_per_epoch: int = 1
-    agree_bound: float = 0.05      # stop once <= this fraction of held-out flagged rows keep the teacher's label
-    acc_tolerance: float = 0.02    # ... while held-out clean accuracy >= its step-0 value - this
-    patience: Optional[int] = 3    # ... or after this many evaluations without a lower agreement (None: never)
+    holdout_fraction: float = 0.25
+    evals_per_epoch: int = 4
+    agree_bound: float = 0.1      # stop once <= this fraction of held-out flagged rows keep the teacher's label
+    acc_tolerance: float = 0.03    # ... while held-out clean accuracy >= its step-0 value - this
+    patience: Optional[float] = 2.0  # ... or after this many epochs without a lower agreement (None: never)
     early_stop: bool = True
     select_best: bool = True
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("lambda_asr", "lambda_acc"):
+        for name in ("lambda_asr", "lambda_acc", "lambda_keep"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.lambda_asr == 0 and self.lambda_acc == 0:
-            raise ValueError("lambda_asr and lambda_acc are both 0: the objective would be empty")
+            raise ValueError("lambda_asr and lambda_acc are both 0: nothing would move the model (lambda_keep "
+                             "alone only holds the student on the teacher)")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.kl_cap is not None and not self.kl_cap > 0:
@@ -75,8 +81,9 @@ class PurifyConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"patience must be an int >= 1 or None, got {self.patience!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, (int, float))
+                                          or not self.patience > 0):
+            raise ValueError(f"patience must be a number of epochs > 0 or None, got {self.patience!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not self.lr > 0:

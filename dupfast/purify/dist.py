@@ -35,5 +35,4 @@ def wrap(model, device):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None
-    # frozen base weights are identical on every rank already; buffers need no broadcast each step
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    return DDP(model, device_ids=ids)

@@ -65,9 +65,11 @@ def attach_lora(model, cfg):
     import peft
 
     family, targets = find_target_modules(model, cfg.target_modules)
-    heads = head_names(model)
+    heads = head_names(model) if cfg.train_head else []
+    # task_type SEQ_CLS would add the head to modules_to_save by itself: only ask for it when it is trained
     lora_cfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                               target_modules=targets, modules_to_save=heads or None, task_type="SEQ_CLS")
+                               target_modules=targets, modules_to_save=heads or None,
+                               task_type="SEQ_CLS" if cfg.train_head else None)
     # peft warns about the SEQ_CLS head names it appends; the head list is explicit here
     import warnings
     with warnings.catch_warnings():

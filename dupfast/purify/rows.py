@@ -95,9 +95,12 @@ def collect(loader: Iterable, name: str, need_labels: bool = False):
     return rows, torch.cat(row_ids) if row_ids else torch.zeros(0, dtype=torch.long)
 
 
-def as_flags(detection, n_rows: int) -> torch.Tensor:
-    """detection: a result with `.flags`, or flags themselves (bool tensor/array/list) -> bool tensor."""
-    flags = getattr(detection, "flags", detection)
+def as_flags(detection) -> tuple:
+    """(flags bool [N], ids [N] or None). detection: a `dupfast.detect` result (its flags are in the loader's
+    order, its `index` the loader's ids) or flags themselves (bool tensor/array/list, indexed by row id)."""
+    is_result = hasattr(detection, "flags")
+    flags = detection.flags if is_result else detection
+    ids = getattr(detection, "index", None) if is_result else None
     flags = torch.as_tensor(np.asarray(flags) if not isinstance(flags, torch.Tensor) else flags).cpu()
     if flags.dim() != 1:
         raise ValueError(f"flags must be a 1-D [N] vector, got shape {tuple(flags.shape)}")
@@ -105,21 +108,34 @@ def as_flags(detection, n_rows: int) -> torch.Tensor:
         if flags.is_floating_point() or not ((flags == 0) | (flags == 1)).all():
             raise TypeError(f"flags must be booleans (or 0/1 integers), got dtype {flags.dtype}")
         flags = flags.bool()
-    return flags
+    if ids is not None:
+        ids = torch.as_tensor(ids).long().cpu().reshape(-1)
+        if ids.shape != flags.shape:
+            raise ValueError(f"the detection has {flags.shape[0]} flags but {ids.shape[0]} index values")
+    return flags, ids
 
 
-def select_flagged(rows: Rows, row_ids: torch.Tensor, flags: torch.Tensor) -> Rows:
-    """The pool rows whose flag is set; flags are indexed by the row ids."""
+def select_flagged(rows: Rows, row_ids: torch.Tensor, detection) -> Rows:
+    """The pool rows whose flag is set. A detection result is matched to the rows through its `index`;
+    plain flags are indexed by row id (the loader's `index`, else the running position)."""
     if len(rows) == 0:
         raise ValueError("the pool loader yielded no rows (empty pool)")
+    if row_ids.unique().numel() != row_ids.numel():
+        raise ValueError("the pool loader yielded the same `index` twice")
+    flags, ids = as_flags(detection)
+    if ids is not None:
+        by_id = dict(zip(ids.tolist(), flags.tolist()))
+        missing = [i for i in row_ids.tolist() if i not in by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} pool rows (ids {missing[:5]}...) have no flag in the detection: it "
+                             "was computed on another pool (or another shard)")
+        return rows.subset(i for i, r in enumerate(row_ids.tolist()) if by_id[r])
     if len(rows) != flags.shape[0] and not _is_sharded():
         raise ValueError(f"the detection has {flags.shape[0]} flags but the pool loader yielded {len(rows)} rows: "
                          "pass the same pool (in the same order) that was given to dupfast.detect")
     if row_ids.numel() and (row_ids.min() < 0 or row_ids.max() >= flags.shape[0]):
         raise ValueError(f"pool row ids reach {int(row_ids.max())} but the detection has only {flags.shape[0]} "
                          "flags: the detection was computed on another pool (or another shard)")
-    if row_ids.unique().numel() != row_ids.numel():
-        raise ValueError("the pool loader yielded the same `index` twice")
     return rows.subset(torch.nonzero(flags[row_ids]).flatten().tolist())
 
 

@@ -1,13 +1,9 @@
 """The unlearning loop: AdamW + linear warm-up/decay, gradient clipping, periodic held-out evaluation,
 stopping and selection from what a defender holds, DistributedDataParallel when torch.distributed is up.
 
-Stopping/selection signal (never ground-truth poison or the trigger):
-  agree = fraction of HELD-OUT flagged rows on which the student still predicts the teacher's label;
-  acc   = accuracy on HELD-OUT clean rows.
-A state is admissible while acc >= acc_0 - acc_tolerance (acc_0: the teacher's). Training stops at the first
-admissible state with agree <= agree_bound, or after `patience` evaluations without a lower admissible
-agree; the admissible state with the lowest agree is kept. Held-out rows never enter a gradient.
+Stopping and selection: stopping.StoppingRule (held-out flagged agreement, held-out clean accuracy).
 """
+import dataclasses
 import math
 import os
 import time
@@ -18,6 +14,7 @@ from . import dist
 from .lora import teacher_context, trainable_parameters
 from .objective import ascent_targets, unlearning_loss
 from .rows import concat_inputs, index_batches, pad
+from .stopping import StoppingRule
 
 EVAL_BATCH = 64
 
@@ -90,7 +87,8 @@ def tie_diagnostics(model, flag_in, flag_targets, flag_teacher, clean_in, clean_
             out[f"kl_mean_{mode}"] = term.kl_mean
         if mode == "train" and clean_in is not None and cfg.lambda_acc > 0:
             s = forward_logits(model, clean_in)
-            term = unlearning_loss(None, None, None, s, clean_labels, cfg, 1, s.shape[0])
+            ce_only = dataclasses.replace(cfg, lambda_keep=0.0)  # the CE term's own gradient
+            term = unlearning_loss(None, None, None, s, clean_labels, ce_only, 1, s.shape[0])
             out["ce_grad_norm_train"] = _norm(torch.autograd.grad(term.loss, params, allow_unused=True))
     model.train(cfg.dropout)
     return out
@@ -153,17 +151,19 @@ def train(model, data, cfg, pad_id, device, report):
     eval_seconds = time.perf_counter() - t0
     report.teacher = {"heldout_clean_acc": acc0, "heldout_flag_agreement": agree0,
                       "heldout_flagged": n_fh, "heldout_clean": n_ch}
-    history = [{"step": 0, "epoch": 0.0, "agree": agree0, "acc": acc0, "admissible": True}]
-    state0 = None
+    # patience is in epochs; the rule counts evaluations
+    patience = None if cfg.patience is None else max(1, math.ceil(cfg.patience * steps_per_epoch / eval_every))
+    rule = StoppingRule(agree0, acc0, cfg.agree_bound, cfg.acc_tolerance, patience)
+    history = [rule.best]
+    best_state = None
     if cfg.select_best:
-        state0 = _snapshot(params)
-        for (name, _), s0 in zip(named, state0):
+        best_state = _snapshot(params)
+        for (name, _), s0 in zip(named, best_state):
             if "lora_B" in name:
                 s0.zero_()
-    best = {"key": (agree0, -acc0, 0), "entry": history[0], "state": state0}
-    since_best, stop_reason = 0, f"step budget exhausted ({total} steps)"
+    stop_reason = f"step budget exhausted ({total} steps)"
     bar = _progress(total, cfg.progress)
-    sums = {"loss": 0.0, "ascent": 0.0, "kl": 0.0, "ce": 0.0, "active": 0, "flagged": 0, "n": 0}
+    sums = {"loss": 0.0, "ascent": 0.0, "kl": 0.0, "ce": 0.0, "keep_kl": 0.0, "active": 0, "flagged": 0, "n": 0}
     step = 0
     model.train(cfg.dropout)
     for step in range(1, total + 1):
@@ -186,7 +186,8 @@ def train(model, data, cfg, pad_id, device, report):
         bl = unlearning_loss(logits[:nf] if nf else None, flag_targets[f_idx].to(device) if nf else None,
                              data["teacher_flag_train"][f_idx].to(device) if nf else None,
                              logits[nf:] if c_idx else None, ct.labels[c_idx].to(device) if c_idx else None,
-                             cfg, max(n_f, 1) / world, max(n_c, 1) / world)
+                             cfg, max(n_f, 1) / world, max(n_c, 1) / world,
+                             data["teacher_clean_train"][c_idx].to(device) if c_idx and cfg.lambda_keep > 0 else None)
         if not bl.loss.requires_grad:  # nothing on this rank needs a gradient; keep DDP's reduction in step
             bl.loss = bl.loss + 0.0 * logits.sum()
         opt.zero_grad(set_to_none=True)
@@ -195,7 +196,7 @@ def train(model, data, cfg, pad_id, device, report):
         opt.step()
         sched.step()
         for k, v in (("loss", float(bl.loss.detach())), ("ascent", bl.ascent), ("kl", bl.kl_mean * bl.flagged),
-                     ("ce", bl.ce), ("active", bl.active), ("flagged", bl.flagged), ("n", 1)):
+                     ("ce", bl.ce), ("keep_kl", bl.keep_kl), ("active", bl.active), ("flagged", bl.flagged), ("n", 1)):
             sums[k] += v
         if bar is not None:
             bar.update(1)
@@ -205,38 +206,28 @@ def train(model, data, cfg, pad_id, device, report):
         agree, acc, _, _ = held_out_metrics(model, fh, data["teacher_flag_hold"], ch, pad_id, device)
         model.train(cfg.dropout)
         eval_seconds += time.perf_counter() - t0
-        admissible = bool(acc >= acc0 - cfg.acc_tolerance - 1e-12)
         # training numbers averaged over ranks too, so every rank logs (and reports) the same history
         sums = dict(zip(sums, dist.all_reduce(list(sums.values()))))
         entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), "agree": agree, "acc": acc,
-                 "admissible": admissible, "lr": sched.get_last_lr()[0],
+                 "lr": sched.get_last_lr()[0],
                  "loss": sums["loss"] / sums["n"], "ascent": sums["ascent"] / sums["n"],
-                 "ce": sums["ce"] / sums["n"], "train_kl": sums["kl"] / max(sums["flagged"], 1),
+                 "ce": sums["ce"] / sums["n"], "keep_kl": sums["keep_kl"] / sums["n"], "train_kl": sums["kl"] / max(sums["flagged"], 1),
                  "active_fraction": sums["active"] / max(sums["flagged"], 1)}
         history.append(entry)
         sums = dict.fromkeys(sums, 0)
         if bar is not None:
             bar.set_postfix(agree=f"{agree:.3f}", acc=f"{acc:.3f}")
-        key = (agree, -acc, step)
-        if admissible and key < best["key"]:
-            best = {"key": key, "entry": entry, "state": _snapshot(params) if cfg.select_best else None}
-            since_best = 0
-        else:
-            since_best += 1
-        if not cfg.early_stop:
-            continue
-        if admissible and agree <= cfg.agree_bound:
-            stop_reason = (f"held-out flagged agreement {agree:.3f} <= {cfg.agree_bound} with held-out clean "
-                           f"accuracy {acc:.3f} >= {acc0:.3f} - {cfg.acc_tolerance}")
-            break
-        if cfg.patience is not None and since_best >= cfg.patience:
-            stop_reason = f"no lower admissible agreement in {cfg.patience} evaluations"
+        improved, reason = rule.update(entry)
+        if improved and cfg.select_best:
+            best_state = _snapshot(params)
+        if cfg.early_stop and reason is not None:
+            stop_reason = reason
             break
     if bar is not None:
         bar.close()
     if cfg.select_best:
-        _restore(params, best["state"])
-        report.selected = dict(best["entry"])
+        _restore(params, best_state)
+        report.selected = dict(rule.best)
     else:
         report.selected = dict(history[-1])
     model.eval()

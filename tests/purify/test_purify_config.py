@@ -10,6 +10,8 @@ from dupfast.purify import PurifyConfig, purify
 @pytest.mark.parametrize("kwargs, match", [
     ({"lambda_asr": -0.1}, "lambda_asr must be a finite number >= 0"),
     ({"lambda_acc": -1.0}, "lambda_acc must be a finite number >= 0"),
+    ({"lambda_keep": -1.0}, "lambda_keep must be a finite number >= 0"),
+    ({"lambda_asr": 0.0, "lambda_acc": 0.0, "lambda_keep": 0.0}, "both 0"),
     ({"lambda_asr": 0.0, "lambda_acc": 0.0}, "both 0"),
     ({"lambda_asr": math.nan}, "lambda_asr"),
     ({"lambda_acc": math.inf}, "lambda_acc"),
@@ -23,6 +25,8 @@ from dupfast.purify import PurifyConfig, purify
     ({"agree_bound": 1.5}, "agree_bound"),
     ({"max_steps": 0}, "max_steps"),
     ({"patience": 0}, "patience"),
+    ({"patience": -1.5}, "patience must be a number of epochs"),
+    ({"patience": True}, "patience"),
     ({"target_modules": []}, "target_modules"),
 ])
 def test_bad_config_values_raise(kwargs, match):

@@ -1,5 +1,8 @@
 """Row collection: padding stripped under left and right padding, flags indexed by `index`, a
 shard-independent hold-out split."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from dupfast.purify.rows import collect, concat_inputs, pad, select_flagged, split_holdout
@@ -23,8 +26,15 @@ def test_flags_follow_the_index_key_not_the_batch_order():
     got, ids = collect(loader, "pool")
     flags = torch.zeros(9, dtype=torch.bool)
     flags[[2, 5]] = True
-    flagged = select_flagged(got, ids, flags)
+    flagged = select_flagged(got, ids, flags)  # plain flags: indexed by the row id
     assert sorted(map(tuple, flagged.ids)) == sorted([tuple(rows[2]), tuple(rows[5])])
+    # a detection result: flags in the loader's order, matched through its own `index`
+    result = SimpleNamespace(flags=flags[torch.as_tensor(order)], index=torch.as_tensor(order))
+    flagged = select_flagged(got, ids, result)
+    assert sorted(map(tuple, flagged.ids)) == sorted([tuple(rows[2]), tuple(rows[5])])
+    partial = SimpleNamespace(flags=result.flags[:5], index=result.index[:5])
+    with pytest.raises(ValueError, match="4 pool rows .* have no flag in the detection"):
+        select_flagged(got, ids, partial)
 
 
 def test_holdout_split_is_the_same_for_any_sharding():

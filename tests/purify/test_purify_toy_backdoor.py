@@ -1,0 +1,77 @@
+"""End to end on a tiny backdoored BERT (trigger token -> target label, dirty label): purification with
+flags given directly removes the backdoor on fresh triggered inputs, keeps clean accuracy, and follows
+its own stopping/selection rule; clean LoRA fine-tuning (λ_asr = 0) does not remove it."""
+import pytest
+import torch
+
+from dupfast.purify import purify
+from purify_helpers import TARGET, batches, predict, tiny_classifier, toy_rows, train_backdoored
+
+# dupfast's defaults, with a step budget and lr for a 2-layer toy whose flagged set is only 2-3 batches
+CFG = dict(batch_size=16, epochs=30, lr=2e-3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def backdoor():
+    torch.manual_seed(0)
+    state = train_backdoored(steps=60).state_dict()
+    pool_clean, _ = toy_rows(48, 20)
+    pool_poison, _ = toy_rows(48, 21, trigger=True, non_target_only=True)
+    flags = torch.tensor([False] * 48 + [True] * 48)
+    clean, labels = toy_rows(200, 30)  # 50 held out: the stopping rule's accuracy is not 1-row noise
+    test_clean, test_labels = toy_rows(150, 40)
+    test_poison, _ = toy_rows(150, 41, trigger=True, non_target_only=True)
+
+    def fresh():
+        model = tiny_classifier("bert")
+        model.load_state_dict(state)
+        return model.eval()
+
+    def score(model):
+        acc = (predict(model, test_clean) == torch.tensor(test_labels)).float().mean().item()
+        asr = (predict(model, test_poison) == TARGET).float().mean().item()
+        return acc, asr
+
+    return dict(fresh=fresh, score=score, pool=pool_clean + pool_poison, flags=flags, clean=clean, labels=labels)
+
+
+def _purify(bd, **kw):
+    return purify(bd["fresh"](), batches(bd["pool"], batch_size=16), clean=batches(bd["clean"], bd["labels"]),
+                  detection=bd["flags"], **{**CFG, **kw})
+
+
+def test_default_removes_the_toy_backdoor(backdoor):
+    acc0, asr0 = backdoor["score"](backdoor["fresh"]())
+    assert asr0 > 0.9 and acc0 > 0.85  # a working backdoor to remove
+    out = _purify(backdoor)
+    acc, asr = backdoor["score"](out)
+    rep = out.dupfast_report
+    assert asr < 0.2, rep.history
+    assert acc >= acc0 - 0.05
+    assert rep.changed and rep.selected["agree"] < 0.5
+    assert not any("lora" in k for k in out.state_dict())  # merged, plain model back
+    assert rep.merge_check["max_abs_logit_diff"] < 1e-4 and rep.merge_check["argmax_equal"]
+    # the rule: the kept state is admissible and has the lowest agreement among admissible ones
+    admissible = [h for h in rep.history if h["admissible"]]
+    assert rep.selected["admissible"]
+    assert rep.selected["agree"] == min(h["agree"] for h in admissible)
+    assert rep.teacher["heldout_flag_agreement"] == 1.0
+    assert set(rep.timings) >= {"collect_s", "teacher_s", "train_s", "merge_s", "total_s"}
+
+
+def test_clean_lora_finetuning_keeps_the_toy_backdoor(backdoor):
+    out = _purify(backdoor, lambda_asr=0.0, max_steps=15, early_stop=False, select_best=False)
+    _, asr = backdoor["score"](out)
+    assert asr > 0.8  # CE on clean rows alone does not unlearn the trigger
+    assert out.dupfast_report.tie.get("ascent_grad_norm_train") is None  # no ascent term at all
+
+
+@pytest.mark.parametrize("arch", ["mpnet", "llama"])
+def test_other_architectures_run_end_to_end(backdoor, arch):
+    model = tiny_classifier(arch)
+    out = purify(model, batches(backdoor["pool"][:32]), clean=batches(backdoor["clean"][:32], backdoor["labels"][:32]),
+                 detection=backdoor["flags"][:32] | True, epochs=1, batch_size=16, progress=False)
+    rep = out.dupfast_report
+    assert type(out).__name__.endswith("ForSequenceClassification") and out is model
+    assert rep.model["family"] == arch and rep.steps_run >= 1
+    assert not any("lora" in k for k in out.state_dict())
