@@ -1,0 +1,169 @@
+"""Detection speed: dupfast's one-pass detect vs the bare forward, vs the authors' two-pass pipeline,
+and bf16 autocast vs fp32. All ratios come from one run (same process, same inputs, same machine).
+
+    python -m pytest benchmarks/bench_detect.py --benchmark-only -s      [DUPFAST_BENCH_N=512]
+
+Model: the MiniLM victim (`experiments/sst2_victims.py`, BadNets) when it is cached, else plain MiniLM
+with a fresh head; inputs: the first N SST-2 dev texts + dev-poison (paper data), else Rotten Tomatoes.
+The ratios and AUROCs land in runs/bench_detect.json and are printed at the end.
+"""
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+import pytest
+import torch
+
+N = int(os.environ.get("DUPFAST_BENCH_N", "256"))
+BATCH = 32
+THREADS = int(os.environ.get("DUPFAST_BENCH_THREADS", "2"))
+RESULTS = {}
+
+
+def _victim():
+    """(model, tokenizer, name): the cached BadNets victim if it exists (never trains one here)."""
+    from dupfast.models import load_model
+    try:
+        from experiments.sst2_victims import SST2_VICTIM
+        from dupfast.data import load_sst2_poison
+        from dupfast.victims import cache_key, default_cache_dir, load_tokenizer
+        from transformers import AutoModelForSequenceClassification
+        train = load_sst2_poison("badnets", "train", 0.2)
+        folder = default_cache_dir() / "victims" / f"sst2-badnets-dirty0.2-{cache_key(SST2_VICTIM, train, 2)}"
+        if (folder / "dupfast_victim.json").is_file():
+            m = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
+            return m.eval(), load_tokenizer(folder), "minilm-sst2-badnets"
+    except (FileNotFoundError, ImportError):
+        pass
+    m, tok = load_model("minilm", num_labels=2)
+    return m.eval(), tok, "minilm (fresh head)"
+
+
+def _texts():
+    """(clean calibration texts, labels, pool texts, pool poison labels)."""
+    try:
+        from dupfast.data import load_sst2, load_sst2_poison, split_samples
+        dev = load_sst2("dev")
+        poison = load_sst2_poison("badnets", "dev")
+        cal, pool_clean = split_samples(dev, [len(dev) // 2, len(dev) - len(dev) // 2], seed=0)
+        pool = pool_clean[: N // 2] + poison[: N - N // 2]
+    except FileNotFoundError:
+        from dupfast.data import load_rotten_tomatoes
+        rt = load_rotten_tomatoes()
+        cal, pool = rt[:400], rt[400:400 + N]
+    return [s.text for s in cal], [s.label for s in cal], [s.text for s in pool], [s.poison_label for s in pool]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(THREADS)
+    from dupfast.detect import Detector
+    from dupfast.detect.api import text_loader
+    model, tok, name = _victim()
+    cal_t, cal_y, pool_t, pool_y = _texts()
+    clean = list(text_loader(tok, cal_t, cal_y, BATCH, 64))
+    pool = list(text_loader(tok, pool_t, None, BATCH, 64))
+    det = Detector(mode="dup").fit(model, clean)
+    yield dict(model=model, tok=tok, name=name, clean=clean, pool=pool, pool_y=np.array(pool_y), det=det)
+    _write_summary(name)
+
+
+def _record(key, benchmark):
+    RESULTS[key] = benchmark.stats.stats.median
+
+
+def test_bare_forward(benchmark, setup):
+    m, pool = setup["model"], setup["pool"]
+
+    def run():
+        with torch.inference_mode():
+            for b in pool:
+                m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    _record("bare_forward", benchmark)
+
+
+@pytest.mark.parametrize("mode", ["dup", "default"])
+def test_detect_one_pass(benchmark, setup, mode):
+    from dupfast.detect import Detector
+    det = setup["det"] if mode == "dup" else Detector(mode=mode).fit(setup["model"], setup["clean"])
+    out = {}
+    benchmark.pedantic(lambda: out.setdefault("r", det.score(setup["model"], setup["pool"])), rounds=3, warmup_rounds=1)
+    _record(f"detect_{mode}", benchmark)
+    _auroc(f"detect_{mode}", setup, det.score(setup["model"], setup["pool"]))
+
+
+def authors_two_pass(model, det, pool):
+    """DUP's pipeline for a suspicious pool (ms_defender.py): pass 1 extracts every layer's [CLS] to a
+    float64 numpy array (layers, N, d) for the SS score (one numpy SVD per sample); pass 2 runs the model
+    again per batch for the Mahalanobis distance with the float32 precision matrices."""
+    scorer = det.scorer
+    feats = []
+    with torch.no_grad():
+        for b in pool:
+            hs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+            feats.append(np.stack([h[:, 0, :].cpu().numpy() for h in hs[1:]]))
+    full = np.concatenate(feats, axis=1).astype(np.float64)
+    ss = []
+    for i in range(full.shape[1]):
+        s = np.linalg.svd(np.diff(full[:, i, :], axis=0), compute_uv=False)
+        ss.append(s[0] / s.sum() if s.sum() > 0 else 0.0)
+    W = scorer.whiteners.double()
+    precs = {l: (W[l] @ W[l].T).float() for l in scorer.layers}
+    md = []
+    with torch.no_grad():
+        for b in pool:
+            hs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+            per = []
+            for l in scorer.layers:
+                diffs = hs[l + 1][:, 0, :] - scorer.means[l, 0]
+                per.append(torch.sqrt(torch.relu(torch.einsum("bi,ij,bj->b", diffs, precs[l], diffs))))
+            md.append(torch.stack(per).mean(0))
+    z = det.znorm(torch.stack([torch.cat(md).double(), torch.tensor(ss)], 1))
+    return z @ torch.tensor(scorer.weights, dtype=torch.float64)
+
+
+def test_authors_two_pass(benchmark, setup):
+    out = {}
+    benchmark.pedantic(lambda: out.setdefault("s", authors_two_pass(setup["model"], setup["det"], setup["pool"])),
+                       rounds=3, warmup_rounds=1)
+    _record("authors_two_pass", benchmark)
+    ours = setup["det"].score(setup["model"], setup["pool"]).scores
+    RESULTS["two_pass_max_abs_diff"] = float((out["s"] - ours).abs().max())
+
+
+def test_detect_bf16(benchmark, setup):
+    from dupfast.detect import Detector
+    det = Detector(mode="dup", autocast="bf16").fit(setup["model"], setup["clean"])
+    benchmark.pedantic(lambda: det.score(setup["model"], setup["pool"]), rounds=3, warmup_rounds=1)
+    _record("detect_dup_bf16", benchmark)
+    _auroc("detect_dup_bf16", setup, det.score(setup["model"], setup["pool"]))
+
+
+def _auroc(key, setup, result):
+    from dupfast import metrics
+    y = setup["pool_y"]
+    if len(set(y.tolist())) == 2:
+        RESULTS[f"auroc_{key}"] = metrics.auroc(y, result.sorted_by_index().scores)
+
+
+def _write_summary(name):
+    r = dict(RESULTS)
+    if "bare_forward" in r and "detect_dup" in r:
+        r["ratio_bare_over_detect"] = r["bare_forward"] / r["detect_dup"]
+    if "authors_two_pass" in r and "detect_dup" in r:
+        r["speedup_vs_authors_two_pass"] = r["authors_two_pass"] / r["detect_dup"]
+    if "detect_dup_bf16" in r and "detect_dup" in r:
+        r["speedup_bf16_over_fp32"] = r["detect_dup"] / r["detect_dup_bf16"]
+    if "bare_forward" in r and "detect_default" in r:
+        r["ratio_bare_over_detect_default"] = r["bare_forward"] / r["detect_default"]
+    if "auroc_detect_dup" in r and "auroc_detect_dup_bf16" in r:
+        r["auroc_change_bf16"] = r["auroc_detect_dup_bf16"] - r["auroc_detect_dup"]
+    r.update(model=name, samples=N, batch_size=BATCH, threads=torch.get_num_threads(), torch=torch.__version__,
+             time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    out = pathlib.Path("runs/bench_detect.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2))
+    print("\n" + json.dumps(r, indent=2))
