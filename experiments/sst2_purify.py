@@ -144,6 +144,7 @@ def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_ca
         row = {"attack": attack, "variant": name, "overrides": cfg, "detect_mode": detect_mode,
                "cacc_before": before["cacc"], "cacc_after": after["cacc"],
                "asr_before": before["asr"], "asr_after": after["asr"],
+               "asr_floor_before": before.get("asr_floor"), "asr_floor_after": after.get("asr_floor"),
                "purify_s": round(seconds, 1), "epoch_s": round(epoch_seconds, 1),
                "ratio_to_epoch": round(seconds / epoch_seconds, 3), "detect_s": round(detect_s, 1),
                "steps": report.steps_run, "selected_step": (report.selected or {}).get("step"),
