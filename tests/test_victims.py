@@ -174,6 +174,22 @@ def test_cache_key_depends_on_every_config_field(tiny_dir, data):
     assert len(keys) == 10
 
 
+def test_cache_key_follows_model_contents_not_its_location(tiny_dir, data, tmp_path):
+    """A reinstalled environment puts the same weights elsewhere: same key. Retrained weights in the same
+    place and shape: a new key."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, moved)
+    key = cache_key(tiny_cfg(tiny_dir), data, 2)
+    assert cache_key(tiny_cfg(moved), data, 2) == key
+    weights = next(moved.glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(raw))
+    assert cache_key(tiny_cfg(moved), data, 2) != key
+
+
 def test_evaluate_backdoor_reports_cacc_and_asr(tiny_dir, data):
     from dupfast.models import load_model
 
