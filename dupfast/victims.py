@@ -158,8 +158,12 @@ def evaluate_backdoor(model, tokenizer, test_clean: Sequence[Sample], test_poiso
     validate(test_poison, "poisoned test set", min_classes=1)
     clean_pred = predict(model, tokenizer, [s.text for s in test_clean], batch_size, max_len)
     poison_pred = predict(model, tokenizer, [s.text for s in test_poison], batch_size, max_len)
+    # ASR floor: the share of CLEAN non-target inputs already predicted as the target, i.e. the ASR a model
+    # with no backdoor but these errors would show; ASR near it means the trigger no longer does anything
+    nontarget = [int(p) == target for p, s in zip(clean_pred, test_clean) if s.label != target]
     return {"cacc": metrics.cacc(clean_pred, [s.label for s in test_clean]),
             "asr": metrics.asr(poison_pred, target),
+            "asr_floor": sum(nontarget) / len(nontarget) if nontarget else float("nan"),
             "test_clean_size": len(test_clean), "test_poison_size": len(test_poison)}
 
 

@@ -83,14 +83,18 @@ def evaluate(model, tok, attack, data_dir=None):
     return victim_eval(model, tok, attack, data_dir, max_len=MAX_LEN)
 
 
-def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_cache=False, skip_test_eval=False):
+def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_cache=False, skip_test_eval=False,
+               train_victim=False):
     import dupfast
     from experiments.sst2_victims import victim_for
 
-    if not victim_ready(attack):
-        raise SystemExit(f"victim {attack} is not trained yet (no JSON line for it in runs/victims.log)")
+    if not train_victim and not victim_ready(attack):
+        raise SystemExit(f"victim {attack} is not trained yet (no JSON line for it in runs/victims.log); "
+                         "pass --train-victim to train it in this run")
     model, tok, info = victim_for(attack, data_dir=data_dir)
+    # one epoch of the victim's fine-tuning; measured in this same process when the victim was not cached
     epoch_seconds = info["train_seconds"] / info["config"]["epochs"]
+    epoch_measured_here = not info["cached"]
     clean_set, pool = protocol(attack, data_dir)
     pool_loader, clean_loader = loaders(tok, clean_set, pool)
     before_cache = pathlib.Path(out).parent / f"before-{attack}.json"
@@ -111,8 +115,8 @@ def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_ca
                                      "scores": scores.tolist(), "detect_s": detect_s}))
     truth = torch.tensor([s.poison_label for s in pool]).bool()  # evaluation only
     det = metrics.detection_report(truth, flags, scores)
-    print(json.dumps({"attack": attack, "before": before, "detection": det, "detect_s": round(detect_s, 1)}),
-          flush=True)
+    print(json.dumps({"attack": attack, "before": before, "detection": det, "detect_s": round(detect_s, 1),
+                      "victim": {k: info[k] for k in ("train_seconds", "cached", "path")}}), flush=True)
     default_steps = None
     rows = []
     for name in variants:
@@ -146,7 +150,8 @@ def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_ca
                "asr_before": before["asr"], "asr_after": after["asr"],
                "asr_floor_before": before.get("asr_floor"), "asr_floor_after": after.get("asr_floor"),
                "purify_s": round(seconds, 1), "epoch_s": round(epoch_seconds, 1),
-               "ratio_to_epoch": round(seconds / epoch_seconds, 3), "detect_s": round(detect_s, 1),
+               "ratio_to_epoch": round(seconds / epoch_seconds, 3), "epoch_measured_here": epoch_measured_here,
+               "threads": torch.get_num_threads(), "detect_s": round(detect_s, 1),
                "steps": report.steps_run, "selected_step": (report.selected or {}).get("step"),
                "stop_reason": report.stop_reason, "tie": report.tie, "teacher": report.teacher,
                "flagged": report.data.get("flagged"), "detection": det, "history": report.history,
@@ -186,15 +191,21 @@ def main(argv=None):
                     help="reuse the detector's flags saved by an earlier run for the same victim (sweeps)")
     ap.add_argument("--skip-test-eval", action="store_true",
                     help="no CACC/ASR after purification (trajectory-only sweeps; the table needs them)")
+    ap.add_argument("--train-victim", action="store_true",
+                    help="train the victim here if it is not cached, so its epoch time (the ratio's unit) is "
+                         "measured in the same run, under the same load, as the purification")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (victim training and purification)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/purify.jsonl")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for attack in args.attacks:
         rows += run_attack(attack, args.variants, parse_set(args.set), args.detect_mode, args.data_dir, args.out,
-                           args.flags_cache, args.skip_test_eval)
+                           args.flags_cache, args.skip_test_eval, args.train_victim)
     print(table(rows))
     return 0
 

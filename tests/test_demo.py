@@ -89,5 +89,9 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     assert detect["clean_size"] == 45 and detect["pool_size"] == 45 + detect["pool_poisoned"] > 45
     assert 0 <= detect["auroc"] <= 1 and 0 <= detect["flagged"] <= detect["pool_size"]
     assert 0 <= purify["cacc_after"] <= 1 and 0 <= purify["asr_after"] <= 1 and purify["stop_reason"]
+    assert 0 <= victim["asr_floor"] <= 1 and 0 <= purify["asr_floor_after"] <= 1
+    # the trajectory the stopping rule saw is in the report; the kept state is one of its evaluations
+    assert purify["history"][0]["step"] == 0 and purify["selected"] in purify["history"]
+    assert purify["steps_run"] == purify["history"][-1]["step"]
     printed = capsys.readouterr().out
     assert "CACC" in printed and "ASR" in printed and str(out) in printed

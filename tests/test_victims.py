@@ -200,6 +200,8 @@ def test_evaluate_backdoor_reports_cacc_and_asr(tiny_dir, data):
     assert res["cacc"] == pytest.approx(float((preds == torch.tensor([s.label for s in data])).float().mean()))
     assert res["asr"] == pytest.approx(float((preds[:10] == 1).float().mean()))
     assert (res["test_clean_size"], res["test_poison_size"]) == (64, 10)
+    nontarget = torch.tensor([s.label != 1 for s in data])
+    assert res["asr_floor"] == pytest.approx(float((preds[nontarget] == 1).float().mean()))
 
 
 # ---- bad input ----------------------------------------------------------------------------------

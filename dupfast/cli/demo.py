@@ -189,7 +189,8 @@ def run(args) -> int:
     if "purify" in report["steps"]:
         p = report["steps"]["purify"]
         print(f"purified: CACC {v['cacc']:.4f} -> {p['cacc_after']:.4f}  ASR {v['asr']:.4f} -> {p['asr_after']:.4f}  "
-              f"({p['purify_seconds']} s)")
+              f"(ASR floor {v['asr_floor']:.4f} -> {p['asr_floor_after']:.4f}: clean non-target inputs predicted as "
+              f"the target)  ({p['purify_seconds']} s, {p.get('steps_run')} steps)")
     print(f"report: {out}")
     return 0
 

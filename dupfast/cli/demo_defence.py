@@ -50,7 +50,9 @@ def purify_step(state) -> dict:
     after = evaluate_backdoor(state.model, state.tokenizer, state.data.test_clean, state.data.test_poison,
                               s.target, max_len=s.max_len)
     report = getattr(state.model, "dupfast_report", None)
-    out = {"purify_seconds": seconds, "cacc_after": after["cacc"], "asr_after": after["asr"]}
+    out = {"purify_seconds": seconds, "cacc_after": after["cacc"], "asr_after": after["asr"],
+           "asr_floor_after": after["asr_floor"]}
     if report is not None:
-        out.update(stop_reason=report.stop_reason, steps_run=report.steps_run, flagged_rows=report.data)
+        out.update(stop_reason=report.stop_reason, steps_run=report.steps_run, flagged_rows=report.data,
+                   selected=report.selected, teacher=report.teacher, history=report.history)
     return out

@@ -42,7 +42,11 @@ class PurifyConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     epochs: int = 8
-    max_steps: Optional[int] = None  # overrides epochs when set
+    max_steps: Optional[int] = None  # overrides epochs (and min_steps) when set
+    # a small flagged set still gets this many steps: LoRA starts at B = 0 and the student needs ~20 steps to
+    # leave the teacher (measured on the demo victim: 40 steps left ASR at 64%); the epochs' evaluations and
+    # the patience stretch with the budget
+    min_steps: int = 60
     batch_size: int = 32
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -79,6 +83,8 @@ class PurifyConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an int >= 0, got {self.min_steps!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
         if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, (int, float))

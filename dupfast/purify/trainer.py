@@ -131,8 +131,10 @@ def train(model, data, cfg, pad_id, device, report):
     n_ft_global, = dist.all_reduce([len(ft)])
     local_batches = math.ceil(len(ft) / cfg.batch_size) if len(ft) else math.ceil(len(ct) / cfg.batch_size)
     steps_per_epoch = int(dist.all_reduce([local_batches], "max")[0])  # every rank runs the same steps
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    eval_every = max(1, math.ceil(steps_per_epoch / cfg.evals_per_epoch))
+    total = cfg.max_steps or max(cfg.epochs * steps_per_epoch, cfg.min_steps)
+    # a "round" is an epoch, stretched when min_steps raised the budget: evaluations and patience follow it
+    round_steps = steps_per_epoch if cfg.max_steps else total / cfg.epochs
+    eval_every = max(1, math.ceil(round_steps / cfg.evals_per_epoch))
     flag_targets = ascent_targets(data["teacher_flag_train"], cfg) if len(ft) else None
 
     named = trainable_parameters(model)
@@ -152,7 +154,7 @@ def train(model, data, cfg, pad_id, device, report):
     report.teacher = {"heldout_clean_acc": acc0, "heldout_flag_agreement": agree0,
                       "heldout_flagged": n_fh, "heldout_clean": n_ch}
     # patience is in epochs; the rule counts evaluations
-    patience = None if cfg.patience is None else max(1, math.ceil(cfg.patience * steps_per_epoch / eval_every))
+    patience = None if cfg.patience is None else max(1, math.ceil(cfg.patience * round_steps / eval_every))
     rule = StoppingRule(agree0, acc0, cfg.agree_bound, cfg.acc_tolerance, patience)
     history = [rule.best]
     best_state = None
@@ -232,7 +234,7 @@ def train(model, data, cfg, pad_id, device, report):
         report.selected = dict(history[-1])
     model.eval()
     report.history, report.stop_reason, report.steps_run = history, stop_reason, step
-    report.data.update(steps_per_epoch=steps_per_epoch, flagged_train_global=int(n_ft_global))
+    report.data.update(steps_per_epoch=steps_per_epoch, step_budget=total, eval_every=eval_every, flagged_train_global=int(n_ft_global))
     report.timings.update(train_s=round(time.perf_counter() - t_start, 3), eval_s=round(eval_seconds, 3))
     return report
 

@@ -24,6 +24,8 @@ from dupfast.purify import PurifyConfig, purify
     ({"holdout_fraction": 1.0}, "holdout_fraction"),
     ({"agree_bound": 1.5}, "agree_bound"),
     ({"max_steps": 0}, "max_steps"),
+    ({"min_steps": -1}, "min_steps"),
+    ({"min_steps": 2.5}, "min_steps"),
     ({"patience": 0}, "patience"),
     ({"patience": -1.5}, "patience must be a number of epochs"),
     ({"patience": True}, "patience"),

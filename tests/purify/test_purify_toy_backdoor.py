@@ -75,3 +75,19 @@ def test_other_architectures_run_end_to_end(backdoor, arch):
     assert type(out).__name__.endswith("ForSequenceClassification") and out is model
     assert rep.model["family"] == arch and rep.steps_run >= 1
     assert not any("lora" in k for k in out.state_dict())
+
+
+def test_min_steps_stretches_a_small_flagged_set_and_its_evaluations(backdoor):
+    """The flagged training rows at batch 16 are 2-3 steps an epoch: 2 epochs would be 4-6 steps. min_steps
+    raises the budget, and the evaluations (4 an epoch) and patience stretch with it rather than firing
+    every step."""
+    out = _purify(backdoor, epochs=2, min_steps=24, early_stop=False)
+    rep = out.dupfast_report
+    per_epoch = rep.data["steps_per_epoch"]
+    assert 2 * per_epoch < 24 and rep.data["step_budget"] == 24 and rep.steps_run == 24
+    assert rep.data["eval_every"] == 3  # ceil((24 / 2 epochs) / 4 evaluations)
+    assert [h["step"] for h in rep.history] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    short = _purify(backdoor, epochs=2, min_steps=0, early_stop=False).dupfast_report
+    assert short.steps_run == 2 * per_epoch and short.data["eval_every"] == 1
+    capped = _purify(backdoor, max_steps=5, min_steps=24, early_stop=False).dupfast_report
+    assert capped.steps_run == 5  # an explicit max_steps wins
