@@ -1,7 +1,7 @@
 """`dupfast purify`: detection-guided LoRA unlearning of a backdoored classifier from the command line.
 
     dupfast purify MODEL --suspect pool.tsv --clean clean.tsv --out DIR [--flags flags.json]
-                   [--lambda-asr 1] [--lambda-acc 1] [--epochs 5] [--lr 5e-4] [--no-lora] [--set key=value ...]
+                   [--lambda-asr 1] [--lambda-acc 1] [--epochs 12] [--lr 5e-4] [--no-lora] [--set key=value ...]
 
 MODEL: a short name (minilm, mpnet-base, smollm2-135m) or a local HF model folder (a fine-tuned classifier).
 Text files: .tsv (first column text[, second label]), OpenBackdoor .csv (`,0,1,2`), or .txt (one text a

@@ -10,7 +10,9 @@ STARTS = ("tie", "perturb", "sharpen")
 class PurifyConfig:
     """Defaults: LoRA as the DUP authors (r 32, α 64, dropout 0.1, lr 5e-4, warm-up 10%, clip 1.0, batch 32).
     dupfast's own, chosen by measurement on the SST-2 victims (README): temperature 4 with the "sharpen"
-    start, the keep term (λ_keep 16), the ascent cap, 8 epochs with 4 evaluations each and the stopping rule.
+    start, the keep term (λ_keep 16), the ascent cap, 12 epochs (at least 60 steps) with 4 evaluations each
+    and the stopping rule. 12 rather than 8 epochs: 8 ran out of budget on StyleBkd (ASR 30.3%, the kept state
+    near the last step) where 12 reach 12.8%; on BadNets and AddSent 12 did as well or better (README).
     The authors' objective is lambda_keep=0, kl_cap=None, start="tie", temperature=1, epochs=5."""
     # objective: -lambda_asr·T²·KL_T(p_T||p_S) on flagged rows + lambda_keep·T²·KL_T(p_T||p_S) on clean rows
     #            + lambda_acc·CE on clean rows
@@ -41,7 +43,7 @@ class PurifyConfig:
     # optimisation
     lr: float = 5e-4
     weight_decay: float = 0.0
-    epochs: int = 8
+    epochs: int = 12
     max_steps: Optional[int] = None  # overrides epochs (and min_steps) when set
     # a small flagged set still gets this many steps: LoRA starts at B = 0 and the student needs ~20 steps to
     # leave the teacher (measured on the demo victim: 40 steps left ASR at 64%); the epochs' evaluations and
