@@ -30,12 +30,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dupfast import btu, metrics  # noqa: E402
+from dupfast import btu  # noqa: E402
 from dupfast.attacks import AddSent, BadNets, make_backdoor  # noqa: E402
 from dupfast.data import load_sst2, load_sst2_poison  # noqa: E402
 from dupfast.btu.unlearn import unlearn_tokens  # noqa: E402
 from dupfast.models import load_model, load_tokenizer  # noqa: E402
-from dupfast.victims import cache_key, default_cache_dir, fit, predict, train_victim  # noqa: E402
+from dupfast.victims import cache_key, default_cache_dir, evaluate_backdoor, fit, train_victim  # noqa: E402
 from experiments.sst2_victims import SST2_VICTIM, victim_for  # noqa: E402
 
 TARGET = 1
@@ -79,17 +79,12 @@ def victim(attack, setting, train, wait_minutes: float):
 
 
 def make_evaluator(test, ptest):
-    """CACC on clean test, ASR on triggered test, and the ASR floor: the share of *clean* non-target test
-    samples already predicted as the target (what ASR would be if the trigger did nothing)."""
-    nontarget = torch.tensor([s.label != TARGET for s in test])
+    """CACC on clean test, ASR on triggered test, and the ASR floor (see `victims.evaluate_backdoor`)."""
 
     def evaluate(model, tok):
         t0 = time.perf_counter()
-        clean = predict(model, tok, [s.text for s in test], max_len=EVAL_MAX_LEN)
-        trig = predict(model, tok, [s.text for s in ptest], max_len=EVAL_MAX_LEN)
-        return {"cacc": round(metrics.cacc(clean, [s.label for s in test]), 4),
-                "asr": round(metrics.asr(trig, TARGET), 4),
-                "asr_floor": round(float((clean[nontarget] == TARGET).float().mean()), 4),
+        res = evaluate_backdoor(model, tok, test, ptest, TARGET, max_len=EVAL_MAX_LEN)
+        return {**{k: round(res[k], 4) for k in ("cacc", "asr", "asr_floor")},
                 "eval_seconds": round(time.perf_counter() - t0, 1)}
     return evaluate
 

@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from dupfast import metrics
 from dupfast.data import load_sst2, load_sst2_poison
-from dupfast.victims import VictimConfig, predict, train_victim
+from dupfast.victims import VictimConfig, evaluate_backdoor, train_victim
 
 # The recipe every SST-2 experiment shares (2 CPU cores: ~5 min an epoch).
 SST2_VICTIM = VictimConfig(model="minilm", epochs=2, lr=5e-5, batch_size=32, max_len=64, seed=2025)
@@ -27,16 +26,13 @@ def victim_for(attack: str, rate: float = 0.2, cfg: VictimConfig = SST2_VICTIM, 
 
 
 def evaluate(model, tok, attack, data_dir=None, max_len=64):
+    """CACC on the clean SST-2 test split, ASR on the attack's test-poison split (the non-target test inputs
+    with the trigger) and the ASR floor (see `victims.evaluate_backdoor`)."""
     test = load_sst2("test", data_dir)
     ptest = load_sst2_poison(attack, "test", data_dir=data_dir)
-    clean = predict(model, tok, [s.text for s in test], max_len=max_len)
-    cacc = metrics.cacc(clean, [s.label for s in test])
-    asr = metrics.asr(predict(model, tok, [s.text for s in ptest], max_len=max_len), target=1)
-    # ASR floor: the share of clean non-target test inputs already predicted as the target, i.e. what ASR
-    # would be if the trigger did nothing (test-poison = the non-target test inputs with the trigger)
-    nontarget = torch.tensor([s.label != 1 for s in test])
-    floor = float((torch.as_tensor(clean)[nontarget] == 1).float().mean())
-    return {"cacc": cacc, "asr": asr, "asr_floor": floor, "test_size": len(test), "poison_test_size": len(ptest)}
+    res = evaluate_backdoor(model, tok, test, ptest, target=1, max_len=max_len)
+    return {"cacc": res["cacc"], "asr": res["asr"], "asr_floor": res["asr_floor"], "test_size": len(test),
+            "poison_test_size": len(ptest)}
 
 
 def main(argv=None):

@@ -75,7 +75,8 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     try:
         assert main(argv + ["--threads", "1"]) == 0
         report = json.loads(out.read_text())
-        assert main(argv + ["--threads", "1"]) == 0  # second run: the victim comes from the cache
+        # second run: the victim comes from the cache; --set reaches the purify step
+        assert main(argv + ["--threads", "1", "--set", "max_steps=4", "early_stop=false"]) == 0
     finally:
         torch.set_num_threads(before)
     again = json.loads(out.read_text())
@@ -93,5 +94,13 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     # the trajectory the stopping rule saw is in the report; the kept state is one of its evaluations
     assert purify["history"][0]["step"] == 0 and purify["selected"] in purify["history"]
     assert purify["steps_run"] == purify["history"][-1]["step"]
+    assert again["steps"]["purify"]["steps_run"] == 4 and again["steps"]["purify"]["overrides"]["max_steps"] == 4
     printed = capsys.readouterr().out
     assert "CACC" in printed and "ASR" in printed and str(out) in printed
+
+
+@pytest.mark.parametrize("bad, match", [(["epochs=0"], "epochs"), (["no_such_knob=1"], "unknown PurifyConfig field")])
+def test_demo_rejects_bad_purify_overrides_before_training(tmp_path, capsys, bad, match):
+    assert main(["demo", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r.json"), "--set", *bad]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "victims").exists() and not (tmp_path / "r.json").exists()

@@ -1,6 +1,7 @@
 """`dupfast demo`: a backdoored MiniLM on Rotten Tomatoes, end to end on a CPU in a few minutes.
 
     dupfast demo [--out runs/demo/report.json] [--train-size 1000] [--test-size 600] [--cache-dir DIR]
+                 [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
 
 The demo is a pipeline of named steps run in order; each step reads and writes a shared `DemoState`
 and returns the JSON-able results that go into the report under its name (with its wall time):
@@ -63,6 +64,7 @@ class DemoState:
     pool: list = None            # the suspicious pool the detector screens (clean dev half + triggered dev)
     clean: list = None           # the defender's clean labelled set
     detection: object = None
+    purify_overrides: dict = dataclasses.field(default_factory=dict)  # PurifyConfig fields (--set)
 
 
 Step = Callable[[DemoState], dict]
@@ -160,6 +162,8 @@ def add_parser(subparsers):
     ap.add_argument("--max-len", type=int, default=d.max_len)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="PurifyConfig overrides for the purify step, e.g. --set epochs=8 min_steps=0")
     ap.set_defaults(func=run)
 
 
@@ -176,7 +180,12 @@ def run(args) -> int:
                             dev_size=args.dev_size,
                             rate=args.rate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)
-    state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None)
+    from ..purify import PurifyConfig
+    from .purify import _parse_set
+    overrides = _parse_set(args.set)
+    PurifyConfig(**overrides)  # bad keys or values fail here, before any training
+    state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None,
+                      purify_overrides=overrides)
     report = run_pipeline(state)
     out = write_report(report, args.out)
     v = report["steps"]["victim"]
