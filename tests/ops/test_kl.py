@@ -14,7 +14,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dupfast import _ext
@@ -342,6 +342,7 @@ def test_gradient_rows_sum_to_zero_and_loss_nonnegative(backend):
 
 @needs_cpu
 @settings(max_examples=40, deadline=None)
+@example(rows=1, vocab=5, dtype=torch.float32, temperature=4.4375, reduction="none", scale=0.5, seed=4611)
 @given(rows=st.integers(1, 9), vocab=st.one_of(st.integers(1, 40), st.integers(1000, 3000)),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        temperature=st.floats(0.25, 8.0), reduction=st.sampled_from(REDUCTIONS),
@@ -358,7 +359,10 @@ def test_cpu_properties(rows, vocab, dtype, temperature, reduction, scale, seed)
     k = 8 * EPS32 * (1 + max(s.abs().max().item(), t.abs().max().item()) / temperature)
     torch.testing.assert_close(loss_p, loss, rtol=0, atol=k * max(1.0, w.abs().max().item()))
     eps, ulp0 = torch.finfo(dtype).eps, torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # ulp0: subnormal step
-    torch.testing.assert_close(grad_p, grad[:, perm], rtol=0, atol=2 * max(eps, k) * grad.abs().max().item() + ulp0)
+    # a gradient entry is |w| (p_S - p_T) / T: its rounding scales with the probabilities (|w| / T), not with
+    # the difference, which cancels when student and teacher are close (found: rows=1, vocab=5, T=4.4)
+    g_scale = max(grad.abs().max().item(), w.abs().max().item() / temperature)
+    torch.testing.assert_close(grad_p, grad[:, perm], rtol=0, atol=2 * max(eps, k) * g_scale + ulp0)
     # 3. a tie is exactly zero; 4. each row's gradient sums to ~0; 5. w * KL has w's sign
     tie_loss, tie_grad = run("cpu", s, s.clone(), w, temperature, "none")
     assert torch.equal(tie_loss, torch.zeros_like(tie_loss)) and torch.equal(tie_grad, torch.zeros_like(tie_grad))
