@@ -193,7 +193,7 @@ def main(argv=None):
                     help="no CACC/ASR after purification (trajectory-only sweeps; the table needs them)")
     ap.add_argument("--train-victim", action="store_true",
                     help="train the victim here if it is not cached, so its epoch time (the ratio's unit) is "
-                         "measured in the same run, under the same load, as the purification")
+                         "measured in the same process as the purification (the CPU's load may still differ)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (victim training and purification)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/purify.jsonl")

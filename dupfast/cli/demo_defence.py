@@ -51,8 +51,8 @@ def purify_step(state) -> dict:
     after = evaluate_backdoor(state.model, state.tokenizer, state.data.test_clean, state.data.test_poison,
                               s.target, max_len=s.max_len)
     report = getattr(state.model, "dupfast_report", None)
-    out = {"overrides": state.purify_overrides, "purify_seconds": seconds, "cacc_after": after["cacc"], "asr_after": after["asr"],
-           "asr_floor_after": after["asr_floor"]}
+    out = {"overrides": state.purify_overrides, "purify_seconds": seconds, "cacc_after": after["cacc"],
+           "asr_after": after["asr"], "asr_floor_after": after["asr_floor"]}
     if report is not None:
         out.update(stop_reason=report.stop_reason, steps_run=report.steps_run, flagged_rows=report.data,
                    selected=report.selected, teacher=report.teacher, history=report.history)
