@@ -1,4 +1,5 @@
-"""Fine-tune a (possibly backdoored) HF sequence classifier, cached on disk.
+"""Victims: a (possibly backdoored) HF sequence classifier fine-tuned by `dupfast.finetune.fit`, cached on
+disk, and its clean accuracy / attack success rate (`evaluate_backdoor`).
 
 The cache key hashes the whole configuration and the training data, so a cached victim is reused only
 for exactly the same recipe and never overwritten by a different one.
@@ -6,147 +7,26 @@ for exactly the same recipe and never overwritten by a different one.
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pathlib
-import random
 import time
 from typing import Sequence
 
 import torch
 
+from .batching import predict
 from .data import Sample, fingerprint, validate
+from .finetune import FinetuneConfig, fit, seed_everything
 from .models import cache_root, load_model, load_tokenizer, model_fingerprint
 
 
-@dataclasses.dataclass(frozen=True)
-class VictimConfig:
-    model: str = "minilm"
-    epochs: int = 2
-    lr: float = 5e-5
-    batch_size: int = 32
-    max_len: int = 64
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 2025
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VictimConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0):
-            raise ValueError(f"VictimConfig.lr must be > 0, got {self.lr}")
-        if not (0 <= self.warmup_ratio < 1):
-            raise ValueError(f"VictimConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+# A victim is a plain fine-tune: its recipe is a FinetuneConfig (cfg.model names the checkpoint to load).
+VictimConfig = FinetuneConfig
 
 
 def default_cache_dir() -> pathlib.Path:
     """$DUPFAST_CACHE, else ~/.cache/dupfast; victims go to its victims/ folder."""
     return cache_root()
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:
-        pass
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0):
-    """Index batches of similar length (little padding). Training: sort inside shuffled chunks of
-    50 batches, then shuffle the batch order, so batches stay random but padding stays small."""
-    idx = list(range(len(lengths)))
-    rng = random.Random(seed)
-    if shuffle:
-        rng.shuffle(idx)
-        chunk = batch_size * 50
-        idx = [i for c in range(0, len(idx), chunk) for i in sorted(idx[c:c + chunk], key=lambda j: lengths[j])]
-    else:
-        idx.sort(key=lambda j: lengths[j])
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    return batches
-
-
-class TextBatcher:
-    """Tokenises once, then yields dynamically padded batches (dicts of tensors + `index`)."""
-
-    def __init__(self, tokenizer, texts: Sequence[str], labels=None, max_len: int = 128):
-        self.tok = tokenizer
-        self.enc = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
-        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
-
-    def __len__(self):
-        return len(self.enc)
-
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0):
-        for ids in length_sorted_batches([len(e) for e in self.enc], batch_size, shuffle, seed):
-            padded = self.tok.pad({"input_ids": [self.enc[i] for i in ids]}, return_tensors="pt")
-            batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
-                     "index": torch.as_tensor(ids)}
-            if self.labels is not None:
-                batch["labels"] = self.labels[ids]
-            yield batch
-
-
-def _progress(iterable, total, desc):
-    try:
-        from tqdm.auto import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=os.environ.get("DUPFAST_QUIET") == "1")
-    except ImportError:
-        return iterable
-
-
-def fit(model, tokenizer, train: Sequence[Sample], cfg: VictimConfig, desc: str = "train"):
-    """Plain supervised fine-tuning: AdamW, linear warm-up then decay, gradient clipping."""
-    from transformers import get_linear_schedule_with_warmup
-
-    seed_everything(cfg.seed)
-    batcher = TextBatcher(tokenizer, [s.text for s in train], [s.label for s in train], cfg.max_len)
-    steps_per_epoch = math.ceil(len(batcher) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    model.train()
-    losses = []
-    for epoch in range(cfg.epochs):
-        it = batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-        for batch in _progress(it, steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}"):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
-    model.eval()
-    return losses
-
-
-@torch.inference_mode()
-def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_len: int = 128) -> torch.Tensor:
-    """Logits [N, C] in the input order."""
-    model.eval()
-    if len(texts) == 0:
-        return torch.empty(0, model.config.num_labels)
-    batcher = TextBatcher(tokenizer, texts, None, max_len)
-    out = None
-    for batch in batcher.batches(batch_size):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        if out is None:
-            out = torch.empty(len(batcher), logits.shape[-1])
-        out[batch["index"]] = logits
-    return out
-
-
-def predict(model, tokenizer, texts, batch_size: int = 64, max_len: int = 128) -> torch.Tensor:
-    return predict_logits(model, tokenizer, texts, batch_size, max_len).argmax(-1)
 
 
 def evaluate_backdoor(model, tokenizer, test_clean: Sequence[Sample], test_poison: Sequence[Sample],

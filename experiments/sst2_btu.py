@@ -35,7 +35,8 @@ from dupfast.attacks import AddSent, BadNets, make_backdoor  # noqa: E402
 from dupfast.data import load_sst2, load_sst2_poison  # noqa: E402
 from dupfast.btu.unlearn import unlearn_tokens  # noqa: E402
 from dupfast.models import load_model, load_tokenizer  # noqa: E402
-from dupfast.victims import cache_key, default_cache_dir, evaluate_backdoor, fit, train_victim  # noqa: E402
+from dupfast.finetune import fit  # noqa: E402
+from dupfast.victims import cache_key, default_cache_dir, evaluate_backdoor, train_victim  # noqa: E402
 from experiments.sst2_victims import SST2_VICTIM, victim_for  # noqa: E402
 
 TARGET = 1

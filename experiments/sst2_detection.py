@@ -56,7 +56,7 @@ def cached_capture(model, tok, samples, path: pathlib.Path, poolings, with_label
             return {p: t[p] for p in poolings}, t["logits"], t.get("labels")
     loader = text_loader(tok, [s.text for s in samples], [s.label for s in samples] if with_labels else None, BATCH, MAX_LEN)
     t0 = time.perf_counter()
-    feats, logits, labels, index = collect(capture(model, loader, poolings))
+    feats, logits, labels, index = collect(capture(model, loader, poolings, need_labels=with_labels))
     order = torch.argsort(index)
     feats, logits = {p: v[order].contiguous() for p, v in feats.items()}, logits[order].contiguous()
     labels = None if labels is None else labels[order].contiguous()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dupfast import metrics  # noqa: E402
 from dupfast.data import load_sst2, load_sst2_poison, split_samples  # noqa: E402
-from dupfast.victims import TextBatcher  # noqa: E402
+from dupfast.batching import TextBatcher  # noqa: E402
 
 MAX_LEN, BATCH, SPLIT_SEED, TARGET = 64, 32, 2025, 1
 VARIANTS = {

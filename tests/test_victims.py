@@ -1,4 +1,5 @@
-"""dupfast.victims on a tiny from-scratch BERT (no download): batching, training, caching, reproducibility."""
+"""dupfast.victims (and the batching and fine-tuning it trains with) on a tiny from-scratch BERT (no download):
+batching, training, caching, reproducibility."""
 import hashlib
 import pathlib
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from dupfast.data import Sample
-from dupfast.victims import (TextBatcher, VictimConfig, cache_key, evaluate_backdoor, fit, length_sorted_batches,
-                             predict, predict_logits, train_victim)
+from dupfast.batching import TextBatcher, length_sorted_batches, predict, predict_logits
+from dupfast.finetune import fit
+from dupfast.victims import VictimConfig, cache_key, evaluate_backdoor, train_victim
 from tiny_models import sentiment_samples, tiny_bert_dir
 
 

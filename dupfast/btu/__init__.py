@@ -6,6 +6,7 @@ resets the suspicious tokens' moved dimensions to the pretrained pad embedding.
 
     suspects = dupfast.btu.expose("minilm", poisoned_train)          # ranked suspicious tokens
     model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean)   # defended model
+    dupfast.btu.expose(model, loader, tokenizer=tok)                  # or a loader of labelled batches
 """
 from .embeddings import embedding_block, input_embeddings, replacement_id, vocab_size
 from .expose import Exposure, ExposureConfig, Round, Suspect, expose

@@ -17,29 +17,29 @@ import dataclasses
 import math
 import numbers
 import time
-from typing import Sequence
 
 import torch
 
-from ..victims import VictimConfig, fit
+from ..batches import Rows
+from ..finetune import FinetuneConfig, fit
 from .embeddings import excluded_ids, input_embeddings, row_change, vocab_size
-from .inputs import as_samples, resolve_model
+from .inputs import as_training_data, resolve_model
 from .shallow import ShallowClassifier
 
 # The authors' exposure recipe (config.json + BTU.py): AdamW lr 2e-5, one epoch; batch 256 / max_len 128
 # for the shallow rounds, batch 64 for the full round (max_len 64 here: SST-2 sentences are short, and R3
 # back-propagates through every layer). weight_decay 0.01 = PyTorch's AdamW default the code relies on.
-SHALLOW_ROUND = VictimConfig(epochs=1, lr=2e-5, batch_size=256, max_len=128, warmup_ratio=0.0,
-                             weight_decay=0.01, seed=1234)
-FULL_ROUND = VictimConfig(epochs=1, lr=2e-5, batch_size=64, max_len=64, warmup_ratio=0.0,
-                          weight_decay=0.01, seed=1234)
+SHALLOW_ROUND = FinetuneConfig(epochs=1, lr=2e-5, batch_size=256, max_len=128, warmup_ratio=0.0,
+                               weight_decay=0.01, seed=1234)
+FULL_ROUND = FinetuneConfig(epochs=1, lr=2e-5, batch_size=64, max_len=64, warmup_ratio=0.0,
+                            weight_decay=0.01, seed=1234)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExposureConfig:
     fraction: float = 0.0005          # k = int(fraction x V), at least 1
-    shallow: VictimConfig = SHALLOW_ROUND
-    full: VictimConfig = FULL_ROUND
+    shallow: FinetuneConfig = SHALLOW_ROUND
+    full: FinetuneConfig = FULL_ROUND
     exclude_tokens: tuple = ()        # beyond the special tokens, e.g. ("@", "user") on OLID
 
     def __post_init__(self):
@@ -47,8 +47,9 @@ class ExposureConfig:
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or math.isnan(f) or not 0 < f < 1:
             raise ValueError(f"the k fraction must be a number in (0, 1), got {f!r}")
         for name in ("shallow", "full"):
-            if not isinstance(getattr(self, name), VictimConfig):
-                raise TypeError(f"ExposureConfig.{name} must be a VictimConfig, got {type(getattr(self, name)).__name__}")
+            if not isinstance(getattr(self, name), FinetuneConfig):
+                raise TypeError(f"ExposureConfig.{name} must be a FinetuneConfig, "
+                                f"got {type(getattr(self, name)).__name__}")
         object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
 
     def k(self, vocab: int) -> int:
@@ -167,13 +168,14 @@ def _full_round(name, model, tok, train, cfg, pretrained, vocab):
     return scores, time.perf_counter() - t0, (losses[-1] if losses else None)
 
 
-def expose(model_or_name, train_data: Sequence, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
+def expose(model_or_name, train_data, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
     """Rank the tokens whose embeddings backdoor learning moves most. `model_or_name`: a short name or HF
-    folder (see dupfast.models), or a pretrained model object with `tokenizer=`; it is never modified."""
+    folder (see dupfast.models), or a pretrained model object with `tokenizer=`; it is never modified.
+    train_data: (text, label) samples or a loader of labelled batches (see btu.inputs)."""
     config = ExposureConfig() if config is None else config
     if not isinstance(config, ExposureConfig):
         raise TypeError(f"config must be an ExposureConfig, got {type(config).__name__}")
-    train = as_samples(train_data, "training set")
+    train = as_training_data(train_data, "training set")
     model, tok, num_labels = resolve_model(model_or_name, tokenizer, train, config.shallow.seed)
     return expose_loaded(model, tok, train, num_labels, config)
 
@@ -193,8 +195,11 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) ->
     rounds.append(Round("R1", "shallow model on the poisoned data", s1, top_k(s1, eligible, k), sec, len(train), loss))
 
     dropped = rounds[0].top
-    s2, sec, loss = _shallow_round("R2", model, _DropTokens(tok, dropped), train, num_labels,
-                                   config.shallow, pretrained, vocab)
+    if isinstance(train, Rows):  # token rows from a loader: delete the ids from the rows themselves
+        r2_tok, r2_train = tok, train.without_tokens(dropped)
+    else:
+        r2_tok, r2_train = _DropTokens(tok, dropped), train
+    s2, sec, loss = _shallow_round("R2", model, r2_tok, r2_train, num_labels, config.shallow, pretrained, vocab)
     rounds.append(Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input",
                         s2, top_k(s2, eligible, k), sec, len(train), loss))
 

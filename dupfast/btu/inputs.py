@@ -1,11 +1,47 @@
-"""Checks on what a user hands to BTU: samples, labels, and a model given by name or as an object."""
+"""Checks on what a user hands to BTU: training data, labels, and a model given by name or as an object.
+
+Training data is either (text, label[, poison_label]) samples, tokenised with the round's max_len, or a loader
+of labelled batches (any Mapping, read by `dupfast.batches`: a DataLoader with DataCollatorWithPadding, a
+`datasets.Dataset`, ...). A loader is read once into token rows (padding stripped) and re-batched by each
+round with its own batch size and seed, so its own batching and order do not matter; its tokenisation is used
+as it is (max_len does not apply).
+"""
+import collections.abc
 import numbers
-from typing import Sequence
 
 import torch
 
+from ..batches import Rows, check_rows, collect, loader_batches
 from ..data import Sample, validate
 from .embeddings import input_embeddings
+
+
+def as_training_data(data, name: str):
+    """list[Sample] for samples, `Rows` (with labels) for a loader of batches."""
+    if isinstance(data, Rows):
+        return data
+    if loader_batches(data) is not data:  # a datasets.Dataset
+        return _rows(data, name)
+    if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__len__"):
+        return as_samples(data, name)  # the error names what was expected
+    items = list(data)
+    if items and isinstance(items[0], collections.abc.Mapping):
+        return _rows(items, name)
+    return as_samples(items, name)
+
+
+def _rows(loader, name: str) -> Rows:
+    rows, _ = collect(loader, name, need_labels=True)
+    if len(rows) == 0:
+        raise ValueError(f"{name} is empty")
+    classes = sorted(set(rows.labels.tolist()))
+    if len(classes) < 2:
+        raise ValueError(f"{name} has only {len(classes)} class(es) {classes}; at least 2 needed")
+    return rows
+
+
+def label_set(data) -> set:
+    return set(data.labels.tolist()) if isinstance(data, Rows) else {s.label for s in data}
 
 
 def as_samples(data, name: str) -> list[Sample]:
@@ -26,16 +62,17 @@ def as_samples(data, name: str) -> list[Sample]:
     return out
 
 
-def check_labels(samples: Sequence[Sample], known: set, name: str, known_from: str):
-    unknown = sorted({s.label for s in samples} - set(known))
+def check_labels(data, known: set, name: str, known_from: str):
+    unknown = sorted(label_set(data) - set(known))
     if unknown:
         raise ValueError(f"{name} has labels {unknown} that {known_from} does not have (known: {sorted(known)})")
 
 
-def resolve_model(model_or_name, tokenizer, train: Sequence[Sample], seed: int):
+def resolve_model(model_or_name, tokenizer, train, seed: int):
     """(model, tokenizer, num_labels). A name or folder is loaded with a fresh head sized to the training
-    labels (seeded, so the exposure rounds are reproducible); an object needs its tokenizer alongside."""
-    labels = {s.label for s in train}
+    labels (seeded, so the exposure rounds are reproducible); an object needs its tokenizer alongside.
+    Token rows from a loader are checked against the model's vocabulary here, once it is known."""
+    labels = label_set(train)
     if min(labels) < 0:
         raise ValueError(f"training labels must be 0..C-1, got {sorted(labels)}")
     if isinstance(model_or_name, (str, bytes)) or hasattr(model_or_name, "__fspath__"):
@@ -52,6 +89,8 @@ def resolve_model(model_or_name, tokenizer, train: Sequence[Sample], seed: int):
     input_embeddings(model)
     num_labels = int(getattr(getattr(model, "config", None), "num_labels", max(labels) + 1))
     check_labels(train, set(range(num_labels)), "the training set", f"the model ({num_labels} labels)")
+    if isinstance(train, Rows):
+        check_rows(train, model, "the training set")
     if tok.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (decoder LMs: the eos token)")
     return model, tok, num_labels

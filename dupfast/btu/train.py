@@ -9,34 +9,37 @@ The clean-tune step needs clean labelled data the defender holds; it is reported
 import copy
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-from ..victims import VictimConfig, fit
+from ..batches import Rows, check_rows
+from ..finetune import FinetuneConfig, fit
 from .embeddings import input_embeddings, replacement_id, token_ids, vocab_size
 from .expose import Exposure, ExposureConfig, expose_loaded
-from .inputs import as_samples, check_labels, resolve_model
+from .inputs import as_training_data, check_labels, label_set, resolve_model
 from .unlearn import unlearn_tokens
 
 # The authors' fine-tune and clean-tune recipe: all parameters, AdamW lr 2e-5, one epoch, batch 64.
-FINETUNE = VictimConfig(epochs=1, lr=2e-5, batch_size=64, max_len=128, warmup_ratio=0.0, weight_decay=0.01, seed=1234)
+FINETUNE = FinetuneConfig(epochs=1, lr=2e-5, batch_size=64, max_len=128, warmup_ratio=0.0, weight_decay=0.01,
+                          seed=1234)
 CLEAN_TUNE = FINETUNE
 
 
 @dataclasses.dataclass(frozen=True)
 class BTUConfig:
     exposure: ExposureConfig = ExposureConfig()
-    finetune: VictimConfig = FINETUNE
-    clean_tune: VictimConfig = CLEAN_TUNE
+    finetune: FinetuneConfig = FINETUNE
+    clean_tune: FinetuneConfig = CLEAN_TUNE
     replace_with: int | str | None = None   # token whose pretrained embedding fills moved dimensions
 
     def __post_init__(self):
         if not isinstance(self.exposure, ExposureConfig):
             raise TypeError(f"BTUConfig.exposure must be an ExposureConfig, got {type(self.exposure).__name__}")
         for name in ("finetune", "clean_tune"):
-            if not isinstance(getattr(self, name), VictimConfig):
-                raise TypeError(f"BTUConfig.{name} must be a VictimConfig, got {type(getattr(self, name)).__name__}")
+            if not isinstance(getattr(self, name), FinetuneConfig):
+                raise TypeError(f"BTUConfig.{name} must be a FinetuneConfig, "
+                                f"got {type(getattr(self, name)).__name__}")
 
 
 def _suspect_ids(suspects, vocab: int) -> list[int]:
@@ -60,13 +63,15 @@ def _step(report, name, t0, evaluate, model, tok, **extra):
     report["steps"].append(entry)
 
 
-def train(model_or_name, train_data: Sequence, clean_tune: Sequence | None = None, *, tokenizer=None,
+def train(model_or_name, train_data, clean_tune=None, *, tokenizer=None,
           config: BTUConfig | None = None, suspects=None, finetuned=None,
           evaluate: Callable | None = None):
     """Defended fine-tuning. Returns (model, report).
 
     model_or_name: short name / HF folder, or a *pretrained* model object with `tokenizer=` (never modified).
-    clean_tune:    optional clean labelled samples for the final one-epoch tune (labels must be known).
+    train_data:    (text, label) samples, or a loader of labelled batches (see btu.inputs).
+    clean_tune:    optional clean labelled samples (or a loader) for the final one-epoch tune (labels must
+                   be known).
     suspects:      an `Exposure` (or token ids) from an earlier `expose` call, to skip step 1.
     finetuned:     the model already fine-tuned on `train_data` from the same checkpoint (e.g. a cached
                    victim), to skip the fine-tune; it is unlearned in place and returned.
@@ -77,15 +82,17 @@ def train(model_or_name, train_data: Sequence, clean_tune: Sequence | None = Non
         raise TypeError(f"config must be a BTUConfig, got {type(config).__name__}")
     if evaluate is not None and not callable(evaluate):
         raise TypeError("evaluate must be a callable f(model, tokenizer) -> dict")
-    train_set = as_samples(train_data, "training set")
+    train_set = as_training_data(train_data, "training set")
     tune_set = None
     if clean_tune is not None:
-        tune_set = as_samples(clean_tune, "clean-tune set")
-        check_labels(tune_set, {s.label for s in train_set}, "the clean-tune set", "the training set")
+        tune_set = as_training_data(clean_tune, "clean-tune set")
+        check_labels(tune_set, label_set(train_set), "the clean-tune set", "the training set")
     if finetuned is not None:
         input_embeddings(finetuned)
 
     model, tok, num_labels = resolve_model(model_or_name, tokenizer, train_set, config.exposure.shallow.seed)
+    if isinstance(tune_set, Rows):
+        check_rows(tune_set, model, "the clean-tune set")
     vocab = vocab_size(model, tok)
     pretrained = input_embeddings(model).weight.detach().float().clone()
     replace = (next(iter(token_ids(tok, [config.replace_with]))) if config.replace_with is not None

@@ -3,7 +3,8 @@
     dupfast btu minilm train.tsv --out runs/btu [--clean-tune clean.tsv] [--eval test.tsv]
                 [--eval-poison test-poison.csv --target 1] [--expose-only]
 
-Training files: SST-2 style TSV (`sentence<TAB>label`) or OpenBackdoor CSV (`,0,1,2`). Writes
+Files: .csv, .tsv or .jsonl with text and label columns found by name (`dupfast.tables`: SST-2's
+`sentence<TAB>label`, OpenBackdoor CSV dumps `,0,1,2`, or --text-column / --label-column). Writes
 `<out>/btu_report.json` (suspicious tokens, per-step timings, metrics) and the defended model in
 `<out>/model` (safetensors + tokenizer) unless --expose-only.
 """
@@ -13,24 +14,18 @@ import pathlib
 import sys
 
 
-def read_samples(path):
-    from ..data import read_poison_csv, read_tsv
-
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {p}")
-    if p.suffix == ".tsv":
-        return read_tsv(p)
-    if p.suffix == ".csv":
-        return read_poison_csv(p)
-    raise ValueError(f"{p}: unknown format {p.suffix!r}; use a .tsv (sentence, label) or an OpenBackdoor .csv")
+def read_samples(path, args, role):
+    from ..tables import read_table
+    return read_table(path, args.text_column, args.label_column, need_labels=True, role=role).samples()
 
 
 def add_parser(subparsers):
     ap = subparsers.add_parser("btu", help="defended fine-tuning: Backdoor Token Unlearning",
                                description=__doc__.splitlines()[0])
     ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m) or a local HF model folder")
-    ap.add_argument("train", help="training file, possibly poisoned (.tsv or OpenBackdoor .csv)")
+    ap.add_argument("train", help="training file, possibly poisoned (.csv, .tsv or .jsonl)")
+    ap.add_argument("--text-column", help="the text column's name in every file (default: inferred)")
+    ap.add_argument("--label-column", help="the label column's name in every file (default: inferred)")
     ap.add_argument("--out", required=True, help="output folder (report, defended model)")
     ap.add_argument("--clean-tune", help="clean labelled file for the optional one-epoch clean tune")
     ap.add_argument("--eval", help="clean test file: CACC after every step")
@@ -53,16 +48,16 @@ def run(args):
         raise ValueError("--eval-poison needs --target (the attack's target label)")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    train = read_samples(args.train)
-    tune = read_samples(args.clean_tune) if args.clean_tune else None
-    test = read_samples(args.eval) if args.eval else None
-    ptest = read_samples(args.eval_poison) if args.eval_poison else None
+    train = read_samples(args.train, args, "the training set")
+    tune = read_samples(args.clean_tune, args, "the clean-tune set") if args.clean_tune else None
+    test = read_samples(args.eval, args, "the test set") if args.eval else None
+    ptest = read_samples(args.eval_poison, args, "the triggered test set") if args.eval_poison else None
 
     import torch
 
     from .. import btu
     from ..btu.expose import FULL_ROUND, SHALLOW_ROUND
-    from ..victims import VictimConfig
+    from ..finetune import FinetuneConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,8 +72,8 @@ def run(args):
         report = {"model": args.model, "train": args.train, "exposure": result.to_dict()}
         model = None
     else:
-        tuning = VictimConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
-                              warmup_ratio=0.0, weight_decay=0.01, seed=args.seed)
+        tuning = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
+                                warmup_ratio=0.0, weight_decay=0.01, seed=args.seed)
         cfg = btu.BTUConfig(exposure=exposure, finetune=tuning, clean_tune=dataclasses.replace(tuning, epochs=1))
         evaluate = _evaluator(test, ptest, args.target, args.max_len) if (test or ptest) else None
         model, report = btu.train(args.model, train, clean_tune=tune, config=cfg, evaluate=evaluate)
@@ -103,7 +98,7 @@ def _tokenizer_of(model):
 
 def _evaluator(test, ptest, target, max_len):
     from .. import metrics
-    from ..victims import predict
+    from ..batching import predict
 
     def evaluate(model, tok):
         res = {}

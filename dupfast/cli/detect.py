@@ -2,80 +2,38 @@
 
     dupfast detect MODEL --texts pool.tsv [--clean dev.tsv] --out DIR [--mode default|dup|dan] [--frr 0.05]
 
-MODEL is a local HF sequence-classifier folder or a short name (dupfast.models.model_names()). Texts are
-read from the column `text`/`sentence` (else the first); the clean set also needs a `label` column (else
-the second). DUP/OpenBackdoor CSV dumps (columns 0,1,2 = text, label, poison_label) are understood.
-Without --clean the detector calibrates on the pool itself. Writes DIR/scores.csv, DIR/detect.json and
+MODEL is a local HF sequence-classifier folder or a short name (dupfast.models.model_names()). Files are
+CSV, TSV, JSON lines or .txt, read by `dupfast.tables`: the text column by name (text, sentence, review, ...
+or --text-column), the clean set's label column likewise (label, ... or --label-column); DUP/OpenBackdoor
+CSV dumps (columns 0,1,2 = text, label, poison_label) are understood. Without --clean the detector
+calibrates on the pool itself. Writes DIR/scores.csv, DIR/detect.json and
 DIR/detector/ (reusable with --detector); when the pool file has a poison_label column (evaluation
 data), also AUROC/FAR/FRR and PNGs of the score histograms and ROC curve.
 """
 import csv
 import pathlib
 
-TEXT_COLUMNS = ("text", "sentence", "0")
-LABEL_COLUMNS = ("label", "1")
-POISON_COLUMNS = ("poison_label", "2")
-
 
 def add_parser(subparsers):
     p = subparsers.add_parser("detect", help="flag backdoor-triggered inputs (DUP detection)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="local HF model folder or short name")
-    p.add_argument("--texts", required=True, help="CSV/TSV of texts to screen (the pool)")
-    p.add_argument("--clean", help="CSV/TSV of clean labelled texts to calibrate on")
+    p.add_argument("--texts", required=True, help="CSV/TSV/JSONL/TXT of texts to screen (the pool)")
+    p.add_argument("--clean", help="CSV/TSV/JSONL of clean labelled texts to calibrate on")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mode", default="default", choices=("default", "dup", "dan"))
     p.add_argument("--frr", type=float, default=0.05, help="false rejection rate on clean data (default 0.05)")
     p.add_argument("--pool-trim", type=float, default=None,
                    help="without --clean: share of the pool left out as suspicious while calibrating")
     p.add_argument("--detector", help="a folder saved by a previous run (skips fitting)")
-    p.add_argument("--text-column")
-    p.add_argument("--label-column")
+    p.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
+    p.add_argument("--label-column", help="the clean set's label column (default: inferred)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.set_defaults(func=run)
     return p
-
-
-def read_table(path, text_column=None, label_column=None, need_labels=False):
-    """(texts, labels or None, poison_labels or None) from a CSV or TSV file with a header row."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL))
-    if len(rows) < 2:
-        raise ValueError(f"{path} has no data rows (a header row and at least one text are needed)")
-    header, body = rows[0], rows[1:]
-
-    def col(explicit, candidates, fallback):
-        if explicit is not None:
-            if explicit not in header:
-                raise ValueError(f"{path}: no column {explicit!r}; columns are {header}")
-            return header.index(explicit)
-        for c in candidates:
-            if c in header:
-                return header.index(c)
-        return fallback
-
-    t = col(text_column, TEXT_COLUMNS, 0)
-    lab = col(label_column, LABEL_COLUMNS, 1 if len(header) > 1 and need_labels else None)
-    poi = col(None, POISON_COLUMNS, None)
-    texts = [r[t] for r in body]
-    labels = poison = None
-    if lab is not None and lab != t:
-        try:
-            labels = [int(r[lab]) for r in body]
-        except (ValueError, IndexError) as exc:
-            raise ValueError(f"{path}: column {header[lab]!r} must hold integer class labels ({exc})") from exc
-    elif need_labels:
-        raise ValueError(f"{path}: the clean set needs a label column (e.g. 'label'); columns are {header}")
-    if poi is not None and poi not in (t, lab):
-        poison = [int(r[poi]) for r in body]
-    return texts, labels, poison
 
 
 def load_classifier(name_or_path, num_labels=None):
@@ -101,11 +59,16 @@ def run(args):
     from ..detect import Detector
     from ..detect.api import text_loader
     from ..detect.report import write_report
+    from ..tables import read_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts, _, poison = read_table(args.texts, args.text_column)
-    clean = read_table(args.clean, args.text_column, args.label_column, need_labels=True) if args.clean else None
+    pool_table = read_table(args.texts, args.text_column, role="the pool")
+    texts, poison = pool_table.texts, pool_table.poison_labels
+    clean = None
+    if args.clean:
+        table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
+        clean = (table.texts, table.labels)
     model, tok = load_classifier(args.model, None if clean is None else max(clean[1]) + 1)
     autocast = "bf16" if args.bf16 else None
     pool = list(text_loader(tok, texts, None, args.batch_size, args.max_len))

@@ -4,57 +4,16 @@
                    [--lambda-asr 1] [--lambda-acc 1] [--epochs 12] [--lr 5e-4] [--no-lora] [--set key=value ...]
 
 MODEL: a short name (minilm, mpnet-base, smollm2-135m) or a local HF model folder (a fine-tuned classifier).
-Text files: .tsv (first column text[, second label]), OpenBackdoor .csv (`,0,1,2`), or .txt (one text a
-line, suspect set only). The clean set must be labelled. Without --flags, `dupfast.detect` flags the suspect
+Text files: .csv, .tsv, .jsonl (columns found by name, `dupfast.tables`: text/sentence/review/... and
+label, or --text-column / --label-column; OpenBackdoor dumps `,0,1,2`), or .txt (one text a line, suspect
+set only). The clean set must be labelled. Without --flags, `dupfast.detect` flags the suspect
 set first. --flags: a JSON list of 0/1 (or {"flags": [...]}) or a text file with one 0/1 per line, one per
 suspect row. Writes DIR/model (save_pretrained: safetensors + tokenizer) and DIR/purify_report.json.
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
 import dataclasses
 import json
-import os
 import pathlib
-
-
-def read_texts(path, need_labels: bool):
-    """(texts, labels or None) from .tsv / OpenBackdoor .csv / .txt."""
-    import csv
-
-    import pandas as pd
-
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {p}")
-    if p.suffix == ".txt":
-        if need_labels:
-            raise ValueError(f"{p}: a .txt file holds texts only; the clean set needs labels (.tsv or .csv)")
-        texts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return texts, None
-    if p.suffix == ".tsv":
-        df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
-        text_col, label_col = df.columns[0], (df.columns[1] if df.shape[1] > 1 else None)
-    elif p.suffix == ".csv":
-        df = pd.read_csv(p, keep_default_na=False)
-        cols = list(df.columns)
-        if cols[:4] == ["Unnamed: 0", "0", "1", "2"] or cols[:3] == ["0", "1", "2"]:
-            text_col, label_col = "0", "1"  # OpenBackdoor dump: index, text, label, poison_label
-        else:
-            text_col = next((c for c in ("text", "sentence") if c in cols), cols[0])
-            label_col = next((c for c in ("label", "labels") if c in cols), None)
-    else:
-        raise ValueError(f"{p}: unknown format {p.suffix!r}; use .tsv, OpenBackdoor .csv or .txt")
-    if len(df) == 0:
-        raise ValueError(f"{p} holds no rows")
-    texts = [str(t) for t in df[text_col]]
-    if not need_labels:
-        return texts, None
-    if label_col is None:
-        raise ValueError(f"{p}: no label column found (columns {list(df.columns)}); the clean set needs labels")
-    try:
-        labels = [int(v) for v in df[label_col]]
-    except ValueError as exc:
-        raise ValueError(f"{p}: labels in column {label_col!r} must be integers ({exc})") from None
-    return texts, labels
 
 
 def read_flags(path, n: int):
@@ -112,30 +71,17 @@ def _parse_set(items):
     return out
 
 
-def _init_distributed():
-    """torch.distributed from torchrun's environment (gloo on CPU, nccl on CUDA); no-op otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return True
-
-
 def run(args):
     import torch
 
+    from .. import distributed as dist
     from .. import purify as purify_mod
+    from ..batching import TextBatcher
     from ..models import load_model
-    from ..victims import TextBatcher
+    from ..tables import read_table
 
-    distributed = _init_distributed()
-    rank = int(os.environ.get("RANK", "0")) if distributed else 0
-    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    distributed = dist.init_from_env()
+    rank, world = dist.rank(), dist.world_size()
     torch.set_num_threads(args.threads)
     overrides = _parse_set(args.set)
     for key in ("lambda_asr", "lambda_acc", "epochs", "lr", "batch_size", "seed"):
@@ -146,8 +92,9 @@ def run(args):
         overrides["use_lora"] = False
     cfg = purify_mod.PurifyConfig(**overrides)  # validate before loading anything heavy
 
-    suspect, _ = read_texts(args.suspect, need_labels=False)
-    clean_texts, clean_labels = read_texts(args.clean, need_labels=True)
+    suspect = read_table(args.suspect, args.text_column, role="the suspect set").texts
+    clean_table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
+    clean_texts, clean_labels = clean_table.texts, clean_table.labels
     flags = read_flags(args.flags, len(suspect)) if args.flags else None
     model, tok = load_model(args.model, num_labels=max(clean_labels) + 1 if args.num_labels is None else args.num_labels)
     model.eval()
@@ -185,9 +132,9 @@ def run(args):
                           "heldout_clean_acc": sel.get("acc"), "seconds": report.timings.get("total_s"),
                           "model": str(out / "model"), "report": str(out / "purify_report.json")}))
     if distributed:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+        import torch.distributed as torch_dist
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
     return 0
 
 
@@ -195,8 +142,10 @@ def add_parser(subparsers):
     ap = subparsers.add_parser("purify", help="detection-guided LoRA unlearning of a backdoored classifier",
                                description=__doc__.splitlines()[0])
     ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m) or a local HF classifier folder")
-    ap.add_argument("--suspect", required=True, help="the suspicious pool (.tsv, OpenBackdoor .csv or .txt)")
-    ap.add_argument("--clean", required=True, help="the defender's labelled clean set (.tsv or OpenBackdoor .csv)")
+    ap.add_argument("--suspect", required=True, help="the suspicious pool (.csv, .tsv, .jsonl or .txt)")
+    ap.add_argument("--clean", required=True, help="the defender's labelled clean set (.csv, .tsv or .jsonl)")
+    ap.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
+    ap.add_argument("--label-column", help="the clean set's label column (default: inferred)")
     ap.add_argument("--out", required=True, help="output folder: model/ and purify_report.json")
     ap.add_argument("--flags", help="detector flags for the suspect rows (JSON list or one 0/1 a line); "
                                     "default: run dupfast.detect")

@@ -1,6 +1,6 @@
 """The one-call entry points.
 
-    result = dupfast.detect(model, loader, clean=clean_loader)        # loaders yield dicts of tensors
+    result = dupfast.detect(model, loader, clean=clean_loader)        # loaders yield Mappings (dupfast.batches)
     result = dupfast.detect(model, loader)                            # no clean set: robust pool calibration
     result = dupfast.detect_texts(model, tokenizer, texts, clean_texts=..., clean_labels=...)
 """
@@ -27,7 +27,7 @@ def detect(model, loader, clean=None, mode: str = "default", frr: float = 0.05, 
 
 def text_loader(tokenizer, texts: Sequence[str], labels=None, batch_size: int = 32, max_len: int = 128):
     """Length-sorted, dynamically padded batches with `index` (position in `texts`) and `labels`."""
-    from ..victims import TextBatcher
+    from ..batching import TextBatcher
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     if len(texts) == 0:

@@ -106,7 +106,7 @@ class StripDetector:
 
     @torch.inference_mode()
     def scores(self, model, tokenizer, texts) -> torch.Tensor:
-        from ..victims import predict_logits
+        from ..batching import predict_logits
         perturbed = [self.perturb(t) for t in texts for _ in range(self.repeat)]
         probs = predict_logits(model, tokenizer, perturbed, self.batch_size, self.max_len).double().softmax(-1)
         ent = -(probs * torch.log2(probs.clamp_min(1e-300))).sum(-1)

@@ -16,13 +16,14 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..batches import model_device, read_batches
+
 POOLINGS = ("cls", "last", "mean")
 ENCODER_TYPES = frozenset({
     "bert", "roberta", "distilbert", "albert", "electra", "mpnet", "deberta", "deberta-v2", "xlm-roberta",
     "xlm-roberta-xl", "camembert", "ernie", "megatron-bert", "roformer", "modernbert", "nomic_bert",
     "mobilebert", "squeezebert", "funnel", "layoutlm", "longformer", "bigbird", "big_bird", "nezha", "esm",
 })
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclasses.dataclass
@@ -92,28 +93,6 @@ def _logits(outputs):
     return logits
 
 
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def check_batch(batch, where: str = "batch"):
-    if not isinstance(batch, dict):
-        raise TypeError(f"{where}: loaders must yield dicts with input_ids and attention_mask, got {type(batch).__name__}")
-    for key in ("input_ids", "attention_mask"):
-        if key not in batch:
-            raise ValueError(f"{where} has no {key!r} (keys: {sorted(batch)}); dupfast needs input_ids and "
-                             "attention_mask to find the real tokens of padded batches")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"{where}: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be "
-                         "the same [B, T] shape")
-    if (mask.sum(1) == 0).any():
-        raise ValueError(f"{where}: a row of attention_mask is all zeros (an empty input)")
-
-
 def autocast_context(device: torch.device, autocast):
     """autocast: None/False (off), True or "bf16" or torch.bfloat16, or "fp16"/torch.float16."""
     if autocast in (None, False):
@@ -126,12 +105,15 @@ def autocast_context(device: torch.device, autocast):
 
 
 def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocast=None,
-            token_fn: Optional[Callable] = None, layers: Optional[Sequence[int]] = None):
+            token_fn: Optional[Callable] = None, layers: Optional[Sequence[int]] = None,
+            need_labels: bool = False, name: Optional[str] = None):
     """Yield one CapturedBatch per loader batch, from ONE forward pass each.
 
+    Batches are read by `dupfast.batches` (any Mapping; token_type_ids only for a model that takes them).
     token_fn(hidden: list of [B, T, d], mask [B, T]) runs while the batch's hidden states are alive; its
     return value lands in `CapturedBatch.token` (per-token signals without keeping token activations).
     layers: optional subset of layer indices (0-based, embedding output excluded) to keep.
+    need_labels: read (and require) the batches' labels; name: the set's name in error messages.
     """
     poolings = tuple(resolve_pooling(model, p) for p in poolings)
     device = model_device(model)
@@ -140,9 +122,8 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
         model.eval()
     n_batches = 0
     try:
-        for i, batch in enumerate(loader):
-            check_batch(batch, f"batch {i}")
-            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+        for i, batch in enumerate(read_batches(loader, name, model, need_labels)):
+            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
             with torch.inference_mode(), autocast_context(device, autocast):
                 outputs = model(**inputs, output_hidden_states=True, return_dict=True)
                 hidden = hidden_layers(outputs)
@@ -155,13 +136,11 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
             del outputs, hidden
             for p, f in feats.items():
                 if not torch.isfinite(f).all():
-                    raise ValueError(f"batch {i}: the model produced NaN/inf hidden states ({p} pooling); "
-                                     "check the weights and inputs (bf16 overflow?)")
-            labels = batch.get("labels")
-            index = batch.get("index")
+                    where = f"{name} batch {i}" if name else f"batch {i}"
+                    raise ValueError(f"{where}: the model produced NaN/inf hidden states ({p} pooling); check the "
+                                     "weights and inputs (bf16 overflow?)")
             n_batches += 1
-            yield CapturedBatch(feats, logits, None if labels is None else torch.as_tensor(labels).long().cpu(),
-                                None if index is None else torch.as_tensor(index).long().cpu(), token)
+            yield CapturedBatch(feats, logits, batch.labels, batch.index, token)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()

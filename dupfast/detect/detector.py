@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed as D
+from .. import distributed as D
 from .capture import capture, resolve_pooling
 from .scorers import DupScorer
 from .scores import ZNorm, excess_weights, frr_threshold, fuse
@@ -85,7 +85,8 @@ class Detector:
     # ---- fitting ----------------------------------------------------------------------------------
     def fit(self, model, clean_loader) -> "Detector":
         self._resolve_poolings(model)
-        feats, logits, labels, index = collect(capture(model, clean_loader, self.scorer.poolings, self.autocast))
+        feats, logits, labels, index = collect(capture(model, clean_loader, self.scorer.poolings, self.autocast,
+                                                          need_labels=True, name="clean"))
         return self.fit_features(feats, labels, logits=logits, index=index)
 
     def fit_features(self, features: dict, labels, logits=None, index=None, num_classes=None,
@@ -120,7 +121,7 @@ class Detector:
     def fit_pool(self, model, loader) -> "DetectionResult":
         """No clean set: calibrate on the pool itself and return its result (one forward pass)."""
         self._resolve_poolings(model)
-        feats, logits, _, index = collect(capture(model, loader, self.scorer.poolings, self.autocast))
+        feats, logits, _, index = collect(capture(model, loader, self.scorer.poolings, self.autocast, name="pool"))
         return self.fit_pool_features(feats, logits, index)
 
     def fit_pool_features(self, features: dict, logits, index=None) -> "DetectionResult":
@@ -140,7 +141,7 @@ class Detector:
             raise ValueError("pool calibration needs the model's logits (pseudo-labels for class statistics)")
         n_local = next(iter(features.values())).shape[0]
         if index is None:
-            if D.world() > 1:
+            if D.is_sharded():
                 raise ValueError("under torch.distributed the loader must yield an `index` key (global sample ids)")
             index = torch.arange(n_local)
         index = torch.as_tensor(index).long()
@@ -181,7 +182,7 @@ class Detector:
         """(calibration rows, validation rows) of this rank: a seeded permutation of the global ids 0..N-1,
         first `calibration_fraction` of it calibrates (DUP: random.seed(2025) shuffle, first half)."""
         if index is None:
-            if D.world() > 1:
+            if D.is_sharded():
                 raise ValueError("under torch.distributed the clean loader must yield an `index` key (global "
                                  "sample ids), so the calibration/validation halves do not depend on sharding")
             index = torch.arange(n_local)
@@ -202,7 +203,7 @@ class Detector:
         """One forward pass per batch; scores computed batch by batch, features dropped right away."""
         self._need_fit()
         parts = []
-        for cb in capture(model, loader, self.scorer.poolings, self.autocast):
+        for cb in capture(model, loader, self.scorer.poolings, self.autocast, name="pool"):
             parts.append(self._score_batch(cb.features, cb.logits, cb.index))
         return _concat(parts, self)
 

@@ -10,6 +10,8 @@ Everything is fp64 (the one-pass Σxxᵀ − nμμᵀ loses digits in fp32).
 """
 import torch
 
+from ..distributed import all_reduce_sum
+
 SHRINKAGE = 0.1  # sklearn.covariance.ShrunkCovariance default, used by DUP and DAN
 
 
@@ -63,11 +65,9 @@ class LayerStats:
         return self
 
     def all_reduce(self, group=None) -> "LayerStats":
-        """SUM every statistic over the ranks of torch.distributed (no-op when it is not initialised)."""
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            for name in ("n", "sum", "sumsq", "class_n", "class_sum"):
-                dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM, group=group)
+        """SUM every statistic over the ranks of torch.distributed (no-op in a single process)."""
+        for name in ("n", "sum", "sumsq", "class_n", "class_sum"):
+            all_reduce_sum(getattr(self, name), group=group)
         return self
 
     # ---- derived quantities ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ dispatched Mahalanobis op (squared class-agnostic distance), so only a mat-vec p
 """
 import torch
 
-from . import distributed as D
+from .. import distributed as D
 
 
 def loo_projections(x_pool, q_pool, x_val, means, whiteners):

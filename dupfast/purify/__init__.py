@@ -16,19 +16,20 @@ import warnings
 
 import torch
 
-from . import dist
+from .. import distributed as dist
+from ..batches import collect, model_device, model_num_labels
 from .config import PurifyConfig
 from .lora import attach_lora, find_target_modules, merge, trainable_parameters
 from .report import PurifyReport
-from .rows import check_labels, collect, select_flagged, split_holdout
+from .rows import require_clean_rows, select_flagged, split_holdout
 from .trainer import cache_teacher, predict_rows, train
 
 __all__ = ["purify", "PurifyConfig", "PurifyReport", "find_target_modules"]
 
 
 def _num_labels(model) -> int:
-    n = getattr(getattr(model, "config", None), "num_labels", None)
-    if not isinstance(n, int) or n < 2:
+    n = model_num_labels(model)
+    if n is None or n < 2:
         raise ValueError("purify needs a sequence classifier whose config.num_labels >= 2 "
                          f"(got {n!r}); e.g. AutoModelForSequenceClassification")
     return n
@@ -39,18 +40,12 @@ def _pad_id(model) -> int:
     return int(pid) if pid is not None else 0
 
 
-def _device(model):
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("the model has no parameters") from None
-
-
 def purify(model, loader, clean=None, detection=None, config: PurifyConfig = None, **overrides):
     """Purify `model` in place and return it (merged, eval mode) with `.dupfast_report` attached.
 
-    loader: the suspicious pool (dicts with input_ids, attention_mask[, index]); clean: labelled clean
-    rows (dicts with input_ids, attention_mask, labels) — the defender's own, never the evaluation sets;
+    loader: the suspicious pool (batches: any Mapping with input_ids, attention_mask[, index], as
+    `dupfast.batches` reads them; a `datasets.Dataset` too); clean: labelled clean rows (the same, with
+    labels) — the defender's own, never the evaluation sets;
     detection: a `dupfast.detect` result (uses `.flags`) or a bool [N] vector over the pool; None runs
     `dupfast.detect(model, loader, clean=clean)` first (the loaders must then be re-iterable).
     config / **overrides: PurifyConfig fields (e.g. lambda_asr=0 for clean LoRA fine-tuning)."""
@@ -63,7 +58,7 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
     if clean is None:
         raise ValueError("purify needs a labelled clean set (clean=...): its cross-entropy term protects clean "
                          "accuracy and its held-out part drives the stopping rule")
-    num_labels, pad_id, device = _num_labels(model), _pad_id(model), _device(model)
+    num_labels, pad_id, device = _num_labels(model), _pad_id(model), model_device(model)
     if cfg.use_lora:
         find_target_modules(model, cfg.target_modules)  # fail on an unsupported model before any work
     report = PurifyReport(config=cfg.to_dict(), world_size=dist.world_size())
@@ -75,12 +70,12 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
         report.timings["detect_s"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
-    pool_rows, row_ids = collect(loader, "pool")
+    pool_rows, row_ids = collect(loader, "pool", model=model)
     flagged = select_flagged(pool_rows, row_ids, detection)
     del pool_rows
-    clean_rows, _ = collect(clean, "clean", need_labels=True)
-    check_labels(clean_rows, num_labels)
-    n_pool, n_flag, n_clean = (int(v) for v in dist.all_reduce([len(row_ids), len(flagged), len(clean_rows)]))
+    clean_rows, _ = collect(clean, "clean", need_labels=True, model=model, num_labels=num_labels)
+    require_clean_rows(clean_rows)
+    n_pool, n_flag, n_clean = (int(v) for v in dist.reduce_numbers([len(row_ids), len(flagged), len(clean_rows)]))
     report.data = {"pool": n_pool, "flagged": n_flag, "clean": n_clean, "num_labels": num_labels}
     report.timings["collect_s"] = round(time.perf_counter() - t0, 3)
 
@@ -95,7 +90,7 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
 
     flag_train, flag_hold = split_holdout(flagged, cfg.holdout_fraction)
     clean_train, clean_hold = split_holdout(clean_rows, cfg.holdout_fraction)
-    counts = [int(v) for v in dist.all_reduce([len(flag_train), len(flag_hold), len(clean_train), len(clean_hold)])]
+    counts = [int(v) for v in dist.reduce_numbers([len(flag_train), len(flag_hold), len(clean_train), len(clean_hold)])]
     report.data.update(flagged_train=counts[0], flagged_holdout=counts[1], clean_train=counts[2],
                        clean_holdout=counts[3])
     if counts[1] == 0 or counts[3] == 0:

@@ -1,98 +1,23 @@
 """Rows for purification: the flagged pool inputs and the labelled clean inputs, unpadded, in memory.
 
-Loaders yield dicts with input_ids and attention_mask (+ labels for the clean set, + optional `index`,
-the global sample id, as `dupfast.detect` reads it). The detector's flags index the pool in that order:
-flags[index] when batches carry `index`, else flags[running position]. Only the flagged rows and the
-clean rows are kept (token ids without padding), then re-batched with right padding for training.
+`dupfast.batches.collect` reads the loaders (any Mapping with input_ids and attention_mask, labels for the
+clean set, an optional `index` / `idx`: the global sample id, as `dupfast.detect` reads it) and strips their
+padding. The detector's flags index the pool in that order: flags[index] when batches carry `index`, else
+flags[running position]. Only the flagged rows and the clean rows are kept (token ids without padding), then
+re-batched with right padding for training.
 
 Held-out rows for the stopping rule are chosen by a hash of their tokens, not by position, so the split
 is the same whether the data sits in one process or is sharded over several.
 """
-import dataclasses
 import random
 import zlib
-from typing import Iterable, List, Optional
+from typing import List
 
 import numpy as np
 import torch
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@dataclasses.dataclass
-class Rows:
-    """Unpadded token rows; `labels` [n] long for clean rows, None for flagged pool rows."""
-    ids: List[List[int]]
-    type_ids: Optional[List[List[int]]] = None
-    labels: Optional[torch.Tensor] = None
-
-    def __len__(self):
-        return len(self.ids)
-
-    def subset(self, idx) -> "Rows":
-        idx = list(idx)
-        return Rows([self.ids[i] for i in idx],
-                    None if self.type_ids is None else [self.type_ids[i] for i in idx],
-                    None if self.labels is None else self.labels[idx] if idx else self.labels[:0])
-
-
-def _check_batch(batch, where: str):
-    if not isinstance(batch, dict):
-        raise TypeError(f"{where}: loaders must yield dicts with input_ids and attention_mask, "
-                        f"got {type(batch).__name__}")
-    for key in ("input_ids", "attention_mask"):
-        if key not in batch:
-            raise ValueError(f"{where} has no {key!r} (keys: {sorted(batch)}); purification needs input_ids and "
-                             "attention_mask to strip the padding of each row")
-    ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
-    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"{where}: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be "
-                         "the same [B, T] shape")
-    if ids.shape[0] and (mask.sum(1) == 0).any():
-        raise ValueError(f"{where}: a row of attention_mask is all zeros (an empty input)")
-    return ids, mask
-
-
-def collect(loader: Iterable, name: str, need_labels: bool = False):
-    """Read every batch once. Returns (Rows with all rows, row ids [n] long: `index` or running position)."""
-    if loader is None:
-        raise ValueError(f"the {name} loader is None")
-    ids_out, types_out, labels_out, row_ids = [], [], [], []
-    has_types, pos = None, 0
-    for b, batch in enumerate(loader):
-        where = f"{name} batch {b}"
-        ids, mask = _check_batch(batch, where)
-        n = ids.shape[0]
-        types = batch.get("token_type_ids")
-        if has_types is None:
-            has_types = types is not None
-        elif has_types != (types is not None):
-            raise ValueError(f"{where}: token_type_ids present in some batches and not in others")
-        if need_labels:
-            if "labels" not in batch:
-                raise ValueError(f"{where} has no 'labels': the clean set must be labelled")
-            lab = torch.as_tensor(batch["labels"]).long().reshape(-1)
-            if lab.shape[0] != n:
-                raise ValueError(f"{where}: {lab.shape[0]} labels for {n} rows")
-            labels_out.append(lab.cpu())
-        if "index" in batch:
-            index = torch.as_tensor(batch["index"]).long().reshape(-1).cpu()
-            if index.shape[0] != n:
-                raise ValueError(f"{where}: {index.shape[0]} index values for {n} rows")
-            row_ids.append(index)
-        else:
-            row_ids.append(torch.arange(pos, pos + n))
-        keep = mask.bool().cpu()
-        ids_cpu = ids.cpu()
-        for r in range(n):
-            ids_out.append(ids_cpu[r][keep[r]].tolist())
-            if has_types:
-                types_out.append(torch.as_tensor(types)[r].cpu()[keep[r]].tolist())
-        pos += n
-    rows = Rows(ids_out, types_out if has_types else None,
-                torch.cat(labels_out) if need_labels and labels_out else
-                (torch.zeros(0, dtype=torch.long) if need_labels else None))
-    return rows, torch.cat(row_ids) if row_ids else torch.zeros(0, dtype=torch.long)
+from ..batches import Rows
+from ..distributed import is_sharded
 
 
 def as_flags(detection) -> tuple:
@@ -130,7 +55,8 @@ def select_flagged(rows: Rows, row_ids: torch.Tensor, detection) -> Rows:
             raise ValueError(f"{len(missing)} pool rows (ids {missing[:5]}...) have no flag in the detection: it "
                              "was computed on another pool (or another shard)")
         return rows.subset(i for i, r in enumerate(row_ids.tolist()) if by_id[r])
-    if len(rows) != flags.shape[0] and not _is_sharded():
+    # sharded, each rank's loader is a shard indexed into the global flags by `index`: counts differ
+    if len(rows) != flags.shape[0] and not is_sharded():
         raise ValueError(f"the detection has {flags.shape[0]} flags but the pool loader yielded {len(rows)} rows: "
                          "pass the same pool (in the same order) that was given to dupfast.detect")
     if row_ids.numel() and (row_ids.min() < 0 or row_ids.max() >= flags.shape[0]):
@@ -139,20 +65,10 @@ def select_flagged(rows: Rows, row_ids: torch.Tensor, detection) -> Rows:
     return rows.subset(torch.nonzero(flags[row_ids]).flatten().tolist())
 
 
-def _is_sharded() -> bool:
-    # under torch.distributed each rank's loader is a shard, indexed into the global flags by `index`
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def check_labels(rows: Rows, num_labels: int):
+def require_clean_rows(rows: Rows):
+    # label values were checked batch by batch against the model's label space (dupfast.batches)
     if len(rows) == 0:
         raise ValueError("the clean loader yielded no rows (empty clean set)")
-    y = rows.labels
-    if y.min() < 0 or y.max() >= num_labels:
-        bad = sorted({int(v) for v in y[(y < 0) | (y >= num_labels)].tolist()})
-        raise ValueError(f"clean labels {bad} lie outside the model's label space [0, {num_labels}) "
-                         f"(config.num_labels = {num_labels})")
 
 
 def row_hash(ids: List[int]) -> float:

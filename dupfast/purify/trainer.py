@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import dist
+from .. import distributed as dist
 from .lora import teacher_context, trainable_parameters
 from .objective import ascent_targets, unlearning_loss
 from .rows import concat_inputs, index_batches, pad
@@ -56,7 +56,7 @@ def held_out_metrics(model, flag_rows, flag_teacher, clean_rows, pad_id, device)
     if len(clean_rows):
         s = predict_rows(model, clean_rows, pad_id, device)
         correct, n_clean = int((s.argmax(-1) == clean_rows.labels).sum()), len(clean_rows)
-    agree, n_flag, correct, n_clean = dist.all_reduce([agree, n_flag, correct, n_clean])
+    agree, n_flag, correct, n_clean = dist.reduce_numbers([agree, n_flag, correct, n_clean])
     return (agree / n_flag if n_flag else float("nan"), correct / n_clean if n_clean else float("nan"),
             int(n_flag), int(n_clean))
 
@@ -128,9 +128,9 @@ def train(model, data, cfg, pad_id, device, report):
     if len(ct) == 0 and (not use_flags or len(ft) == 0):
         raise ValueError("this process has no training rows (clean and flagged training sets are both empty); "
                          "give every process a shard of the clean set")
-    n_ft_global, = dist.all_reduce([len(ft)])
+    n_ft_global, = dist.reduce_numbers([len(ft)])
     local_batches = math.ceil(len(ft) / cfg.batch_size) if len(ft) else math.ceil(len(ct) / cfg.batch_size)
-    steps_per_epoch = int(dist.all_reduce([local_batches], "max")[0])  # every rank runs the same steps
+    steps_per_epoch = int(dist.reduce_numbers([local_batches], "max")[0])  # every rank runs the same steps
     total = cfg.max_steps or max(cfg.epochs * steps_per_epoch, cfg.min_steps)
     # a "round" is an epoch, stretched when min_steps raised the budget: evaluations and patience follow it
     round_steps = steps_per_epoch if cfg.max_steps else total / cfg.epochs
@@ -141,7 +141,7 @@ def train(model, data, cfg, pad_id, device, report):
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    ddp = dist.wrap(model, device)
+    ddp = dist.wrap_ddp(model, device)
 
     flag_cycle, clean_cycle = _Cycle(len(ft), cfg.batch_size, cfg.seed), _Cycle(len(ct), cfg.batch_size, cfg.seed + 1)
 
@@ -182,7 +182,7 @@ def train(model, data, cfg, pad_id, device, report):
             parts.append(pad(ct, c_idx, pad_id, device))
         inputs = parts[0] if len(parts) == 1 else concat_inputs(parts[0], parts[1], pad_id)
         # the sums are normalised by global row counts x world size, since DDP averages over ranks
-        n_f, n_c = dist.all_reduce([len(f_idx), len(c_idx)])
+        n_f, n_c = dist.reduce_numbers([len(f_idx), len(c_idx)])
         logits = forward_logits(ddp, inputs)
         nf = len(f_idx)
         bl = unlearning_loss(logits[:nf] if nf else None, flag_targets[f_idx].to(device) if nf else None,
@@ -209,7 +209,7 @@ def train(model, data, cfg, pad_id, device, report):
         model.train(cfg.dropout)
         eval_seconds += time.perf_counter() - t0
         # training numbers averaged over ranks too, so every rank logs (and reports) the same history
-        sums = dict(zip(sums, dist.all_reduce(list(sums.values()))))
+        sums = dict(zip(sums, dist.reduce_numbers(list(sums.values()))))
         entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), "agree": agree, "acc": acc,
                  "lr": sched.get_last_lr()[0],
                  "loss": sums["loss"] / sums["n"], "ascent": sums["ascent"] / sums["n"],

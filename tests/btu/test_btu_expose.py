@@ -8,12 +8,12 @@ import torch
 from dupfast.btu import ExposureConfig, expose
 from dupfast.btu.embeddings import input_embeddings
 from dupfast.btu.expose import _DropTokens, top_k
-from dupfast.victims import VictimConfig
+from dupfast.finetune import FinetuneConfig
 
 from btu_toys import bert_tokenizer, decoder_tokenizer, tiny_bert, tiny_llama
 
 # Tiny models learn nothing at lr 2e-5 in one short epoch; the ranking needs consistent movement only.
-ROUND = VictimConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, warmup_ratio=0.0, weight_decay=0.01, seed=1)
+ROUND = FinetuneConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, warmup_ratio=0.0, weight_decay=0.01, seed=1)
 FAST = ExposureConfig(fraction=0.05, shallow=ROUND, full=ROUND)
 
 

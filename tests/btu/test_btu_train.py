@@ -7,13 +7,14 @@ import torch
 
 from dupfast.btu import BTUConfig, ExposureConfig, expose, train
 from dupfast.btu.embeddings import input_embeddings
-from dupfast.victims import VictimConfig, predict
+from dupfast.batching import predict
+from dupfast.finetune import FinetuneConfig
 
-ROUND = VictimConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, warmup_ratio=0.0, weight_decay=0.01, seed=1)
+ROUND = FinetuneConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, warmup_ratio=0.0, weight_decay=0.01, seed=1)
 # Tiny randomly initialised models need a large learning rate to learn the task (and the backdoor).
-FINETUNE = VictimConfig(epochs=3, lr=3e-3, batch_size=16, max_len=32, warmup_ratio=0.1, seed=1)
+FINETUNE = FinetuneConfig(epochs=3, lr=3e-3, batch_size=16, max_len=32, warmup_ratio=0.1, seed=1)
 CONFIG = BTUConfig(exposure=ExposureConfig(fraction=0.05, shallow=ROUND, full=ROUND), finetune=FINETUNE,
-                   clean_tune=VictimConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, seed=1))
+                   clean_tune=FinetuneConfig(epochs=1, lr=1e-4, batch_size=16, max_len=32, seed=1))
 
 
 def evaluator(test, poison):

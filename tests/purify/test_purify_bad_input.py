@@ -43,11 +43,11 @@ def test_model_without_supported_modules_names_its_modules(data):
 def test_clean_labels_outside_the_label_space(data):
     pool, clean, labels = data
     bad = [3 if i == 0 else y for i, y in enumerate(labels)]
-    with pytest.raises(ValueError, match=r"clean labels \[3\] lie outside the model's label space \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"clean batch 0: labels \[3\] lie outside the model's label space \[0, 2\)"):
         purify(tiny_classifier(), batches(pool), clean=batches(clean, bad), detection=torch.ones(12, dtype=torch.bool),
                **FAST)
     neg = [-1] + labels[1:]
-    with pytest.raises(ValueError, match=r"clean labels \[-1\]"):
+    with pytest.raises(ValueError, match=r"clean batch 0: labels \[-1\]"):
         purify(tiny_classifier(), batches(pool), clean=batches(clean, neg), detection=torch.ones(12, dtype=torch.bool),
                **FAST)
 

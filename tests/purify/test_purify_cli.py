@@ -15,6 +15,9 @@ def files(tmp_path_factory):
     pool, clean = sentiment_samples(20, seed=1), sentiment_samples(24, seed=2)
     (root / "pool.txt").write_text("\n".join(s.text for s in pool) + "\n")
     (root / "clean.tsv").write_text("sentence\tlabel\n" + "".join(f"{s.text}\t{s.label}\n" for s in clean))
+    # the same sets with the columns in other orders: found by name, as `dupfast detect` finds them
+    (root / "pool.csv").write_text("id,review\n" + "".join(f"{i},{s.text}\n" for i, s in enumerate(pool)))
+    (root / "clean_label_first.tsv").write_text("label\ttext\n" + "".join(f"{s.label}\t{s.text}\n" for s in clean))
     (root / "flags.json").write_text(json.dumps([i % 2 for i in range(20)]))
     (root / "short_flags.txt").write_text("1\n0\n")
     return root, model_dir
@@ -37,6 +40,16 @@ def test_cli_purifies_and_saves(files, capsys):
     model = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
     assert not any("lora" in k for k in model.state_dict())
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+
+
+def test_cli_reads_columns_by_name(files, capsys):
+    root, model_dir = files
+    rc = main(["purify", str(model_dir), "--suspect", str(root / "pool.csv"), "--clean",
+               str(root / "clean_label_first.tsv"), "--out", str(root / "by_name"), "--flags", str(root / "flags.json"),
+               "--threads", "1", "--set", "progress=false", "max_steps=1"])
+    assert rc == 0
+    report = json.loads((root / "by_name" / "purify_report.json").read_text())
+    assert report["data"]["pool"] == 20 and report["data"]["clean"] == 24 and report["data"]["num_labels"] == 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dupfast.purify.rows import collect, concat_inputs, pad, select_flagged, split_holdout
+from dupfast.batches import collect
+from dupfast.purify.rows import concat_inputs, pad, select_flagged, split_holdout
 from purify_helpers import batches, toy_rows
 
 

@@ -1,0 +1,279 @@
+"""The batches users' loaders yield: one check and one reading for every entry point that takes loaders
+(`dupfast.detect`, `dupfast.purify`, `dupfast.btu`, the DAN baseline, the capture and the row collection).
+
+A batch is any `collections.abc.Mapping`: a plain dict, the `BatchEncoding` of a tokenizer or of
+`transformers.DataCollatorWithPadding` (with or without `return_tensors="pt"`), the dict of
+`default_data_collator`, torch's default collate over a torch-formatted `datasets.Dataset`. Values may be
+tensors, numpy arrays or (nested) lists; they are read as tensors. A `datasets.Dataset` passed where a
+loader is expected is read `DATASET_BATCH` rows at a time (its rows must then be padded to one length).
+
+The rule for keys:
+    input_ids, attention_mask   required, the same [B, T] shape; integer token ids, >= 0 and below the
+                                model's embedding rows; a mask of 0 and 1 with at least one 1 a row
+    token_type_ids              passed to the model when its forward takes a `token_type_ids` argument
+                                (BERT-like encoders), dropped otherwise (e.g. Llama, MPNet)
+    labels, else label          the class label, read only where the entry point needs one (the clean
+                                set, BTU's training data): integer-valued, in 0..config.num_labels-1
+    index, else idx             the sample id (`idx` is the GLUE / datasets column); detection results
+                                carry it and purification matches flags by it; without it, the position
+    anything else               ignored
+"""
+import collections.abc
+import dataclasses
+import inspect
+from typing import Iterable, Iterator, List, Optional
+
+import torch
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+REQUIRED = ("input_ids", "attention_mask")
+LABEL_KEYS = ("labels", "label")
+INDEX_KEYS = ("index", "idx")
+DATASET_BATCH = 32
+
+
+def model_device(model) -> torch.device:
+    """Where the model's inputs must go: the device of its first parameter (CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _unwrapped(model):
+    # DDP keeps the model in `.module`, peft behind get_base_model(); their own forwards only pass **kwargs on
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def forward_inputs(model) -> tuple:
+    """The MODEL_INPUTS the model is given: input_ids and attention_mask always, token_type_ids only when its
+    forward names the argument (a bare **kwargs does not count: Llama's forward would not use it)."""
+    try:
+        params = inspect.signature(_unwrapped(model).forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        params = {}
+    return tuple(k for k in MODEL_INPUTS if k in REQUIRED or k in params)
+
+
+def embedding_rows(model) -> Optional[int]:
+    """Token ids must lie below this: the input embedding's rows, else config.vocab_size, else None."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            rows = getattr(get(), "num_embeddings", None)
+        except (AttributeError, NotImplementedError):
+            rows = None
+        if isinstance(rows, int):
+            return rows
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    return rows if isinstance(rows, int) else None
+
+
+def model_num_labels(model) -> Optional[int]:
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+@dataclasses.dataclass
+class Batch:
+    """One checked loader batch."""
+    inputs: dict                            # the model inputs the batch has and the model takes, as tensors
+    labels: Optional[torch.Tensor] = None   # [B] long (CPU), when the entry point reads labels
+    index: Optional[torch.Tensor] = None    # [B] long (CPU), when the batch carries sample ids
+
+    def __len__(self):
+        return self.inputs["input_ids"].shape[0]
+
+
+def _tensor(value, key: str, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        shapes = sorted({tuple(v.shape) for v in value})
+        if len(shapes) > 1:  # a torch-formatted datasets slice of unpadded rows
+            raise ValueError(f"{where}: {key!r} holds rows of different lengths {shapes[:3]}: pad them to one "
+                             "[B, T] tensor (e.g. DataCollatorWithPadding)")
+        return torch.stack(list(value))
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{where}: {key!r} is not a rectangular array of numbers ({exc}); pad the rows to one "
+                         "[B, T] tensor (e.g. DataCollatorWithPadding)") from None
+
+
+def _integer(t: torch.Tensor, key: str, where: str, what: str) -> torch.Tensor:
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{where}: {key!r} must hold integer {what}, got dtype {t.dtype}")
+    return t
+
+
+def _integer_valued(t: torch.Tensor, key: str, where: str, what: str) -> torch.Tensor:
+    """Labels may arrive as floats (1.0); only whole numbers are class ids."""
+    if t.dtype == torch.bool:
+        return t.long()
+    if t.is_floating_point():
+        bad = t[~torch.isfinite(t) | (t != t.round())]
+        if bad.numel():
+            shown = ", ".join(f"{v:g}" for v in bad[:3].tolist())
+            raise TypeError(f"{where}: {key!r} must hold integer {what}, got [{shown}] (dtype {t.dtype})")
+        return t.long()
+    return _integer(t, key, where, what).long()
+
+
+def _rows_of(t: torch.Tensor, n: int, key: str, where: str) -> torch.Tensor:
+    t = t.reshape(-1)
+    if t.shape[0] != n:
+        raise ValueError(f"{where}: {t.shape[0]} {key!r} values for {n} rows")
+    return t.cpu()
+
+
+def _check_id_range(lo: int, hi: int, limit: Optional[int], where: str):
+    if lo < 0:
+        raise ValueError(f"{where}: input_ids holds the negative token id {lo}")
+    if limit is not None and hi >= limit:
+        raise ValueError(f"{where}: token id {hi} in input_ids is outside the model's vocabulary (ids "
+                         f"0..{limit - 1}): the tokenizer does not match the model")
+
+
+def _first_key(batch, keys):
+    return next((k for k in keys if k in batch), None)
+
+
+def check_batch(batch, where: str = "batch", model=None, need_labels: bool = False,
+                num_labels: Optional[int] = None) -> Batch:
+    """Check one loader batch (module docstring) and read it. model: gives the accepted inputs, the id limit
+    and, unless `num_labels` is passed, the label space; None checks the batch alone."""
+    if not isinstance(batch, collections.abc.Mapping):
+        raise TypeError(f"{where}: loaders must yield dicts (any Mapping, e.g. a BatchEncoding) with input_ids "
+                        f"and attention_mask, got {type(batch).__name__}")
+    for key in REQUIRED:
+        if key not in batch:
+            raise ValueError(f"{where} has no {key!r} (keys: {sorted(map(str, batch))}); dupfast needs input_ids "
+                             "and attention_mask to find the real tokens of padded batches")
+    accepted = MODEL_INPUTS if model is None else forward_inputs(model)
+    inputs = {k: _tensor(batch[k], k, where) for k in MODEL_INPUTS if k in batch and k in accepted}
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
+        hint = " (one example, not a batch?)" if ids.dim() == 1 else ""
+        raise ValueError(f"{where}: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be "
+                         f"the same [B, T] shape{hint}")
+    _integer(ids, "input_ids", where, "token ids")
+    if "token_type_ids" in inputs:
+        _integer(inputs["token_type_ids"], "token_type_ids", where, "segment ids")
+        if tuple(inputs["token_type_ids"].shape) != tuple(ids.shape):
+            raise ValueError(f"{where}: token_type_ids {tuple(inputs['token_type_ids'].shape)} must have the shape "
+                             f"of input_ids {tuple(ids.shape)}")
+    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        bad = sorted({v for v in mask.flatten().tolist() if v not in (0, 1)})
+        raise ValueError(f"{where}: attention_mask must hold only 0 and 1, found {bad[:5]}")
+    if ids.shape[0] and (mask.sum(1) == 0).any():
+        row = int(torch.nonzero(mask.sum(1) == 0)[0])
+        raise ValueError(f"{where}: a row of attention_mask is all zeros (an empty input; row {row})")
+    if ids.numel():
+        _check_id_range(int(ids.min()), int(ids.max()), None if model is None else embedding_rows(model), where)
+    n = ids.shape[0]
+
+    labels = None
+    if need_labels:
+        key = _first_key(batch, LABEL_KEYS)
+        if key is None:
+            raise ValueError(f"{where} has no 'labels' (keys: {sorted(map(str, batch))}): this set must be "
+                             "labelled, its loader must yield `labels` (or `label`)")
+        labels = _rows_of(_integer_valued(_tensor(batch[key], key, where), key, where, "class ids"), n, key, where)
+        space = num_labels if num_labels is not None else (None if model is None else model_num_labels(model))
+        out = labels < 0 if space is None else (labels < 0) | (labels >= space)
+        if out.any():
+            bad = sorted({int(v) for v in labels[out].tolist()})
+            if space is None:
+                raise ValueError(f"{where}: labels {bad} are negative; class ids are 0..C-1")
+            raise ValueError(f"{where}: labels {bad} lie outside the model's label space [0, {space}) "
+                             f"(config.num_labels = {space})")
+
+    index = None
+    key = _first_key(batch, INDEX_KEYS)
+    if key is not None:
+        index = _rows_of(_integer(_tensor(batch[key], key, where), key, where, "sample ids").long(), n, key, where)
+    return Batch(inputs, labels, index)
+
+
+def loader_batches(loader) -> Iterable:
+    """What to iterate: the loader itself, or a `datasets.Dataset` read DATASET_BATCH rows at a time
+    (iterating a Dataset yields single rows, not batches)."""
+    if type(loader).__module__.split(".")[0] == "datasets" and callable(getattr(loader, "iter", None)):
+        return loader.iter(batch_size=DATASET_BATCH)
+    return loader
+
+
+def read_batches(loader, name: Optional[str] = None, model=None, need_labels: bool = False,
+                 num_labels: Optional[int] = None) -> Iterator[Batch]:
+    """Checked batches of a loader; errors name the set and the batch ("clean batch 3: ...")."""
+    if loader is None:
+        raise ValueError(f"the {name + ' ' if name else ''}loader is None")
+    prefix = f"{name} batch" if name else "batch"
+    for i, batch in enumerate(loader_batches(loader)):
+        yield check_batch(batch, f"{prefix} {i}", model, need_labels, num_labels)
+
+
+# ---- rows: a loader's inputs without padding, in memory ---------------------------------------------
+
+@dataclasses.dataclass
+class Rows:
+    """Unpadded token rows; `labels` [n] long when the set is labelled, None otherwise."""
+    ids: List[List[int]]
+    type_ids: Optional[List[List[int]]] = None
+    labels: Optional[torch.Tensor] = None
+
+    def __len__(self):
+        return len(self.ids)
+
+    def subset(self, idx) -> "Rows":
+        idx = list(idx)
+        return Rows([self.ids[i] for i in idx],
+                    None if self.type_ids is None else [self.type_ids[i] for i in idx],
+                    None if self.labels is None else self.labels[idx] if idx else self.labels[:0])
+
+    def without_tokens(self, drop) -> "Rows":
+        """The same rows with every occurrence of the token ids `drop` deleted (whole tokens only)."""
+        drop = set(drop)
+        keep = [[j for j, t in enumerate(r) if t not in drop] for r in self.ids]
+        return Rows([[r[j] for j in k] for r, k in zip(self.ids, keep)],
+                    None if self.type_ids is None else [[r[j] for j in k] for r, k in zip(self.type_ids, keep)],
+                    self.labels)
+
+
+def collect(loader: Iterable, name: str, need_labels: bool = False, model=None, num_labels: Optional[int] = None):
+    """Read every batch once, padding stripped by the mask (left or right). Returns (Rows, row ids [n] long:
+    the batches' `index`, else the running position)."""
+    ids_out, types_out, labels_out, row_ids = [], [], [], []
+    has_types, pos = None, 0
+    for b, batch in enumerate(read_batches(loader, name, model, need_labels, num_labels)):
+        where, n = f"{name} batch {b}", len(batch)
+        types = batch.inputs.get("token_type_ids")
+        if has_types is None:
+            has_types = types is not None
+        elif has_types != (types is not None):
+            raise ValueError(f"{where}: token_type_ids present in some batches and not in others")
+        if need_labels:
+            labels_out.append(batch.labels)
+        row_ids.append(batch.index if batch.index is not None else torch.arange(pos, pos + n))
+        keep = batch.inputs["attention_mask"].bool().cpu()
+        ids_cpu = batch.inputs["input_ids"].cpu()
+        types_cpu = types.cpu() if has_types else None
+        for r in range(n):
+            ids_out.append(ids_cpu[r][keep[r]].tolist())
+            if has_types:
+                types_out.append(types_cpu[r][keep[r]].tolist())
+        pos += n
+    labels = (torch.cat(labels_out) if labels_out else torch.zeros(0, dtype=torch.long)) if need_labels else None
+    rows = Rows(ids_out, types_out if has_types else None, labels)
+    return rows, torch.cat(row_ids) if row_ids else torch.zeros(0, dtype=torch.long)
+
+
+def check_rows(rows: Rows, model, name: str):
+    """The id check of `check_batch` on rows collected before the model was known (BTU loads a model by name
+    only once it has the training labels)."""
+    ids = [t for r in rows.ids for t in r]
+    if ids:
+        _check_id_range(min(ids), max(ids), embedding_rows(model), name)

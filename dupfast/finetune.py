@@ -1,0 +1,88 @@
+"""Plain supervised fine-tuning of a sequence classifier: the recipe (`FinetuneConfig`) and the loop (`fit`).
+
+Victims (`dupfast.victims`) and BTU's rounds, fine-tune and clean-tune (`dupfast.btu`) all train through
+`fit`: AdamW, linear warm-up then decay, gradient clipping, length-sorted shuffled batches.
+"""
+import dataclasses
+import math
+import os
+import random
+
+import torch
+
+from .batches import Rows, forward_inputs
+from .batching import RowBatcher, TextBatcher
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    model: str = "minilm"        # what `victims.train_victim` loads; `fit` trains the model it is given
+    epochs: int = 2
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_len: int = 64            # truncation of texts (token rows from a loader are used as they are)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 2025
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ("epochs", "batch_size", "max_len"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
+        if not (self.lr > 0):
+            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
+        if not (0 <= self.warmup_ratio < 1):
+            raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _progress(iterable, total, desc):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=os.environ.get("DUPFAST_QUIET") == "1")
+    except ImportError:
+        return iterable
+
+
+def fit(model, tokenizer, train, cfg: FinetuneConfig, desc: str = "train"):
+    """Fine-tune `model` in place on `train`: (text, label) samples, or labelled `dupfast.batches.Rows`
+    (token rows collected from a loader). Returns the per-step losses."""
+    from transformers import get_linear_schedule_with_warmup
+
+    seed_everything(cfg.seed)
+    if isinstance(train, Rows):
+        batcher = RowBatcher.from_rows(tokenizer, train)
+    else:
+        batcher = TextBatcher(tokenizer, [s.text for s in train], [s.label for s in train], cfg.max_len)
+    takes = forward_inputs(model)
+    steps_per_epoch = math.ceil(len(batcher) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    model.train()
+    losses = []
+    for epoch in range(cfg.epochs):
+        it = batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+        for batch in _progress(it, steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}"):
+            inputs = {k: batch[k] for k in takes if k in batch}
+            out = model(**inputs, labels=batch["labels"])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+    model.eval()
+    return losses
