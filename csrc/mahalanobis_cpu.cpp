@@ -172,7 +172,10 @@ at::Tensor mahalanobis_cpu(const at::Tensor& features, const at::Tensor& means,
   const int64_t K = means.size(1), nsel = static_cast<int64_t>(layers.size());
   at::Tensor feat = features.stride(2) == 1 ? features : features.contiguous();
   const at::Tensor mu = means.contiguous();  // whiteners: used per layer in place (blas_view)
-  const bool use_bf16 = bf16_gemm && feat.scalar_type() == at::kBFloat16;
+  // bf16_gemm is the opt-in precision="bf16" (dupfast/ops/mahalanobis.py has its error bound); the
+  // default upcasts bf16 features and multiplies in fp32 on every CPU.
+  const bool use_bf16 = bf16_gemm;
+  const bool bf16_in = feat.scalar_type() == at::kBFloat16;
   at::Tensor out = reduce_min ? at::empty({N, nsel}, features.options().dtype(at::kFloat))
                               : at::empty({N, nsel, K}, features.options().dtype(at::kFloat));
   if (N == 0 || nsel == 0) return out;
@@ -180,8 +183,11 @@ at::Tensor mahalanobis_cpu(const at::Tensor& features, const at::Tensor& means,
   const int64_t s_n = feat.stride(0), s_l = feat.stride(1);
   for (int64_t ls = 0; ls < nsel; ++ls) {
     const LayerPlan p = plan_layer(mu, whiteners, layers[ls], use_bf16);
-    if (feat.scalar_type() == at::kFloat) {
+    if (!bf16_in && !use_bf16) {
       run_layer<float, float>(p, feat.data_ptr<float>(), N, s_n, s_l, d, K, ls, nsel, squared, reduce_min, o);
+    } else if (!bf16_in) {
+      run_layer<float, c10::BFloat16>(p, feat.data_ptr<float>(), N, s_n, s_l, d, K, ls, nsel, squared,
+                                      reduce_min, o);
     } else if (use_bf16) {
       run_layer<c10::BFloat16, c10::BFloat16>(p, feat.data_ptr<c10::BFloat16>(), N, s_n, s_l, d, K, ls,
                                               nsel, squared, reduce_min, o);

@@ -1,12 +1,27 @@
 """Multi-layer Mahalanobis distances, one call for all (selected) layers.
 
     mahalanobis(features [N, L, d], means [L, K, d], whiteners [L, d, d],
-                layers=None, reduce="min", squared=False, backend=None)
+                layers=None, reduce="min", squared=False, backend=None, precision="fp32")
         -> [N, L'] (reduce="min": min over the K means) or [N, L', K] (reduce="none"), float32
 
 whiteners[l] is a factor W of layer l's precision, P = W W^T (the lower Cholesky factor in dupfast's
 detector), so q = ||(x - mu) W||^2; the output is sqrt(max(q, 0)), or q itself when squared=True.
 features may be float32 or bfloat16 (upcast, fp32 accumulation); means and whiteners are float32.
+
+precision="fp32" (the default, on every backend and every CPU): bf16 features are upcast exactly and
+everything after that is fp32, so a bf16 input gives the same distances as its fp32 upcast (bit for bit
+on the cpu backend). The default never depends on what the CPU can do.
+
+precision="bf16" (opt-in, cpu backend and the reference's emulation only): the centred block x - mu0, W
+and the GEMM's output are rounded to bf16, the products accumulated in fp32; on a CPU with native bf16
+dot products (AVX512-BF16 or AMX) torch's bf16 GEMM runs at about twice the fp32 rate. Its error bound,
+per row and mean (u = 2^-8, the bf16 unit roundoff; y = (x - mu0) W, s_k = (mu_k - mu0) W):
+
+    |y^_j - y_j| <= e_j = (3u + 3u^2 + d * eps32) * sum_i |x_i - mu0_i| |W_ij|   (c, W, output rounding)
+    |q^_k - q_k| <= sum_j (2 |y_j - s_kj| e_j + e_j^2) + 2 d eps32 q_k           (fp32 epilogue)
+
+(`bf16_error_bound` computes it in fp64; the tests hold the op to it). On detector-shaped problems at
+d = 384..768 the measured error is far below the bound (README: the kernel table).
 
 Backends (dupfast.ops._dispatch): reference (mahalanobis_reference.py), cpu (csrc/mahalanobis_cpu.cpp),
 triton (mahalanobis_triton.py), cuda (csrc/cuda/mahalanobis_kernel.cu). The native ones never hold
@@ -19,17 +34,31 @@ import torch
 from .. import _ext
 from . import mahalanobis_triton
 from ._dispatch import register, resolve
-from .mahalanobis_reference import mahalanobis_reference
+from .mahalanobis_reference import mahalanobis_bf16_reference, mahalanobis_reference
 
 OP = "mahalanobis"
 _REDUCTIONS = ("min", "none")
 
 
-def mahalanobis(features, means, whiteners, layers=None, reduce="min", squared=False, backend=None):
+_PRECISIONS = ("fp32", "bf16")
+_BF16_BACKENDS = ("cpu", "reference")
+
+
+def mahalanobis(features, means, whiteners, layers=None, reduce="min", squared=False, backend=None,
+                precision="fp32"):
     """Distances of every sample to the per-layer means under the per-layer precision W W^T."""
     layers = _check_args(features, means, whiteners, layers, reduce, squared)
-    _, fn = resolve(OP, features.device, backend)
-    return fn(features, means, whiteners, layers, reduce, bool(squared))
+    if precision not in _PRECISIONS:
+        raise ValueError(f"mahalanobis: precision must be one of {_PRECISIONS}, got {precision!r}")
+    name, fn = resolve(OP, features.device, backend)
+    if precision == "fp32":
+        return fn(features, means, whiteners, layers, reduce, bool(squared))
+    if name not in _BF16_BACKENDS:
+        raise ValueError(f"mahalanobis: precision='bf16' is implemented by the {' and '.join(_BF16_BACKENDS)} "
+                         f"backends, not {name!r}; use precision='fp32'")
+    if name == "reference":
+        return mahalanobis_bf16_reference(features, means, whiteners, layers, reduce, bool(squared))
+    return mahalanobis_cpu(features, means, whiteners, layers, reduce, bool(squared), bf16_gemm=True)
 
 
 def _check_args(features, means, whiteners, layers, reduce, squared):
@@ -95,20 +124,19 @@ def _check_native_dtypes(features, means, whiteners, backend):
                         f"and {whiteners.dtype}")
 
 
-def bf16_gemm_pays():
-    """Whether this CPU multiplies bf16 faster than fp32 (AMX or AVX512-BF16). Without it the bf16
-    path upcasts each block and uses the fp32 GEMM: torch's bf16 mm is about half the fp32 rate there."""
+def native_bf16_cpu():
+    """Whether this CPU has bf16 dot-product instructions (AMX or AVX512-BF16), i.e. whether the opt-in
+    precision="bf16" can be faster than fp32. Informational only: no default path depends on it."""
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
-def mahalanobis_cpu(features, means, whiteners, layers, reduce, squared, bf16_gemm=None):
-    """The C++ op. bf16_gemm (bf16 features only): round the centred block and W to bf16 and multiply
-    in bf16 with fp32 accumulation; default: only where the CPU has bf16 matrix instructions."""
+def mahalanobis_cpu(features, means, whiteners, layers, reduce, squared, bf16_gemm=False):
+    """The C++ op. bf16_gemm=False: bf16 features upcast, fp32 GEMM (the op's contract). bf16_gemm=True
+    (precision="bf16"): the centred block and W rounded to bf16, bf16 GEMM with fp32 accumulation, for
+    fp32 or bf16 features alike."""
     if features.device.type not in ("cpu", "meta"):
         raise ValueError(f"mahalanobis[cpu]: tensors must be on the CPU, got {features.device}")
     _check_native_dtypes(features, means, whiteners, "cpu")
-    if bf16_gemm is None:
-        bf16_gemm = features.dtype == torch.bfloat16 and bf16_gemm_pays()
     return torch.ops.dupfast.mahalanobis(features, means, whiteners, layers, squared, reduce == "min",
                                          bool(bf16_gemm))
 
