@@ -80,10 +80,16 @@ def machine():
     c = torch.empty(n, n)
     gemm_s = best_time(lambda: torch.mm(a, b, out=c), 3)
     gemm_cpu_s = best_cpu_time(lambda: torch.mm(a, b, out=c), 3)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    cb = torch.empty(n, n, dtype=torch.bfloat16)
+    bf16_gemm_s = best_time(lambda: torch.mm(ab, bb, out=cb), 3)
+    del ab, bb, cb
     x = torch.ones(64 * 1024 * 1024)
     sum_s = best_time(lambda: x.sum(), 5)
     info = {
         "fp32_gemm_gflops": 2 * n**3 / gemm_s / 1e9,
+        "bf16_gemm_gflops": 2 * n**3 / bf16_gemm_s / 1e9,
+        "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
         "fp32_gemm_gflops_per_cpu_s": 2 * n**3 / gemm_cpu_s / 1e9,
         "read_gbps": x.numel() * 4 / sum_s / 1e9,
         "threads": torch.get_num_threads(),
@@ -93,7 +99,9 @@ def machine():
     }
     print(f"\nmachine: {info['cpu']}, {info['threads']} threads, load average {os.getloadavg()[0]:.1f}: fp32 GEMM "
           f"{info['fp32_gemm_gflops']:.1f} GFLOP/s wall, {info['fp32_gemm_gflops_per_cpu_s']:.1f} GFLOP per CPU-second "
-          f"(torch.mm {n}^3); read {info['read_gbps']:.1f} GB/s (sum of 256 MiB)")
+          f"(torch.mm {n}^3); bf16 torch.mm {info['bf16_gemm_gflops']:.1f} GFLOP/s = "
+          f"{info['bf16_gemm_gflops'] / info['fp32_gemm_gflops']:.2f}x fp32 (native bf16: {info['native_bf16']}); "
+          f"read {info['read_gbps']:.1f} GB/s (sum of 256 MiB)")
     return info
 
 

@@ -82,6 +82,12 @@ LayerPlan plan_layer(const at::Tensor& means, const at::Tensor& whiteners, int64
   return p;
 }
 
+// Element conversions on the bit patterns (float_bits.h): they vectorise, c10's scalar ones do not.
+inline float load_float(float x) { return x; }
+inline float load_float(c10::BFloat16 x) { return df_float_from_bf16_bits(x.x); }
+inline void store_buf(float* dst, float v) { *dst = v; }
+inline void store_buf(c10::BFloat16* dst, float v) { dst->x = df_bf16_bits_rne(v); }
+
 // Centres rows [n0, n0 + rows) of layer `layer` into xc (row-major [rows, d]).
 template <typename In, typename Buf>
 void pack_block(const In* feat, int64_t s_n, int64_t s_l, int64_t layer, int64_t n0, int64_t rows,
@@ -90,7 +96,7 @@ void pack_block(const In* feat, int64_t s_n, int64_t s_l, int64_t layer, int64_t
     const In* src = feat + (n0 + r) * s_n + layer * s_l;
     Buf* dst = xc + r * d;
 #pragma omp simd
-    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<Buf>(static_cast<float>(src[i]) - mu0[i]);
+    for (int64_t i = 0; i < d; ++i) store_buf(dst + i, load_float(src[i]) - mu0[i]);
   }
 }
 
@@ -104,7 +110,7 @@ void panel_epilogue(const Y* y, int64_t rows, int64_t w, const float* shift, int
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < w; ++j) {
-        const float v = static_cast<float>(yr[j]);
+        const float v = load_float(yr[j]);
         s += v * v;
       }
       q[r] += s;
@@ -115,7 +121,7 @@ void panel_epilogue(const Y* y, int64_t rows, int64_t w, const float* shift, int
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < w; ++j) {
-        const float v = static_cast<float>(yr[j]) - sk[j];
+        const float v = load_float(yr[j]) - sk[j];
         s += v * v;
       }
       q[r * K + k] += s;

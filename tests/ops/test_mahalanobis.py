@@ -292,6 +292,26 @@ def test_bf16_precision_emulated_path_on_a_native_cpu():
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-1000:]
 
 
+@needs_cpu
+def test_bf16_packing_rounds_like_torch():
+    """The op's vectorised float -> bf16 rounding (csrc/float_bits.h) is torch's round-to-nearest-even:
+    with d = 1 and W = 1 the squared distance is exactly bf16(x - mu)^2, compared bit for bit on values
+    across magnitudes, exact ties (odd and even), signed zeros, denormals, inf and NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=g) * torch.logspace(-30, 30, 4000)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, -(1 + 2**-8), 255.5, 2**-130, 3e38])
+    x = torch.cat([x, ties, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")])])
+    feats = x[:, None, None]
+    means = torch.zeros(1, 1, 1)
+    W = torch.ones(1, 1, 1)
+    out = mahalanobis(feats, means, W, reduce="none", squared=True, backend="cpu", precision="bf16")[:, 0, 0]
+    y = x.to(torch.bfloat16).float()    # y = bf16(x - 0) * 1: the GEMM's bf16 output is exact
+    q = y * y
+    finite = torch.isfinite(x)
+    assert torch.equal(out[finite], q[finite])
+    assert torch.isnan(out[x.isnan()]).all() and torch.isinf(out[x.isinf()]).all()
+
+
 @needs_triton
 def test_bf16_precision_rejected_where_not_implemented():
     feats, means, W = make_problem(3, 1, 4, 1)
