@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.dupfast-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo "torch==2.14.1" || echo "torch==2.13.0+cpu")
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench nvcc-check clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 

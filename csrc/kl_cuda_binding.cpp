@@ -25,19 +25,17 @@ int dtype_index(c10::ScalarType t) {
   }
 }
 
-// [student dtype][teacher dtype], in dtype_index order.
-constexpr Launcher kLaunchers[3][3] = {
-    {dupfast_kl_rows_f32_f32, dupfast_kl_rows_f32_bf16, dupfast_kl_rows_f32_f16},
-    {dupfast_kl_rows_bf16_f32, dupfast_kl_rows_bf16_bf16, dupfast_kl_rows_bf16_f16},
-    {dupfast_kl_rows_f16_f32, dupfast_kl_rows_f16_bf16, dupfast_kl_rows_f16_f16},
-};
+// Student-major, teacher-minor: the order of DUPFAST_KL_DTYPE_PAIRS, which is dtype_index order.
+#define DUPFAST_KL_LAUNCHER_PTR(S, T) dupfast_kl_rows_##S##_##T,
+constexpr Launcher kLaunchers[9] = {DUPFAST_KL_DTYPE_PAIRS(DUPFAST_KL_LAUNCHER_PTR)};
+#undef DUPFAST_KL_LAUNCHER_PTR
 
 std::tuple<at::Tensor, at::Tensor> kl_div_fused_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                      const std::optional<at::Tensor>& weights, double inv_temperature,
                                                      double grad_scale) {
   const c10::cuda::CUDAGuard guard(student.device());
   auto [loss, grad] = check_and_alloc(student, teacher, weights, inv_temperature, c10::DeviceType::CUDA);
-  const Launcher launch = kLaunchers[dtype_index(student.scalar_type())][dtype_index(teacher.scalar_type())];
+  const Launcher launch = kLaunchers[3 * dtype_index(student.scalar_type()) + dtype_index(teacher.scalar_type())];
   const int err = launch(student.const_data_ptr(), teacher.const_data_ptr(),
                          weights.has_value() ? weights->const_data_ptr<float>() : nullptr,
                          loss.mutable_data_ptr<float>(), grad.mutable_data_ptr(), student.size(0), student.size(1),

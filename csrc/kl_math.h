@@ -15,18 +15,12 @@
 #include <cstring>
 
 #include "df_common.h"
+#include "float_bits.h"
 
 namespace dupfast::kl {
 
-DF_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
+// The bit pattern (float_bits.h), under the name the KL code and its host checks use.
+DF_HD uint32_t float_bits(float x) { return df_bits(x); }
 
 DF_HD bool is_neg_inf(float x) { return float_bits(x) == 0xff800000u; }
 

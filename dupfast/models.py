@@ -218,10 +218,6 @@ def model_names() -> list[str]:
     return sorted(_RESOLVERS)
 
 
-def register_model(name, resolver):
-    _RESOLVERS[name] = resolver
-
-
 def resolve_model_dir(name_or_path) -> pathlib.Path:
     """A short name (see model_names()) or an existing local HF directory."""
     key = ALIASES.get(str(name_or_path), str(name_or_path))

@@ -149,20 +149,17 @@ int launch(const void* s, const void* t, const float* w, float* loss, void* g, i
 
 }  // namespace
 
-#define DUPFAST_KL_LAUNCHER(NAME, TS, TT)                                                                          \
-  extern "C" int NAME(const void* student, const void* teacher, const float* weights, float* row_loss, void* grad, \
-                      int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,                       \
-                      struct CUstream_st* stream) {                                                              \
-    return launch<TS, TT>(student, teacher, weights, row_loss, grad, rows, vocab, inv_temperature, grad_scale,   \
-                          stream);                                                                               \
+// the C type of each dtype tag of DUPFAST_KL_DTYPE_PAIRS
+using kl_f32 = float;
+using kl_bf16 = __nv_bfloat16;
+using kl_f16 = __half;
+
+#define DUPFAST_KL_LAUNCHER(S, T)                                                                                 \
+  extern "C" int dupfast_kl_rows_##S##_##T(const void* student, const void* teacher, const float* weights,      \
+                                           float* row_loss, void* grad, int64_t rows, int64_t vocab,            \
+                                           float inv_temperature, float grad_scale, struct CUstream_st* stream) { \
+    return launch<kl_##S, kl_##T>(student, teacher, weights, row_loss, grad, rows, vocab, inv_temperature,      \
+                                  grad_scale, stream);                                                           \
   }
 
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_f32_f32, float, float)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_f32_bf16, float, __nv_bfloat16)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_f32_f16, float, __half)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_bf16_f32, __nv_bfloat16, float)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_bf16_f16, __nv_bfloat16, __half)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_f16_f32, __half, float)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_f16_bf16, __half, __nv_bfloat16)
-DUPFAST_KL_LAUNCHER(dupfast_kl_rows_f16_f16, __half, __half)
+DUPFAST_KL_DTYPE_PAIRS(DUPFAST_KL_LAUNCHER)

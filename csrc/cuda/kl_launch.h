@@ -14,33 +14,17 @@ struct CUstream_st;  // what cudaStream_t points to
 extern "C" {
 #endif
 
-int dupfast_kl_rows_f32_f32(const void* student, const void* teacher, const float* weights, float* row_loss,
-                            void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                            struct CUstream_st* stream);
-int dupfast_kl_rows_f32_bf16(const void* student, const void* teacher, const float* weights, float* row_loss,
-                             void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                             struct CUstream_st* stream);
-int dupfast_kl_rows_f32_f16(const void* student, const void* teacher, const float* weights, float* row_loss,
-                            void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                            struct CUstream_st* stream);
-int dupfast_kl_rows_bf16_f32(const void* student, const void* teacher, const float* weights, float* row_loss,
-                             void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                             struct CUstream_st* stream);
-int dupfast_kl_rows_bf16_bf16(const void* student, const void* teacher, const float* weights, float* row_loss,
-                              void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                              struct CUstream_st* stream);
-int dupfast_kl_rows_bf16_f16(const void* student, const void* teacher, const float* weights, float* row_loss,
-                             void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                             struct CUstream_st* stream);
-int dupfast_kl_rows_f16_f32(const void* student, const void* teacher, const float* weights, float* row_loss,
-                            void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                            struct CUstream_st* stream);
-int dupfast_kl_rows_f16_bf16(const void* student, const void* teacher, const float* weights, float* row_loss,
-                             void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                             struct CUstream_st* stream);
-int dupfast_kl_rows_f16_f16(const void* student, const void* teacher, const float* weights, float* row_loss,
-                            void* grad, int64_t rows, int64_t vocab, float inv_temperature, float grad_scale,
-                            struct CUstream_st* stream);
+// One launcher per (student, teacher) dtype pair, named dupfast_kl_rows_<S>_<T>; the list is written
+// once here and expanded by the kernel file (definitions) and the torch binding (its dispatch table).
+#define DUPFAST_KL_DTYPE_PAIRS(X) \
+  X(f32, f32) X(f32, bf16) X(f32, f16) X(bf16, f32) X(bf16, bf16) X(bf16, f16) X(f16, f32) X(f16, bf16) X(f16, f16)
+
+#define DUPFAST_KL_LAUNCHER_DECL(S, T)                                                                       \
+  int dupfast_kl_rows_##S##_##T(const void* student, const void* teacher, const float* weights,            \
+                                float* row_loss, void* grad, int64_t rows, int64_t vocab, float inv_temperature, \
+                                float grad_scale, struct CUstream_st* stream);
+
+DUPFAST_KL_DTYPE_PAIRS(DUPFAST_KL_LAUNCHER_DECL)
 
 #ifdef __cplusplus
 }

@@ -4,20 +4,14 @@ import argparse
 import importlib
 import sys
 
-_COMMANDS = ("demo", "detect", "purify", "btu", "bench")
+_COMMANDS = ("demo", "detect", "purify", "btu")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="dupfast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
-        try:
-            mod = importlib.import_module(f"dupfast.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dupfast.cli.{name}":
-                raise
-            continue  # subcommand not built yet
-        mod.add_parser(sub)
+        importlib.import_module(f"dupfast.cli.{name}").add_parser(sub)
     return parser
 
 

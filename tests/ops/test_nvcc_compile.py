@@ -62,6 +62,22 @@ def declared_launchers(header_text):
     return names
 
 
+def preprocessed(header):
+    """The header's own declarations after the C preprocessor (launcher lists may be written once as
+    X-macros); its #includes are dropped so only what it declares itself remains."""
+    own = "\n".join(line for line in header.read_text().splitlines() if not line.lstrip().startswith("#include"))
+    proc = subprocess.run([_tool("g++"), "-E", "-P", "-x", "c++", "-"], input=own,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_kl_launchers_expand_to_every_dtype_pair():
+    names = declared_launchers(preprocessed(CSRC / "cuda" / "kl_launch.h"))
+    tags = ("f32", "bf16", "f16")
+    assert names == [f"dupfast_kl_rows_{s}_{t}" for s in tags for t in tags]
+
+
 @pytest.mark.parametrize("require", ["0", "1"])
 def test_missing_nvcc_skips_locally_and_fails_in_ci(monkeypatch, require):
     monkeypatch.setattr(shutil, "which", lambda name: None)
@@ -100,7 +116,7 @@ def test_cu_compiles_for_sm80_sm90_without_spills_and_exports_launchers(cu, tmp_
     header = cu.with_name(cu.name.replace("_kernel.cu", "_launch.h"))
     assert cu.name.endswith("_kernel.cu") and header.exists(), (
         f"{cu.name}: expected <op>_kernel.cu with its launchers declared in <op>_launch.h ({header.name})")
-    declared = declared_launchers(header.read_text())
+    declared = declared_launchers(preprocessed(header))
     assert declared, f"{header.name} declares no launcher"
 
     obj = tmp_path / (cu.stem + ".o")
