@@ -59,8 +59,7 @@ def _texts():
 @pytest.fixture(scope="module")
 def setup():
     torch.set_num_threads(THREADS)
-    from dupfast.detect import Detector
-    from dupfast.detect.api import text_loader
+    from dupfast.detection import Detector, text_loader
     model, tok, name = _victim()
     cal_t, cal_y, pool_t, pool_y = _texts()
     clean = list(text_loader(tok, cal_t, cal_y, BATCH, 64))
@@ -87,7 +86,7 @@ def test_bare_forward(benchmark, setup):
 
 @pytest.mark.parametrize("mode", ["dup", "default"])
 def test_detect_one_pass(benchmark, setup, mode):
-    from dupfast.detect import Detector
+    from dupfast.detection import Detector
     det = setup["det"] if mode == "dup" else Detector(mode=mode).fit(setup["model"], setup["clean"])
     out = {}
     benchmark.pedantic(lambda: out.setdefault("r", det.score(setup["model"], setup["pool"])), rounds=3, warmup_rounds=1)
@@ -135,7 +134,7 @@ def test_authors_two_pass(benchmark, setup):
 
 
 def test_detect_bf16(benchmark, setup):
-    from dupfast.detect import Detector
+    from dupfast.detection import Detector
     det = Detector(mode="dup", autocast="bf16").fit(setup["model"], setup["clean"])
     benchmark.pedantic(lambda: det.score(setup["model"], setup["pool"]), rounds=3, warmup_rounds=1)
     _record("detect_dup_bf16", benchmark)

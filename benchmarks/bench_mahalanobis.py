@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import peak_memory
+from conftest import measure
 from dupfast.ops import mahalanobis
 from dupfast.ops.mahalanobis import native_bf16_cpu
 from dupfast.ops.mahalanobis_reference import mahalanobis_precision_reference
@@ -38,21 +38,6 @@ def problem():
 def executed_gflop():
     per_row = sum(2 * (D - j0) * min(PANEL, D - j0) for j0 in range(0, D, PANEL))
     return N * L * per_row / 1e9
-
-
-def measure(benchmark, fn):
-    """Benchmarks fn; returns wall (min), CPU time (min), the output and the warm peak memory."""
-    cpu = []
-
-    def timed():
-        c0 = time.process_time()
-        out = fn()
-        cpu.append(time.process_time() - c0)
-        return out
-
-    out = benchmark(timed)
-    _, mem = peak_memory(fn)
-    return {"wall": benchmark.stats.stats.min, "cpu": min(cpu), "out": out, "mem": mem}
 
 
 def reference_run(problem, k):

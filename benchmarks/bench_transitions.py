@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import peak_memory
+from conftest import measure
 from dupfast.ops import layer_transitions
 from dupfast.ops.transitions_reference import layer_transitions_reference
 
@@ -26,20 +26,6 @@ def features():
     g = torch.Generator().manual_seed(0)
     steps = 0.3 * torch.randn(N, L, D, generator=g) + 0.2 * torch.randn(N, 1, D, generator=g)
     return 3.0 * torch.randn(N, 1, D, generator=g) + torch.cumsum(steps, dim=1)
-
-
-def measure(benchmark, fn):
-    cpu = []
-
-    def timed():
-        c0 = time.process_time()
-        out = fn()
-        cpu.append(time.process_time() - c0)
-        return out
-
-    out = benchmark(timed)
-    _, mem = peak_memory(fn)
-    return {"wall": benchmark.stats.stats.min, "cpu": min(cpu), "out": out, "mem": mem}
 
 
 def test_reference(benchmark, features, machine):

@@ -72,6 +72,22 @@ def peak_memory(fn):
     return out, (_status_kib("VmHWM") - before) * 1024
 
 
+def measure(benchmark, fn):
+    """Benchmarks fn: wall time (min over rounds), process CPU time (min), the output and the extra
+    resident memory of one warm call."""
+    cpu = []
+
+    def timed():
+        c0 = time.process_time()
+        out = fn()
+        cpu.append(time.process_time() - c0)
+        return out
+
+    out = benchmark(timed)
+    _, mem = peak_memory(fn)
+    return {"wall": benchmark.stats.stats.min, "cpu": min(cpu), "out": out, "mem": mem}
+
+
 @pytest.fixture(scope="session")
 def machine():
     """fp32 GEMM GFLOP/s and read GB/s of this machine, measured now with torch's thread count."""
@@ -83,7 +99,6 @@ def machine():
     ab, bb = a.bfloat16(), b.bfloat16()
     cb = torch.empty(n, n, dtype=torch.bfloat16)
     bf16_gemm_s = best_time(lambda: torch.mm(ab, bb, out=cb), 3)
-    del ab, bb, cb
     x = torch.ones(64 * 1024 * 1024)
     sum_s = best_time(lambda: x.sum(), 5)
     info = {

@@ -10,15 +10,16 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("btu", "purify")
 
 
-# dupfast.detect is a callable package (the function and its module); Detector and detect_texts live in it.
-_LAZY_DETECT = {"detect": None, "Detector": "Detector", "detect_texts": "detect_texts"}
+# dupfast.detect is a plain function; it, Detector and detect_texts come from the dupfast.detection package.
+_LAZY_DETECTION = ("detect", "Detector", "detect_texts")
 
 
 def __getattr__(name):
-    if name in _LAZY_DETECT:
+    if name in _LAZY_DETECTION:
         import importlib
-        mod = importlib.import_module(".detect", __name__)
-        return mod if _LAZY_DETECT[name] is None else getattr(mod, _LAZY_DETECT[name])
+        value = getattr(importlib.import_module(".detection", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
     if name in _LAZY_SUBMODULES:
         import importlib
         return importlib.import_module(f".{name}", __name__)

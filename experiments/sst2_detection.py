@@ -24,12 +24,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `experim
 
 from dupfast import metrics  # noqa: E402
 from dupfast.data import fingerprint, load_sst2, load_sst2_poison, split_samples  # noqa: E402
-from dupfast.detect import Detector  # noqa: E402
-from dupfast.detect.api import text_loader  # noqa: E402
-from dupfast.detect.baselines import StripDetector  # noqa: E402
-from dupfast.detect.capture import capture  # noqa: E402
-from dupfast.detect.detector import collect  # noqa: E402
-from dupfast.detect.report import plot_histograms, plot_roc  # noqa: E402
+from dupfast.detection import Detector, StripDetector, text_loader  # noqa: E402
+from dupfast.detection.capture import capture, collect  # noqa: E402
+from dupfast.detection.report import plot_histograms, plot_roc  # noqa: E402
 
 MAX_LEN = 64
 BATCH = 32
@@ -120,13 +117,14 @@ def run_attack(attack, out: pathlib.Path, strip=True, data_dir=None, low_rates=(
         for n_poison in (None, *low_rates):
             spf, spl, sy = (pf, pl, y) if n_poison is None else subsample_pool(pf, pl, y, n_poison, 0)
             det = Detector(mode=mode, pooling="cls", pool_trim=POOL_TRIM)
-            res = det.fit_pool_features(spf, spl)
+            res = det.fit_pool_features(spf, spl).pool_result
             extra_rows.append({"method": names[mode] + ", pool-only", "poisoned": int(sy.sum()),
                                **{k: v for k, v in evaluate(names[mode], res.scores, res.flags, sy).items() if k != "method"},
                                "calibration": det.calibration})
     if strip:
         st = StripDetector(frr=0.05, max_len=MAX_LEN).fit(model, tok, [s.text for s in clean])
-        s, f = st.score(model, tok, [s.text for s in pool])
+        r = st.score(model, tok, [s.text for s in pool])
+        s, f = r.scores, r.flags
         rows.append(evaluate("STRIP", s.numpy(), f.numpy(), y))
         curves["STRIP"] = (y, s.numpy())
         plot_histograms(out / f"{attack}-strip-hist.png", s.numpy(), y, st.threshold, f"{attack}: STRIP")

@@ -9,7 +9,7 @@ import torch
 import dupfast
 from dupfast.batches import collect
 from dupfast.btu import BTUConfig, ExposureConfig
-from dupfast.detect.capture import capture
+from dupfast.detection.capture import capture
 from dupfast.finetune import FinetuneConfig
 from tiny_models import sentiment_samples, tiny_classifier
 

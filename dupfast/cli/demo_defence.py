@@ -19,7 +19,7 @@ def _pool_and_clean(state):
 
 def detect_step(state) -> dict:
     from .. import metrics
-    from ..detect import detect_texts
+    from ..detection import detect_texts
 
     clean, pool = _pool_and_clean(state)
     t0 = time.perf_counter()
@@ -37,7 +37,7 @@ def detect_step(state) -> dict:
 
 def purify_step(state) -> dict:
     from .. import purify
-    from ..detect.api import text_loader
+    from ..detection import text_loader
     from ..victims import evaluate_backdoor
 
     s = state.settings

@@ -2,53 +2,95 @@
 
     dupfast detect MODEL --texts pool.tsv [--clean dev.tsv] --out DIR [--mode default|dup|dan] [--frr 0.05]
 
-MODEL is a local HF sequence-classifier folder or a short name (dupfast.models.model_names()). Files are
-CSV, TSV, JSON lines or .txt, read by `dupfast.tables`: the text column by name (text, sentence, review, ...
-or --text-column), the clean set's label column likewise (label, ... or --label-column); DUP/OpenBackdoor
-CSV dumps (columns 0,1,2 = text, label, poison_label) are understood. Without --clean the detector
-calibrates on the pool itself. Writes DIR/scores.csv, DIR/detect.json and
-DIR/detector/ (reusable with --detector); when the pool file has a poison_label column (evaluation
-data), also AUROC/FAR/FRR and PNGs of the score histograms and ROC curve.
+MODEL is the fine-tuned classifier to screen: a local HF sequence-classifier folder, or a short name
+(dupfast.models.model_names()) only if that folder holds a fine-tuned head (a base model would get a new
+random head each run). Files are CSV, TSV, JSON lines or .txt, read by `dupfast.tables`: the text column by
+name (text, sentence, review, ... or --text-column), the clean set's label column likewise (label, ... or
+--label-column); DUP/OpenBackdoor CSV dumps (columns 0,1,2 = text, label, poison_label) are understood.
+Without --clean the detector calibrates on the pool itself. Writes DIR/scores.csv first, then
+DIR/detector/ (reusable with --detector) and DIR/detect.json; when the pool file has a poison_label column
+(evaluation data), also AUROC/FAR/FRR and PNGs of the score histograms and ROC curve (metrics the labels
+cannot support are left out with a note). An existing DIR with entries is refused unless --overwrite.
 """
+import argparse
 import csv
 import pathlib
+import sys
+
+OUTPUTS = ("scores.csv", "detect.json", "detect_hist.png", "detect_roc.png", "detector")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value:g}")
+    return value
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("detect", help="flag backdoor-triggered inputs (DUP detection)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="local HF model folder or short name")
+    p.add_argument("model", help="the fine-tuned classifier: local HF folder, or a short name holding a head")
     p.add_argument("--texts", required=True, help="CSV/TSV/JSONL/TXT of texts to screen (the pool)")
     p.add_argument("--clean", help="CSV/TSV/JSONL of clean labelled texts to calibrate on")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mode", default="default", choices=("default", "dup", "dan"))
-    p.add_argument("--frr", type=float, default=0.05, help="false rejection rate on clean data (default 0.05)")
-    p.add_argument("--pool-trim", type=float, default=None,
+    p.add_argument("--out", required=True, help="output folder (new or empty, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's results in --out (only the files this command writes)")
+    p.add_argument("--mode", default=None, choices=("default", "dup", "dan"), help="detection mode (default: default)")
+    p.add_argument("--frr", type=_fraction, default=None, help="false rejection rate on clean data (default 0.05)")
+    p.add_argument("--pool-trim", type=_fraction, default=None,
                    help="without --clean: share of the pool left out as suspicious while calibrating")
     p.add_argument("--detector", help="a folder saved by a previous run (skips fitting)")
     p.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     p.add_argument("--label-column", help="the clean set's label column (default: inferred)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-len", type=_positive_int, default=128)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
     p.set_defaults(func=run)
     return p
 
 
-def load_classifier(name_or_path, num_labels=None):
-    """A fine-tuned folder keeps its own head; a bare short name gets a fresh head (num_labels or 2)."""
+def load_classifier(name_or_path):
+    """The fine-tuned sequence classifier in a folder (or a short name's folder), with its own head."""
     import json
     from transformers import AutoModelForSequenceClassification
-    from ..models import load_model, load_tokenizer, resolve_model_dir
+    from ..models import load_tokenizer, resolve_model_dir
 
     folder = resolve_model_dir(name_or_path)
-    cfg = json.loads((folder / "config.json").read_text())
-    if any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
-        return model.eval(), load_tokenizer(folder)
-    model, tok = load_model(name_or_path, num_labels=num_labels or 2)
+    archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"model {name_or_path} ({folder}) has no fine-tuned classification head (architectures: "
+                         f"{archs or 'none'}): detection screens the classifier you deploy, and a new random head "
+                         "would give different scores on every run; pass the fine-tuned model's folder")
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
+    tok = load_tokenizer(folder)
+    if model.config.pad_token_id is None:  # decoder LMs: batches need a pad id
+        model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
+
+
+def _conflicts(args):
+    if args.detector:
+        given = [f"--{k.replace('_', '-')}" for k in ("clean", "mode", "frr", "pool_trim") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"--detector scores with a fitted detector as saved; {', '.join(given)} would be ignored: "
+                             "drop them, or fit a new detector instead")
+    elif args.clean and args.pool_trim is not None:
+        raise ValueError("--pool-trim sets pool-only calibration, which runs only without --clean")
 
 
 def run(args):
@@ -56,11 +98,16 @@ def run(args):
 
     import torch
 
-    from ..detect import Detector
-    from ..detect.api import text_loader
-    from ..detect.report import write_report
+    from ..detection import Detector, text_loader
+    from ..detection.report import write_report
     from ..tables import read_table
+    from .outdir import clear_outputs, prepare_out
 
+    _conflicts(args)
+    out = prepare_out(args.out, args.overwrite, OUTPUTS)
+    if args.detector and args.overwrite and pathlib.Path(args.out).resolve() in pathlib.Path(args.detector).resolve().parents:
+        raise ValueError(f"--detector {args.detector} lies inside --out {args.out}, which --overwrite would clear: "
+                         "choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     pool_table = read_table(args.texts, args.text_column, role="the pool")
@@ -69,30 +116,34 @@ def run(args):
     if args.clean:
         table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
         clean = (table.texts, table.labels)
-    model, tok = load_classifier(args.model, None if clean is None else max(clean[1]) + 1)
+    det = Detector.load(args.detector) if args.detector else None
+    model, tok = load_classifier(args.model)
     autocast = "bf16" if args.bf16 else None
     pool = list(text_loader(tok, texts, None, args.batch_size, args.max_len))
-    out = pathlib.Path(args.out)
-    if args.detector:
-        det = Detector.load(args.detector)
+    if det is not None:
         det.autocast = autocast
         result = det.score(model, pool)
     else:
         opts = {} if args.pool_trim is None else {"pool_trim": args.pool_trim}
-        det = Detector(mode=args.mode, frr=args.frr, autocast=autocast, **opts)
+        det = Detector(mode=args.mode or "default", frr=0.05 if args.frr is None else args.frr, autocast=autocast, **opts)
         if clean is None:
-            result = det.fit_pool(model, pool)
+            result = det.fit_pool(model, pool).pool_result
         else:
-            det.fit(model, list(text_loader(tok, clean[0], clean[1], args.batch_size, args.max_len)))
-            result = det.score(model, pool)
-        det.save(out / "detector")
+            clean_loader = text_loader(tok, clean[0], clean[1], args.batch_size, args.max_len, name="clean texts")
+            result = det.fit(model, list(clean_loader)).score(model, pool)
     result = result.sorted_by_index()
-    summary = write_report(out, result, poison, name="detect", frr=det.frr,
-                           extra={"mode": det.mode, "calibration": det.calibration, "model": str(args.model)})
+    # the results exist: only now replace an earlier run's files, scores first (the report may still fail)
+    clear_outputs(out, OUTPUTS)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["index", "score", "flag", "text"])
         for i, (s, f) in enumerate(zip(result.scores.tolist(), result.flags.tolist())):
             w.writerow([i, f"{s:.6g}", int(f), texts[i]])
+    if not args.detector:
+        det.save(out / "detector")
+    summary = write_report(out, result, poison, name="detect", frr=det.frr,
+                           extra={"mode": det.mode, "calibration": det.calibration, "model": str(args.model)})
+    for note in summary.get("notes", ()):
+        print(f"dupfast detect: note: {note}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in summary if k in ("samples", "flagged", "threshold", "auroc", "far", "frr")}))
     return 0

@@ -46,3 +46,21 @@ def resolve(op, device, backend=None):
         if name in impls and impls[name][1]():
             return name, impls[name][0]
     return "reference", impls["reference"][0]
+
+
+def register_op(op, fake, reference, cpu, cuda, triton, triton_available, native=None):
+    """Registers the four backends of an op whose compiled kernel is `dupfast::<native>` (default: the
+    op's name): cpu and cuda are available when the extension has that kernel for their device, and the
+    fake (meta) kernel is registered with torch when the extension is loaded, so torch.compile and meta
+    tensors can trace it."""
+    import torch
+
+    from .. import _ext
+
+    native = native or op
+    register(op, "reference", reference)
+    register(op, "cpu", cpu, lambda: _ext.has_op(native))
+    register(op, "cuda", cuda, lambda: _ext.has_cuda_op(native))
+    register(op, "triton", triton, triton_available)
+    if _ext.has_op(native):
+        torch.library.register_fake(f"dupfast::{native}")(fake)

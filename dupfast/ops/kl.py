@@ -27,8 +27,7 @@ import os
 
 import torch
 
-from .. import _ext
-from ._dispatch import register, resolve
+from ._dispatch import register_op, resolve
 from .kl_reference import kl_div_reference, reduce_rows
 
 _OP = "kl_div"
@@ -154,14 +153,6 @@ class _FusedKLDiv(torch.autograd.Function):
         return (grad.float() * scale).to(grad.dtype), None, None, None, None, None
 
 
-def _compiled_available():
-    return _ext.has_op("kl_div_fused")
-
-
-def _cuda_available():
-    return _ext.has_cuda_op("kl_div_fused")
-
-
 def _triton_available():
     try:
         import triton  # noqa: F401
@@ -170,17 +161,9 @@ def _triton_available():
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _register_fake():
-    if not _compiled_available():
-        return
-
-    @torch.library.register_fake("dupfast::kl_div_fused")
-    def _(student, teacher, weights, inv_temperature, grad_scale):
-        return student.new_empty(student.shape[:1], dtype=torch.float32), torch.empty_like(student)
+def _fake(student, teacher, weights, inv_temperature, grad_scale):
+    return student.new_empty(student.shape[:1], dtype=torch.float32), torch.empty_like(student)
 
 
-register(_OP, "reference", kl_div_reference)
-register(_OP, "cpu", _fused_compiled, _compiled_available)
-register(_OP, "cuda", _fused_compiled, _cuda_available)
-register(_OP, "triton", _fused_triton, _triton_available)
-_register_fake()
+register_op(_OP, _fake, reference=kl_div_reference, cpu=_fused_compiled, cuda=_fused_compiled,
+            triton=_fused_triton, triton_available=_triton_available, native="kl_div_fused")

@@ -31,9 +31,8 @@ No gradient is defined (detection scores only).
 """
 import torch
 
-from .. import _ext
 from . import mahalanobis_triton
-from ._dispatch import register, resolve
+from ._dispatch import register_op, resolve
 from .mahalanobis_reference import mahalanobis_bf16_reference, mahalanobis_reference
 
 OP = "mahalanobis"
@@ -159,18 +158,5 @@ def _fake(features, means, whiteners, layers, squared, reduce_min, bf16_gemm):
     return features.new_empty(shape, dtype=torch.float32)
 
 
-def _native_op_available():
-    return _ext.has_op(OP)
-
-
-def _cuda_available():
-    return _ext.has_cuda_op(OP)
-
-
-if _native_op_available():
-    torch.library.register_fake(f"dupfast::{OP}")(_fake)
-
-register(OP, "reference", _reference)
-register(OP, "cpu", mahalanobis_cpu, _native_op_available)
-register(OP, "triton", _triton, mahalanobis_triton.available)
-register(OP, "cuda", _cuda, _cuda_available)
+register_op(OP, _fake, reference=_reference, cpu=mahalanobis_cpu, cuda=_cuda, triton=_triton,
+            triton_available=mahalanobis_triton.available)

@@ -14,9 +14,8 @@ Backends: reference (transitions_reference.py: batched svdvals of the explicit d
 """
 import torch
 
-from .. import _ext
 from . import transitions_triton
-from ._dispatch import register, resolve
+from ._dispatch import register_op, resolve
 from .transitions_reference import layer_transitions_reference
 
 OP = "layer_transitions"
@@ -73,18 +72,5 @@ def _fake(features):
             features.new_empty((n,), dtype=torch.float32))
 
 
-def _native_op_available():
-    return _ext.has_op(OP)
-
-
-def _cuda_available():
-    return _ext.has_cuda_op(OP)
-
-
-if _native_op_available():
-    torch.library.register_fake(f"dupfast::{OP}")(_fake)
-
-register(OP, "reference", layer_transitions_reference)
-register(OP, "cpu", _cpu, _native_op_available)
-register(OP, "triton", _triton, transitions_triton.available)
-register(OP, "cuda", _cuda, _cuda_available)
+register_op(OP, _fake, reference=layer_transitions_reference, cpu=_cpu, cuda=_cuda, triton=_triton,
+            triton_available=transitions_triton.available)

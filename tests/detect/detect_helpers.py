@@ -66,7 +66,7 @@ def distributed_worker(rank, world, init_file, out_dir, configs):
     and score its shard of the pool batches; results go to <out_dir>/<mode>-<pool_only>-rank<r>."""
     import torch.distributed as dist
     from safetensors.torch import save_file
-    from dupfast.detect import Detector
+    from dupfast.detection import Detector
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -77,7 +77,7 @@ def distributed_worker(rank, world, init_file, out_dir, configs):
         for mode, pool_only in configs:
             det = Detector(mode=mode, pool_trim=0.3)
             if pool_only:
-                res = det.fit_pool(model, shard(batches(pool, batch_size=7)))
+                res = det.fit_pool(model, shard(batches(pool, batch_size=7))).pool_result
             else:
                 det.fit(model, shard(batches(clean, labels, batch_size=7)))
                 res = det.score(model, shard(batches(pool, batch_size=7)))

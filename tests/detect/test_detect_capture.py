@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from detect_helpers import batches, make_samples, tiny_bert, tiny_llama
-from dupfast.detect.capture import capture, last_token_index, first_token_index, resolve_pooling
+from dupfast.detection.capture import capture, last_token_index, first_token_index, resolve_pooling
 
 
 def _one(model, seqs, pad_side, poolings=("cls", "last", "mean")):

@@ -8,7 +8,7 @@ import torch
 from detect_helpers import tiny_bert, tiny_texts, tiny_tokenizer
 from dupfast import metrics
 from dupfast.cli import main
-from dupfast.detect import detect_texts
+from dupfast.detection import detect_texts
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,14 @@ def test_cli_pool_only(tmp_path, model_dir, files):
 
 def test_cli_bad_files(tmp_path, model_dir, files, capsys):
     clean_tsv, pool_csv, _ = files
-    assert main(["detect", str(model_dir), "--texts", str(tmp_path / "nope.tsv"), "--out", str(tmp_path)]) == 2
+    out = tmp_path / "out"  # not tmp_path itself: it holds the input files, and --out must be new or empty
+    assert main(["detect", str(model_dir), "--texts", str(tmp_path / "nope.tsv"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     nolabel = _write(tmp_path / "nolabel.tsv", ["sentence"], [("w1 w2",)] * 30, "\t")
-    assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--clean", str(nolabel), "--out", str(tmp_path)]) == 2
+    assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--clean", str(nolabel), "--out", str(out)]) == 2
     assert "needs a label column" in capsys.readouterr().err
     empty = _write(tmp_path / "empty.tsv", ["sentence", "label"], [], "\t")
-    assert main(["detect", str(model_dir), "--texts", str(empty), "--out", str(tmp_path)]) == 2
+    assert main(["detect", str(model_dir), "--texts", str(empty), "--out", str(out)]) == 2
     assert "no data rows" in capsys.readouterr().err
 
 

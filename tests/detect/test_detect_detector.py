@@ -8,7 +8,8 @@ import torch
 import dupfast
 from detect_helpers import batches, make_samples, tiny_bert
 from dupfast import metrics
-from dupfast.detect import Detector
+from dupfast.detection import Detector
+from dupfast.detection.calibration import split
 
 MODES = ("dup", "default", "dan")
 
@@ -38,7 +39,7 @@ def test_threshold_holds_the_frr_on_the_validation_half(bert, clean_and_pool):
     clean, _, _ = clean_and_pool
     det = Detector(mode="dup", frr=0.1).fit(bert, clean)
     res = det.score(bert, clean)
-    _, val = det._split(120, None)
+    _, val = split(120, None, det.seed, det.calibration_fraction)
     frr = res.flags[val].float().mean().item()
     assert frr <= 0.1 + 1 / len(val)
 
@@ -74,7 +75,7 @@ def test_pool_only_calibration(bert):
     pool = batches(make_samples(150, seed=2) + make_samples(15, seed=3, lo=80, hi=120, trigger=[110, 111, 112]))
     y = torch.tensor([0] * 150 + [1] * 15)
     det = Detector(mode="dup", pool_trim=0.3)
-    res = det.fit_pool(bert, pool)
+    res = det.fit_pool(bert, pool).pool_result
     assert det.calibration["source"] == "pool" and det.calibration["iterations"] >= 1
     assert metrics.auroc(y, res.scores) > 0.8  # an easy case (far out-of-vocabulary poison); see README for SST-2
     # the detector keeps the last fit: it reproduces the returned scores outside its own calibration half

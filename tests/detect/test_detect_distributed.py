@@ -5,7 +5,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from detect_helpers import batches, clean_pool_data, distributed_worker, tiny_bert
-from dupfast.detect import Detector
+from dupfast.detection import Detector
 
 CONFIGS = [("dup", False), ("default", False), ("dan", False), ("default", True)]
 
@@ -19,7 +19,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for mode, pool_only in CONFIGS:
         det = Detector(mode=mode, pool_trim=0.3)
         if pool_only:
-            ref = det.fit_pool(model, batches(pool, batch_size=7))
+            ref = det.fit_pool(model, batches(pool, batch_size=7)).pool_result
         else:
             ref = det.fit(model, batches(clean, labels, batch_size=7)).score(model, batches(pool, batch_size=7))
         parts = [load_file(str(tmp_path / f"{mode}-{pool_only}-rank{r}.safetensors")) for r in range(2)]

@@ -5,7 +5,8 @@ import torch
 from sklearn.covariance import ShrunkCovariance
 from sklearn.metrics import calinski_harabasz_score
 
-from dupfast.detect import Detector
+from dupfast.detection import Detector
+from dupfast.detection.calibration import split
 
 
 def authors_dup(cal_x, cal_y, val_x, pool_x, top_k=3, alpha=0.9, frr=0.05):
@@ -58,7 +59,7 @@ def test_dup_mode_equals_the_authors_algorithm(n, L, d):
     pool[35:] += torch.randn(d) * 0.9  # a "poisoned" cluster
     det = Detector(mode="dup", pooling="cls").fit_features({"cls": clean}, labels, num_classes=2)
     res = det.score_features({"cls": pool})
-    cal, val = det._split(n, None)
+    cal, val = split(n, None, det.seed, det.calibration_fraction)
     ref = authors_dup(clean[cal].numpy(), labels[cal].numpy(), clean[val].numpy(), pool.numpy())
 
     assert res.selected_layers == ref["layers"]

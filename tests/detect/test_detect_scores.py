@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from detect_helpers import batches, make_samples
-from dupfast.detect import Detector
-from dupfast.detect.scores import ZNorm, excess_weights, frr_threshold
-from dupfast.detect.stats import LayerStats, shrunk_covariance, whiteners
-from dupfast.detect.transductive import loo_projections
+from dupfast.detection import Detector
+from dupfast.detection.calibration import ZNorm, excess_weights, frr_threshold
+from dupfast.detection.stats import LayerStats, shrunk_covariance, whiteners
+from dupfast.detection.transductive import loo_projections
 
 
 def test_znorm_matches_numpy_population_std_and_floors_constant_columns():

@@ -5,7 +5,7 @@ import torch
 from sklearn.covariance import ShrunkCovariance
 from sklearn.metrics import calinski_harabasz_score
 
-from dupfast.detect.stats import LayerStats, calinski_harabasz, shrunk_covariance, whiteners
+from dupfast.detection.stats import LayerStats, calinski_harabasz, shrunk_covariance, whiteners
 
 
 def _data(n=57, L=3, d=11, K=3, seed=0):

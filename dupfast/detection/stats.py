@@ -109,19 +109,6 @@ class LayerStats:
         if self.count < k:
             raise ValueError(f"need at least {k} samples to fit statistics, got {self.count}")
 
-    # ---- (de)serialisation: plain tensors, for safetensors ------------------------------------------
-    def state_dict(self, prefix: str = "") -> dict:
-        return {prefix + k: getattr(self, k).contiguous() for k in ("n", "sum", "sumsq", "class_n", "class_sum")}
-
-    @classmethod
-    def from_state_dict(cls, state: dict, prefix: str = "") -> "LayerStats":
-        L, d = state[prefix + "sum"].shape
-        K = state[prefix + "class_n"].shape[0]
-        out = cls(L, d, K)
-        for k in ("n", "sum", "sumsq", "class_n", "class_sum"):
-            getattr(out, k).copy_(state[prefix + k])
-        return out
-
 
 def shrunk_covariance(cov: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
     """sklearn.covariance.shrunk_covariance: (1 - s)·cov + s·(tr(cov)/d)·I, batched over leading dims."""

@@ -93,26 +93,34 @@ def _logits(outputs):
     return logits
 
 
+_AUTOCAST = {True: "bf16", "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16",
+             "fp16": "fp16", "float16": "fp16", torch.float16: "fp16"}
+
+
+def autocast_name(autocast) -> Optional[str]:
+    """None/False (off), True or "bf16" or torch.bfloat16 -> "bf16", "fp16"/torch.float16 -> "fp16"."""
+    if autocast is None or autocast is False:
+        return None
+    try:
+        return _AUTOCAST[autocast]
+    except (KeyError, TypeError):
+        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', not {autocast!r}") from None
+
+
 def autocast_context(device: torch.device, autocast):
-    """autocast: None/False (off), True or "bf16" or torch.bfloat16, or "fp16"/torch.float16."""
-    if autocast in (None, False):
+    name = autocast_name(autocast)
+    if name is None:
         return contextlib.nullcontext()
-    dtype = {True: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16, torch.float16: torch.float16}.get(autocast)
-    if dtype is None:
-        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', not {autocast!r}")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if name == "bf16" else torch.float16)
 
 
 def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocast=None,
-            token_fn: Optional[Callable] = None, layers: Optional[Sequence[int]] = None,
-            need_labels: bool = False, name: Optional[str] = None):
+            token_fn: Optional[Callable] = None, need_labels: bool = False, name: Optional[str] = None):
     """Yield one CapturedBatch per loader batch, from ONE forward pass each.
 
     Batches are read by `dupfast.batches` (any Mapping; token_type_ids only for a model that takes them).
     token_fn(hidden: list of [B, T, d], mask [B, T]) runs while the batch's hidden states are alive; its
     return value lands in `CapturedBatch.token` (per-token signals without keeping token activations).
-    layers: optional subset of layer indices (0-based, embedding output excluded) to keep.
     need_labels: read (and require) the batches' labels; name: the set's name in error messages.
     """
     poolings = tuple(resolve_pooling(model, p) for p in poolings)
@@ -127,8 +135,6 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
             with torch.inference_mode(), autocast_context(device, autocast):
                 outputs = model(**inputs, output_hidden_states=True, return_dict=True)
                 hidden = hidden_layers(outputs)
-                if layers is not None:
-                    hidden = [hidden[j] for j in layers]
                 mask = inputs["attention_mask"]
                 feats = {p: torch.stack([pool(h, mask, p) for h in hidden], dim=1) for p in poolings}
                 token = token_fn(hidden, mask) if token_fn is not None else None
@@ -146,3 +152,17 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
             model.train()
     if n_batches == 0:
         raise ValueError("the loader yielded no batches (empty data set)")
+
+
+def collect(batches):
+    """Concatenate captured batches: (features dict, logits, labels or None, index or None)."""
+    feats, logits, labels, index = {}, [], [], []
+    for cb in batches:
+        for k, v in cb.features.items():
+            feats.setdefault(k, []).append(v)
+        logits.append(cb.logits)
+        labels.append(cb.labels)
+        index.append(cb.index)
+    feats = {k: torch.cat(v) for k, v in feats.items()}
+    cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)  # noqa: E731
+    return feats, torch.cat(logits), cat(labels), cat(index)

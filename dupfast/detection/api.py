@@ -1,0 +1,56 @@
+"""The one-call entry points.
+
+    result = dupfast.detect(model, loader, clean=clean_loader)        # loaders yield Mappings (dupfast.batches)
+    result = dupfast.detect(model, loader)                            # no clean set: pool calibration
+    result = dupfast.detect(model, loader, detector=Detector.load(p)) # a fitted detector
+    result = dupfast.detect_texts(model, tokenizer, texts, clean_texts=..., clean_labels=...)
+
+Options are checked here, where the whole call is known: an option of another mode, or one that this
+call would not use (pool_trim with a clean set, anything beside a fitted detector), is an error.
+"""
+from typing import Optional, Sequence
+
+from .detector import Detector
+from .result import DetectionResult
+from .texts import text_loader
+
+POOL_OPTIONS = ("pool_trim", "pool_iterations")
+
+
+def detect(model, loader, clean=None, mode: Optional[str] = None, frr: Optional[float] = None,
+           detector: Optional[Detector] = None, **options) -> DetectionResult:
+    """Score every input of `loader` (larger = more suspicious) and flag those above the threshold that
+    keeps the false-rejection rate at `frr` (default 0.05) on clean data. With `clean` (a loader of clean
+    labelled batches) the detector calibrates on it; without, on the pool itself (`Detector.fit_pool`).
+    One forward pass per batch of each loader."""
+    if detector is not None:
+        given = [k for k, v in (("clean", clean), ("mode", mode), ("frr", frr)) if v is not None] + list(options)
+        if given:
+            raise TypeError(f"detect(detector=...) scores with the fitted detector as it is; {', '.join(given)} "
+                            "would be ignored: drop them, or fit a new detector instead of passing one")
+        if not isinstance(detector, Detector):
+            raise TypeError(f"detector must be a fitted dupfast Detector, got {type(detector).__name__}")
+        return detector.score(model, loader)
+    if clean is not None:
+        unused = [k for k in POOL_OPTIONS if k in options]
+        if unused:
+            raise TypeError(f"{', '.join(unused)} set(s) pool-only calibration, which runs only without a clean "
+                            "set: drop it, or drop clean=")
+    det = Detector(mode=mode or "default", frr=0.05 if frr is None else frr, **options)
+    if clean is None:
+        return det.fit_pool(model, loader).pool_result
+    return det.fit(model, clean).score(model, loader)
+
+
+def detect_texts(model, tokenizer, texts: Sequence[str], clean_texts: Sequence[str] = None, clean_labels=None,
+                 mode: Optional[str] = None, frr: Optional[float] = None, batch_size: int = 32, max_len: int = 128,
+                 **options) -> DetectionResult:
+    """Text-level convenience: tokenises, batches, runs `detect`, returns results in the order of `texts`."""
+    if (clean_texts is None) != (clean_labels is None):
+        raise ValueError("clean_texts need clean_labels (the clean set is labelled)" if clean_labels is None else
+                         "clean_labels were given without clean_texts: pass both, or neither for pool calibration")
+    clean = None
+    if clean_texts is not None:
+        clean = list(text_loader(tokenizer, clean_texts, clean_labels, batch_size, max_len, name="clean texts"))
+    pool = list(text_loader(tokenizer, texts, None, batch_size, max_len))
+    return detect(model, pool, clean=clean, mode=mode, frr=frr, **options).sorted_by_index()
