@@ -1,13 +1,15 @@
 """dupfast: find backdoor-poisoned inputs to transformer classifiers and purify backdoored models.
 
     dupfast.detect(model, loader, clean=...)    DUP detection in one forward pass per batch
-    dupfast.purify(model, loader, clean=..., detection=...)   detection-guided LoRA unlearning
-    dupfast.btu                                 Backdoor Token Unlearning (training-time defence)
+    dupfast.purify(model, loader, clean=..., detection=...)   detection-guided LoRA unlearning -> (model, report)
+    dupfast.btu.train(model, train_data)        Backdoor Token Unlearning (training-time defence) -> (model, report)
 """
 __version__ = "0.1.0"
 
 # Subpackages load on first use, so `import dupfast` stays light (no torch or transformers import).
-_LAZY_SUBMODULES = ("btu", "purify")
+_LAZY_SUBMODULES = ("btu", "purification")
+# dupfast.purify is a plain function over the dupfast.purification package.
+_LAZY_PURIFICATION = ("purify",)
 
 
 # dupfast.detect is a plain function; it, Detector and detect_texts come from the dupfast.detection package.
@@ -18,6 +20,11 @@ def __getattr__(name):
     if name in _LAZY_DETECTION:
         import importlib
         value = getattr(importlib.import_module(".detection", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
+    if name in _LAZY_PURIFICATION:
+        import importlib
+        value = getattr(importlib.import_module(".purification", __name__), name)
         globals()[name] = value  # resolve once
         return value
     if name in _LAZY_SUBMODULES:

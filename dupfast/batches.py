@@ -71,6 +71,38 @@ def embedding_rows(model) -> Optional[int]:
     return rows if isinstance(rows, int) else None
 
 
+def _embeddings_block(model):
+    return getattr(getattr(_unwrapped(model), "base_model", None), "embeddings", None)
+
+
+def segment_rows(model) -> Optional[int]:
+    """token_type_ids must lie below this: the rows of the model's token-type embedding (BERT-like), else None."""
+    emb = getattr(_embeddings_block(model), "token_type_embeddings", None)
+    return emb.num_embeddings if isinstance(emb, torch.nn.Embedding) else None
+
+
+def position_limit(model) -> Optional[int]:
+    """The longest input (positions, padding included) an absolute position embedding covers (BERT-like:
+    max_position_embeddings, less the padding offset of RoBERTa/MPNet-like ones), else None (rotary, ...)."""
+    emb = getattr(_embeddings_block(model), "position_embeddings", None)
+    if not isinstance(emb, torch.nn.Embedding):
+        return None
+    return emb.num_embeddings - (emb.padding_idx + 1 if emb.padding_idx is not None else 0)
+
+
+def _check_model_limits(model, where: str, longest: int, segments: Optional[torch.Tensor]):
+    limit = position_limit(model)
+    if limit is not None and longest > limit:
+        raise ValueError(f"{where}: an input of {longest} positions, but the model's position embeddings cover "
+                         f"{limit}: truncate the inputs (e.g. the tokenizer's max_length={limit})")
+    rows = segment_rows(model)
+    if segments is not None and segments.numel() and rows is not None:
+        lo, hi = int(segments.min()), int(segments.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"{where}: token_type_ids holds {lo if lo < 0 else hi}, outside the model's "
+                             f"{rows} token types (0..{rows - 1})")
+
+
 def model_num_labels(model) -> Optional[int]:
     n = getattr(getattr(model, "config", None), "num_labels", None)
     return n if isinstance(n, int) and not isinstance(n, bool) else None
@@ -173,6 +205,8 @@ def check_batch(batch, where: str = "batch", model=None, need_labels: bool = Fal
         raise ValueError(f"{where}: a row of attention_mask is all zeros (an empty input; row {row})")
     if ids.numel():
         _check_id_range(int(ids.min()), int(ids.max()), None if model is None else embedding_rows(model), where)
+    if model is not None:
+        _check_model_limits(model, where, ids.shape[1], inputs.get("token_type_ids"))
     n = ids.shape[0]
 
     labels = None
@@ -220,19 +254,22 @@ def read_batches(loader, name: Optional[str] = None, model=None, need_labels: bo
 
 @dataclasses.dataclass
 class Rows:
-    """Unpadded token rows; `labels` [n] long when the set is labelled, None otherwise."""
+    """Unpadded token rows; `labels` [n] long when the set is labelled, None otherwise; `index` [n] long: the
+    sample ids (as a batch's `index` key), None: the positions."""
     ids: List[List[int]]
     type_ids: Optional[List[List[int]]] = None
     labels: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
 
     def __len__(self):
         return len(self.ids)
 
     def subset(self, idx) -> "Rows":
         idx = list(idx)
+        pick = lambda t: None if t is None else t[idx] if idx else t[:0]  # noqa: E731
         return Rows([self.ids[i] for i in idx],
                     None if self.type_ids is None else [self.type_ids[i] for i in idx],
-                    None if self.labels is None else self.labels[idx] if idx else self.labels[:0])
+                    pick(self.labels), pick(self.index))
 
     def without_tokens(self, drop) -> "Rows":
         """The same rows with every occurrence of the token ids `drop` deleted (whole tokens only)."""
@@ -240,7 +277,7 @@ class Rows:
         keep = [[j for j, t in enumerate(r) if t not in drop] for r in self.ids]
         return Rows([[r[j] for j in k] for r, k in zip(self.ids, keep)],
                     None if self.type_ids is None else [[r[j] for j in k] for r, k in zip(self.type_ids, keep)],
-                    self.labels)
+                    self.labels, self.index)
 
 
 def collect(loader: Iterable, name: str, need_labels: bool = False, model=None, num_labels: Optional[int] = None):
@@ -272,8 +309,11 @@ def collect(loader: Iterable, name: str, need_labels: bool = False, model=None, 
 
 
 def check_rows(rows: Rows, model, name: str):
-    """The id check of `check_batch` on rows collected before the model was known (BTU loads a model by name
-    only once it has the training labels)."""
+    """The model checks of `check_batch` (token ids, length, token types) on rows collected before the model was
+    known (BTU loads a model by name only once it has the training labels) or handed over as `Rows`."""
     ids = [t for r in rows.ids for t in r]
     if ids:
         _check_id_range(min(ids), max(ids), embedding_rows(model), name)
+    segments = None if rows.type_ids is None else torch.as_tensor([t for r in rows.type_ids for t in r],
+                                                                   dtype=torch.long)
+    _check_model_limits(model, name, max((len(r) for r in rows.ids), default=0), segments)

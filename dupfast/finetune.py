@@ -16,7 +16,6 @@ from .batching import RowBatcher, TextBatcher
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    model: str = "minilm"        # what `victims.train_victim` loads; `fit` trains the model it is given
     epochs: int = 2
     lr: float = 5e-5
     batch_size: int = 32

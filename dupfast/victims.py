@@ -20,8 +20,10 @@ from .finetune import FinetuneConfig, fit, seed_everything
 from .models import cache_root, load_model, load_tokenizer, model_fingerprint
 
 
-# A victim is a plain fine-tune: its recipe is a FinetuneConfig (cfg.model names the checkpoint to load).
-VictimConfig = FinetuneConfig
+@dataclasses.dataclass(frozen=True)
+class VictimConfig(FinetuneConfig):
+    """A victim is a plain fine-tune: a FinetuneConfig recipe and the checkpoint it starts from."""
+    model: str = "minilm"        # a short name or HF folder (dupfast.models)
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -138,7 +138,7 @@ def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0, cache_
     # BTU as specified: union of the three rounds, unlearn, then the clean-tune epoch
     union = [s["id"] for s in ex["suspects"]]
     _, report = btu.train("minilm", train, clean_tune=tune, suspects=union, finetuned=model, evaluate=evaluate)
-    steps = {s["step"]: s for s in report["steps"]}
+    steps = {s["step"]: s for s in report.steps}
     row["no_defence"] = steps["finetune"]["eval"]
     row["btu"] = steps["unlearn"]["eval"]
     row["btu_clean_tune"] = steps["clean_tune"]["eval"]

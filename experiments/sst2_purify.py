@@ -133,9 +133,8 @@ def run_attack(attack, variants, overrides, detect_mode, data_dir, out, flags_ca
             cfg.update(max_steps=default_steps, early_stop=False, select_best=False)
         model, tok, _ = victim_for(attack, data_dir=data_dir)  # a fresh copy: purify works in place
         t0 = time.perf_counter()
-        purified = dupfast.purify(model, pool_loader, clean=clean_loader, detection=flags, **cfg)
+        purified, report = dupfast.purify(model, pool_loader, clean=clean_loader, detection=flags, **cfg)
         seconds = time.perf_counter() - t0
-        report = purified.dupfast_report
         if name == "default":
             default_steps = report.steps_run
         # the selection may keep the input model (step 0): its numbers are the "before" ones

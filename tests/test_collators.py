@@ -159,7 +159,7 @@ PURIFY = dict(max_steps=3, batch_size=8, holdout_fraction=0.25, progress=False, 
 def _purified(model, pool, clean):
     flags = torch.zeros(30, dtype=torch.bool)
     flags[::3] = True
-    return dupfast.purify(copy.deepcopy(model), pool, clean=clean, detection=flags, **PURIFY).state_dict()
+    return dupfast.purify(copy.deepcopy(model), pool, clean=clean, detection=flags, **PURIFY)[0].state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +236,8 @@ def test_btu_train_from_loaders(data):
     train_batches, tune_batches = list(loader(tok, data[0], "collator")), list(loader(tok, tune, "collator"))
     torch.manual_seed(3)
     got, report = dupfast.btu.train(model, train_batches, clean_tune=tune_batches, tokenizer=tok, config=cfg)
-    assert [s["step"] for s in report["steps"]] == ["expose", "finetune", "unlearn", "clean_tune"]
-    assert report["suspects"] == ref_report["suspects"] and report["train_size"] == 60
+    assert [s["step"] for s in report.steps] == ["expose", "finetune", "unlearn", "clean_tune"]
+    assert report.suspects == ref_report.suspects and report.train_size == 60
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 

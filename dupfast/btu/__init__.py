@@ -5,15 +5,16 @@ depends on those rows. BTU exposes the most-moved tokens (three cheap training r
 resets the suspicious tokens' moved dimensions to the pretrained pad embedding.
 
     suspects = dupfast.btu.expose("minilm", poisoned_train)          # ranked suspicious tokens
-    model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean)   # defended model
+    model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean)   # defended model, BTUReport
     dupfast.btu.expose(model, loader, tokenizer=tok)                  # or a loader of labelled batches
 """
 from .embeddings import embedding_block, input_embeddings, replacement_id, vocab_size
 from .expose import Exposure, ExposureConfig, Round, Suspect, expose
+from .report import BTUReport
 from .shallow import ShallowClassifier
 from .train import BTUConfig, train
 from .unlearn import unlearn_tokens
 
-__all__ = ["BTUConfig", "Exposure", "ExposureConfig", "Round", "ShallowClassifier", "Suspect",
+__all__ = ["BTUConfig", "BTUReport", "Exposure", "ExposureConfig", "Round", "ShallowClassifier", "Suspect",
            "embedding_block", "expose", "input_embeddings", "replacement_id", "train", "unlearn_tokens",
            "vocab_size"]

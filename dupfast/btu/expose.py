@@ -10,7 +10,10 @@ k = int(fraction x V), V = the model's real vocabulary size (methods.md §8.4):
       words ("cf" out of "cfo"), which changes unrelated inputs;
   R3  the full model with only the word embeddings trainable (still back-propagating through every layer).
 
-The suspicious set is the union of the three top-k lists.
+The suspicious set is the union of the three top-k lists. Only tokens that occur in the training data are
+ranked: a row no input reaches still moves (AdamW's weight decay shrinks every row), and a token absent from
+the data cannot be its trigger; data with no rankable token at all (empty texts, only special tokens) is an
+error.
 """
 import copy
 import dataclasses
@@ -180,6 +183,14 @@ def expose(model_or_name, train_data, *, tokenizer=None, config: ExposureConfig 
     return expose_loaded(model, tok, train, num_labels, config)
 
 
+def occurring_ids(tok, train, max_len: int) -> set:
+    """Token ids that occur in the training data as the rounds see it (texts tokenised with max_len)."""
+    if isinstance(train, Rows):
+        return {t for r in train.ids for t in r}
+    ids = tok([s.text for s in train], truncation=True, max_length=max_len)["input_ids"] if train else []
+    return {t for r in ids for t in r}
+
+
 def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) -> Exposure:
     vocab = vocab_size(model, tok)
     k = config.k(vocab)
@@ -188,6 +199,13 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) ->
     for t in excluded_ids(tok, config.exclude_tokens):
         if 0 <= t < vocab:
             eligible[t] = False
+    present = torch.zeros(vocab, dtype=torch.bool)
+    seen = [t for t in occurring_ids(tok, train, max(config.shallow.max_len, config.full.max_len)) if 0 <= t < vocab]
+    present[torch.as_tensor(seen, dtype=torch.long)] = True
+    if not (eligible & present).any():
+        raise ValueError("the training set holds no token BTU can rank: its texts are empty or hold only special "
+                         "(or excluded) tokens, so no embedding row moves because of the data")
+    eligible &= present
     tokens = tok.convert_ids_to_tokens(list(range(vocab)))
 
     rounds = []

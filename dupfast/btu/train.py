@@ -1,7 +1,7 @@
 """BTU end to end: expose suspicious tokens, fine-tune on the (possibly poisoned) data, unlearn the
 suspicious tokens' moved embedding dimensions, and optionally clean-tune for one epoch.
 
-    model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean_samples)
+    model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean_samples)   # report: BTUReport
 
 The clean-tune step needs clean labelled data the defender holds; it is reported as its own step
 (methods.md §2.5, §8.4), so results are available without it, after unlearning only, and with it.
@@ -18,6 +18,7 @@ from ..finetune import FinetuneConfig, fit
 from .embeddings import input_embeddings, replacement_id, token_ids, vocab_size
 from .expose import Exposure, ExposureConfig, expose_loaded
 from .inputs import as_training_data, check_labels, label_set, resolve_model
+from .report import BTUReport
 from .unlearn import unlearn_tokens
 
 # The authors' fine-tune and clean-tune recipe: all parameters, AdamW lr 2e-5, one epoch, batch 64.
@@ -60,13 +61,13 @@ def _step(report, name, t0, evaluate, model, tok, **extra):
     entry = {"step": name, "seconds": round(time.perf_counter() - t0, 2), **extra}
     if evaluate is not None:
         entry["eval"] = evaluate(model, tok)
-    report["steps"].append(entry)
+    report.steps.append(entry)
 
 
 def train(model_or_name, train_data, clean_tune=None, *, tokenizer=None,
           config: BTUConfig | None = None, suspects=None, finetuned=None,
           evaluate: Callable | None = None):
-    """Defended fine-tuning. Returns (model, report).
+    """Defended fine-tuning. Returns (model, BTUReport), as `dupfast.purify` returns (model, PurifyReport).
 
     model_or_name: short name / HF folder, or a *pretrained* model object with `tokenizer=` (never modified).
     train_data:    (text, label) samples, or a loader of labelled batches (see btu.inputs).
@@ -97,21 +98,21 @@ def train(model_or_name, train_data, clean_tune=None, *, tokenizer=None,
     pretrained = input_embeddings(model).weight.detach().float().clone()
     replace = (next(iter(token_ids(tok, [config.replace_with]))) if config.replace_with is not None
                else replacement_id(tok))
-    report = {"model": str(model_or_name) if isinstance(model_or_name, str) else type(model_or_name).__name__,
-              "train_size": len(train_set), "num_labels": num_labels, "vocab_size": vocab,
-              "config": dataclasses.asdict(config), "torch_threads": torch.get_num_threads(), "steps": []}
+    report = BTUReport(model=str(model_or_name) if isinstance(model_or_name, str) else type(model_or_name).__name__,
+                       train_size=len(train_set), num_labels=num_labels, vocab_size=vocab,
+                       config=dataclasses.asdict(config), torch_threads=torch.get_num_threads())
 
     # Step 1: exposure
     t0 = time.perf_counter()
     if suspects is None:
         suspects = expose_loaded(model, tok, train_set, num_labels, config.exposure)
-        report["exposure"] = suspects.to_dict()
-        report["steps"].append({"step": "expose", "seconds": round(time.perf_counter() - t0, 2),
-                                "rounds": {r.name: round(r.seconds, 2) for r in suspects.rounds}})
+        report.exposure = suspects.to_dict()
+        report.steps.append({"step": "expose", "seconds": round(time.perf_counter() - t0, 2),
+                             "rounds": {r.name: round(r.seconds, 2) for r in suspects.rounds}})
     elif isinstance(suspects, Exposure):
-        report["exposure"] = suspects.to_dict()
+        report.exposure = suspects.to_dict()
     ids = _suspect_ids(suspects, vocab)
-    report["suspects"] = [{"id": t, "token": tok.convert_ids_to_tokens(t)} for t in ids]
+    report.suspects = [{"id": t, "token": tok.convert_ids_to_tokens(t)} for t in ids]
 
     # Step 2a: ordinary fine-tuning on the poisoned data (the "without BTU" model)
     t0 = time.perf_counter()

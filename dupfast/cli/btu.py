@@ -6,12 +6,25 @@
 Files: .csv, .tsv or .jsonl with text and label columns found by name (`dupfast.tables`: SST-2's
 `sentence<TAB>label`, OpenBackdoor CSV dumps `,0,1,2`, or --text-column / --label-column). Writes
 `<out>/btu_report.json` (suspicious tokens, per-step timings, metrics) and the defended model in
-`<out>/model` (safetensors + tokenizer) unless --expose-only.
+`<out>/model` (safetensors + tokenizer) unless --expose-only. An existing `<out>` with entries is refused
+before any work unless --overwrite (which replaces only those two).
 """
+import argparse
 import dataclasses
 import json
-import pathlib
 import sys
+
+OUTPUTS = ("btu_report.json", "model")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def read_samples(path, args, role):
@@ -26,7 +39,9 @@ def add_parser(subparsers):
     ap.add_argument("train", help="training file, possibly poisoned (.csv, .tsv or .jsonl)")
     ap.add_argument("--text-column", help="the text column's name in every file (default: inferred)")
     ap.add_argument("--label-column", help="the label column's name in every file (default: inferred)")
-    ap.add_argument("--out", required=True, help="output folder (report, defended model)")
+    ap.add_argument("--out", required=True, help="output folder (report, defended model): new or empty, or --overwrite")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier run's results in --out (only btu_report.json and model/)")
     ap.add_argument("--clean-tune", help="clean labelled file for the optional one-epoch clean tune")
     ap.add_argument("--eval", help="clean test file: CACC after every step")
     ap.add_argument("--eval-poison", help="triggered test file: ASR after every step (needs --target)")
@@ -34,20 +49,21 @@ def add_parser(subparsers):
     ap.add_argument("--fraction", type=float, default=0.0005, help="k = fraction x vocabulary size per round")
     ap.add_argument("--exclude", nargs="*", default=(), help="extra tokens never ranked (e.g. @ user on OLID)")
     ap.add_argument("--expose-only", action="store_true", help="only rank suspicious tokens (step 1)")
-    ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
+    ap.add_argument("--epochs", type=_positive_int, default=1, help="fine-tune epochs")
     ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune and clean-tune learning rate")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=_positive_int, default=64)
+    ap.add_argument("--max-len", type=_positive_int, default=128)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     ap.set_defaults(func=run)
 
 
 def run(args):
+    from .outdir import clear_outputs, prepare_out
+
+    out = prepare_out(args.out, args.overwrite, OUTPUTS)  # a file, or an earlier run's folder: before any work
     if args.eval_poison and args.target is None:
         raise ValueError("--eval-poison needs --target (the attack's target label)")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     train = read_samples(args.train, args, "the training set")
     tune = read_samples(args.clean_tune, args, "the clean-tune set") if args.clean_tune else None
     test = read_samples(args.eval, args, "the test set") if args.eval else None
@@ -65,8 +81,6 @@ def run(args):
         fraction=args.fraction, exclude_tokens=tuple(args.exclude),
         shallow=dataclasses.replace(SHALLOW_ROUND, seed=args.seed),
         full=dataclasses.replace(FULL_ROUND, seed=args.seed))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.expose_only:
         result = btu.expose(args.model, train, config=exposure)
         report = {"model": args.model, "train": args.train, "exposure": result.to_dict()}
@@ -76,13 +90,14 @@ def run(args):
                                 warmup_ratio=0.0, weight_decay=0.01, seed=args.seed)
         cfg = btu.BTUConfig(exposure=exposure, finetune=tuning, clean_tune=dataclasses.replace(tuning, epochs=1))
         evaluate = _evaluator(test, ptest, args.target, args.max_len) if (test or ptest) else None
-        model, report = btu.train(args.model, train, clean_tune=tune, config=cfg, evaluate=evaluate)
-        report["train"] = args.train
+        model, result = btu.train(args.model, train, clean_tune=tune, config=cfg, evaluate=evaluate)
+        report = {**result.to_dict(), "train": args.train}
+    clear_outputs(out, OUTPUTS)  # the results exist: only now replace an earlier run's
     (out / "btu_report.json").write_text(json.dumps(report, indent=2))
     if model is not None:
         model.save_pretrained(str(out / "model"), safe_serialization=True)
         _tokenizer_of(args.model).save_pretrained(str(out / "model"))
-    suspects = report["exposure"]["suspects"] if "exposure" in report else report["suspects"]
+    suspects = report["exposure"]["suspects"] if report.get("exposure") else report["suspects"]
     print(f"dupfast btu: {len(suspects)} suspicious tokens: "
           + " ".join(s["token"] for s in suspects[:20]) + (" ..." if len(suspects) > 20 else ""))
     for step in report.get("steps", []):

@@ -180,7 +180,7 @@ def run(args) -> int:
                             dev_size=args.dev_size,
                             rate=args.rate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)
-    from ..purify import PurifyConfig
+    from ..purification import PurifyConfig
     from .purify import _parse_set
     overrides = _parse_set(args.set)
     PurifyConfig(**overrides)  # bad keys or values fail here, before any training

@@ -45,15 +45,12 @@ def purify_step(state) -> dict:
     clean_loader = list(text_loader(state.tokenizer, [x.text for x in state.clean],
                                     [x.label for x in state.clean], 32, s.max_len))
     t0 = time.perf_counter()
-    state.model = purify(state.model, pool_loader, clean=clean_loader, detection=state.detection,
-                         **state.purify_overrides)
+    state.model, report = purify(state.model, pool_loader, clean=clean_loader, detection=state.detection,
+                                 **state.purify_overrides)
     seconds = round(time.perf_counter() - t0, 1)
     after = evaluate_backdoor(state.model, state.tokenizer, state.data.test_clean, state.data.test_poison,
                               s.target, max_len=s.max_len)
-    report = getattr(state.model, "dupfast_report", None)
-    out = {"overrides": state.purify_overrides, "purify_seconds": seconds, "cacc_after": after["cacc"],
-           "asr_after": after["asr"], "asr_floor_after": after["asr_floor"]}
-    if report is not None:
-        out.update(stop_reason=report.stop_reason, steps_run=report.steps_run, flagged_rows=report.data,
-                   selected=report.selected, teacher=report.teacher, history=report.history)
-    return out
+    return {"overrides": state.purify_overrides, "purify_seconds": seconds, "cacc_after": after["cacc"],
+            "asr_after": after["asr"], "asr_floor_after": after["asr_floor"], "stop_reason": report.stop_reason,
+            "steps_run": report.steps_run, "flagged_rows": report.data, "selected": report.selected,
+            "teacher": report.teacher, "history": report.history}

@@ -3,14 +3,17 @@
     dupfast purify MODEL --suspect pool.tsv --clean clean.tsv --out DIR [--flags flags.json]
                    [--lambda-asr 1] [--lambda-acc 1] [--epochs 12] [--lr 5e-4] [--no-lora] [--set key=value ...]
 
-MODEL: a short name (minilm, mpnet-base, smollm2-135m) or a local HF model folder (a fine-tuned classifier).
+MODEL: the fine-tuned (backdoored) classifier: a local HF folder, or a short name (minilm, mpnet-base,
+smollm2-135m) only if its folder holds a fine-tuned head (a pretrained encoder is an error).
 Text files: .csv, .tsv, .jsonl (columns found by name, `dupfast.tables`: text/sentence/review/... and
 label, or --text-column / --label-column; OpenBackdoor dumps `,0,1,2`), or .txt (one text a line, suspect
 set only). The clean set must be labelled. Without --flags, `dupfast.detect` flags the suspect
 set first. --flags: a JSON list of 0/1 (or {"flags": [...]}) or a text file with one 0/1 per line, one per
-suspect row. Writes DIR/model (save_pretrained: safetensors + tokenizer) and DIR/purify_report.json.
+suspect row. Writes DIR/model (save_pretrained: safetensors + tokenizer) and DIR/purify_report.json; an
+existing DIR with entries is refused before any work unless --overwrite (which replaces only those two).
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
+import argparse
 import dataclasses
 import json
 import pathlib
@@ -40,7 +43,7 @@ def read_flags(path, n: int):
 
 def _parse_set(items):
     """--set key=value overrides for PurifyConfig, typed by the field's annotation."""
-    from ..purify import PurifyConfig
+    from ..purification import PurifyConfig
 
     fields = {f.name: str(f.type) for f in dataclasses.fields(PurifyConfig)}
     out = {}
@@ -71,18 +74,76 @@ def _parse_set(items):
     return out
 
 
+OUTPUTS = ("model", "purify_report.json")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def load_classifier(name_or_path, num_labels=None):
+    """(model, tokenizer): the fine-tuned sequence classifier in a folder (or a short name's folder), with its
+    own head and label count. A folder without one (a short name's pretrained encoder, a bare AutoModel save)
+    is an error: a new random head would be "purified" instead of the backdoored one."""
+    import json
+
+    from ..models import load_model, resolve_model_dir
+
+    folder = resolve_model_dir(name_or_path)
+    config = json.loads((folder / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"model {name_or_path} ({folder}) has no fine-tuned classification head (architectures: "
+                         f"{archs or 'none'}): purify removes a backdoor from the classifier that learned it, so "
+                         "pass the fine-tuned (backdoored) model's folder, not a pretrained encoder")
+    own = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+    if num_labels is not None and num_labels != own:
+        raise ValueError(f"--num-labels {num_labels}, but the classifier in {folder} has {own} labels")
+    model, tok = load_model(folder, num_labels=own)
+    return model.eval(), tok
+
+
+def token_rows(tok, texts, labels, max_len: int, ids):
+    """The texts tokenised once into `Rows` (index = their global row ids `ids`), in length order: the order of
+    the length-sorted batches `dupfast.detect` reads, so a run matches the API over those batches."""
+    import torch
+
+    from ..batches import Rows
+    from ..batching import length_sorted_batches
+
+    tokens = tok(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    order = [i for b in length_sorted_batches([len(t) for t in tokens], max(len(tokens), 1), False) for i in b]
+    return Rows([tokens[i] for i in order], None,
+                None if labels is None else torch.as_tensor([labels[i] for i in order], dtype=torch.long),
+                torch.as_tensor([ids[i] for i in order], dtype=torch.long))
+
+
+def padded_batches(tok, rows, batch_size: int):
+    """Rows -> padded batches for `dupfast.detect`, `index` = the rows' global ids."""
+    from ..batching import RowBatcher
+
+    out = []
+    for b in RowBatcher.from_rows(tok, rows).batches(batch_size):
+        b["index"] = rows.index[b["index"]]
+        out.append(b)
+    return out
+
+
 def run(args):
     import torch
 
     from .. import distributed as dist
-    from .. import purify as purify_mod
-    from ..batching import TextBatcher
-    from ..models import load_model
+    from ..purification import PurifyConfig, purify
     from ..tables import read_table
+    from .outdir import clear_outputs, prepare_out
 
-    distributed = dist.init_from_env()
-    rank, world = dist.rank(), dist.world_size()
-    torch.set_num_threads(args.threads)
+    out = prepare_out(args.out, args.overwrite, OUTPUTS)  # a file, or an earlier run's folder: before any work
     overrides = _parse_set(args.set)
     for key in ("lambda_asr", "lambda_acc", "epochs", "lr", "batch_size", "seed"):
         value = getattr(args, key)
@@ -90,39 +151,30 @@ def run(args):
             overrides[key] = value
     if args.no_lora:
         overrides["use_lora"] = False
-    cfg = purify_mod.PurifyConfig(**overrides)  # validate before loading anything heavy
+    cfg = PurifyConfig(**overrides)  # validate before loading anything heavy
 
     suspect = read_table(args.suspect, args.text_column, role="the suspect set").texts
     clean_table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
     clean_texts, clean_labels = clean_table.texts, clean_table.labels
     flags = read_flags(args.flags, len(suspect)) if args.flags else None
-    model, tok = load_model(args.model, num_labels=max(clean_labels) + 1 if args.num_labels is None else args.num_labels)
-    model.eval()
-
-    # rank-strided shards; `index` keeps the global row id, so flags index the whole suspect set
-    mine = list(range(rank, len(suspect), world))
-    pool = TextBatcher(tok, [suspect[i] for i in mine], None, args.max_len)
-    cmine = list(range(rank, len(clean_texts), world))
-    clean = TextBatcher(tok, [clean_texts[i] for i in cmine], [clean_labels[i] for i in cmine], args.max_len)
-    gid = torch.as_tensor(mine)
-
-    def pool_batches():
-        for b in pool.batches(args.batch_size or 32):
-            b["index"] = gid[b["index"]]
-            yield b
-
-    pool_loader = list(pool_batches())
-    clean_loader = list(clean.batches(args.batch_size or 32))
+    distributed = dist.init_from_env()
+    rank, world = dist.rank(), dist.world_size()
+    torch.set_num_threads(args.threads)
+    model, tok = load_classifier(args.model, args.num_labels)
+    # texts -> token rows once; rank-strided shards whose `index` keeps the global row id, so flags index the
+    # whole suspect set
+    mine, cmine = list(range(rank, len(suspect), world)), list(range(rank, len(clean_texts), world))
+    pool = token_rows(tok, [suspect[i] for i in mine], None, args.max_len, mine)
+    clean = token_rows(tok, [clean_texts[i] for i in cmine], [clean_labels[i] for i in cmine], args.max_len, cmine)
     if flags is None:
         import dupfast
-        detection = dupfast.detect(model, pool_loader, clean=clean_loader)
+        detection = dupfast.detect(model, padded_batches(tok, pool, cfg.batch_size),
+                                   clean=padded_batches(tok, clean, cfg.batch_size))
     else:
         detection = torch.as_tensor(flags, dtype=torch.bool)
-    purified = purify_mod.purify(model, pool_loader, clean=clean_loader, detection=detection, config=cfg)
-    report = purified.dupfast_report
-    out = pathlib.Path(args.out)
+    purified, report = purify(model, pool, clean=clean, detection=detection, config=cfg)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        clear_outputs(out, OUTPUTS)  # the results exist: only now replace an earlier run's
         purified.save_pretrained(str(out / "model"), safe_serialization=True)
         tok.save_pretrained(str(out / "model"))
         report.save(out / "purify_report.json")
@@ -141,23 +193,27 @@ def run(args):
 def add_parser(subparsers):
     ap = subparsers.add_parser("purify", help="detection-guided LoRA unlearning of a backdoored classifier",
                                description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m) or a local HF classifier folder")
+    ap.add_argument("model", help="the fine-tuned classifier: a local HF folder, or a short name holding a head")
     ap.add_argument("--suspect", required=True, help="the suspicious pool (.csv, .tsv, .jsonl or .txt)")
     ap.add_argument("--clean", required=True, help="the defender's labelled clean set (.csv, .tsv or .jsonl)")
     ap.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     ap.add_argument("--label-column", help="the clean set's label column (default: inferred)")
-    ap.add_argument("--out", required=True, help="output folder: model/ and purify_report.json")
+    ap.add_argument("--out", required=True, help="output folder: model/ and purify_report.json (new or empty, or "
+                                                 "--overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier run's results in --out (only model/ and purify_report.json)")
     ap.add_argument("--flags", help="detector flags for the suspect rows (JSON list or one 0/1 a line); "
                                     "default: run dupfast.detect")
-    ap.add_argument("--num-labels", type=int, help="label count (default: max clean label + 1)")
+    ap.add_argument("--num-labels", type=_positive_int, help="the classifier's label count (default: its own; a "
+                                                             "different value is an error)")
     ap.add_argument("--lambda-asr", dest="lambda_asr", type=float)
     ap.add_argument("--lambda-acc", dest="lambda_acc", type=float)
-    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--epochs", type=_positive_int)
     ap.add_argument("--lr", type=float)
-    ap.add_argument("--batch-size", dest="batch_size", type=int)
+    ap.add_argument("--batch-size", dest="batch_size", type=_positive_int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA (comparisons)")
-    ap.add_argument("--max-len", dest="max_len", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-len", dest="max_len", type=_positive_int, default=128)
+    ap.add_argument("--threads", type=_positive_int, default=2)
     ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other PurifyConfig field")
     ap.set_defaults(func=run)

@@ -33,18 +33,19 @@ def test_btu_removes_the_backdoor(family, request, task):
     clean = [(t, y) for t, y, p in poisoned if not p][:100]
     defended, report = train(model, poisoned, clean_tune=clean, tokenizer=tok, config=CONFIG,
                              evaluate=evaluator(test, poison))
-    steps = {s["step"]: s for s in report["steps"]}
+    steps = {s["step"]: s for s in report.steps}
     assert list(steps) == ["expose", "finetune", "unlearn", "clean_tune"]
     assert set(steps["expose"]["rounds"]) == {"R1", "R2", "R3"}
     trigger = tok.convert_tokens_to_ids("cf")
-    assert trigger in [s["id"] for s in report["suspects"]]
+    assert trigger in [s["id"] for s in report.suspects]
     assert steps["finetune"]["eval"]["asr"] >= 0.8            # the backdoor was learned ...
     assert steps["unlearn"]["eval"]["asr"] <= 0.2             # ... and unlearning removes it
     assert steps["unlearn"]["eval"]["cacc"] >= 0.8
     assert steps["clean_tune"]["size"] == 100 and steps["clean_tune"]["eval"]["asr"] <= 0.2
     assert steps["unlearn"]["replace_token"] == ("[PAD]" if family == "bert" else "<unk>")
     assert defended is not model
-    json.dumps(report)
+    json.dumps(report.to_dict())
+    assert report.step("unlearn") is steps["unlearn"] and "model" not in report.config["finetune"]
 
 
 def test_reuses_exposure_and_finetuned_model(bert, task):
@@ -57,14 +58,14 @@ def test_reuses_exposure_and_finetuned_model(bert, task):
     before = input_embeddings(finetuned).weight.detach().clone()
     out, report = train(model, poisoned, tokenizer=tok, config=CONFIG, suspects=ex, finetuned=finetuned)
     assert out is finetuned                                   # unlearned in place
-    assert [s["step"] for s in report["steps"]] == ["finetune", "unlearn"]
-    assert report["steps"][0]["trained"] is False
-    assert [s["id"] for s in report["suspects"]] == ex.token_ids
+    assert [s["step"] for s in report.steps] == ["finetune", "unlearn"]
+    assert report.steps[0]["trained"] is False
+    assert [s["id"] for s in report.suspects] == ex.token_ids
     changed = (input_embeddings(out).weight != before).any(1).nonzero().flatten().tolist()
     assert changed and set(changed) <= set(ex.token_ids)
     # plain token ids work too
     out2, report2 = train(model, poisoned, tokenizer=tok, config=CONFIG, suspects=[7], finetuned=finetuned)
-    assert [s["id"] for s in report2["suspects"]] == [7]
+    assert [s["id"] for s in report2.suspects] == [7]
 
 
 def test_bad_inputs(bert, task):

@@ -31,7 +31,7 @@ def run_rank(rank, world, port, out_dir):
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from dupfast.purify import purify
+    from dupfast import purify
     from purify_helpers import tiny_classifier
 
     torch.set_num_threads(1)
@@ -39,9 +39,8 @@ def run_rank(rank, world, port, out_dir):
     try:
         pool, clean, labels, flags = problem()
         model = tiny_classifier("bert", dropout=0.0)
-        out = purify(model, shard_batches(pool, None, rank, world, 16),
-                     clean=shard_batches(clean, labels, rank, world, 16), detection=flags, **DDP_CFG)
-        rep = out.dupfast_report
+        out, rep = purify(model, shard_batches(pool, None, rank, world, 16),
+                          clean=shard_batches(clean, labels, rank, world, 16), detection=flags, **DDP_CFG)
         save_file({k: v.contiguous() for k, v in out.state_dict().items()},
                   os.path.join(out_dir, f"rank{rank}.safetensors"))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dupfast.purify import PurifyConfig, purify
+from dupfast.purification import PurifyConfig, purify
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -54,3 +54,18 @@ def test_config_round_trips_to_plain_dict():
     assert d["target_modules"] == ["query", "value"]
     assert PurifyConfig(**{**d, "target_modules": tuple(d["target_modules"])}) == \
         PurifyConfig(target_modules=("query", "value"))
+
+
+def test_purify_is_a_plain_function_over_the_purification_package():
+    import subprocess
+    import sys
+    import types
+
+    import dupfast
+    import dupfast.purification as package
+    assert isinstance(dupfast.purify, types.FunctionType) and dupfast.purify is package.purify
+    assert type(package) is types.ModuleType  # no callable-module class
+    code = ("import sys, dupfast; assert 'torch' not in sys.modules; import types; "
+            "assert isinstance(dupfast.purify, types.FunctionType); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

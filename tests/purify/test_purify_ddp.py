@@ -22,7 +22,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from dupfast.purify import purify
+    from dupfast import purify
 
     mp.spawn(run_rank, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -35,10 +35,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert torch.equal(states[0][k], states[1][k]), k
 
     pool, clean, labels, flags = problem()
-    single = purify(tiny_classifier("bert", dropout=0.0), batches(pool, batch_size=32),
-                    clean=batches(clean, labels, batch_size=32), detection=flags,
-                    **{**DDP_CFG, "batch_size": 2 * DDP_CFG["batch_size"]})
-    rep = single.dupfast_report
+    single, rep = purify(tiny_classifier("bert", dropout=0.0), batches(pool, batch_size=32),
+                         clean=batches(clean, labels, batch_size=32), detection=flags,
+                         **{**DDP_CFG, "batch_size": 2 * DDP_CFG["batch_size"]})
     assert reports[0]["data"] == rep.data  # global counts: pool, flagged, train/held-out splits
     assert [(h["step"], h["agree"], h["acc"]) for h in rep.history] == [tuple(h) for h in reports[0]["history"]]
     assert reports[0]["selected"]["step"] == rep.selected["step"] and reports[0]["stop_reason"] == rep.stop_reason

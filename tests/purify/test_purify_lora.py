@@ -3,8 +3,8 @@ merged vs unmerged outputs."""
 import pytest
 import torch
 
-from dupfast.purify import PurifyConfig
-from dupfast.purify.lora import attach_lora, find_target_modules, merge, teacher_context
+from dupfast.purification import PurifyConfig
+from dupfast.purification.lora import attach_lora, find_target_modules, merge, teacher_context
 from purify_helpers import batches, tiny_classifier, toy_rows
 
 # merge_and_unload folds B·A·scale into fp32 weights: outputs move by rounding only (peft #1388 is bf16).

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dupfast.purify import PurifyConfig
-from dupfast.purify.objective import ascent_targets, unlearning_loss
+from dupfast.purification import PurifyConfig
+from dupfast.purification.objective import ascent_targets, unlearning_loss
 
 
 def direct_kl(s, t, T=1.0):
@@ -93,3 +93,30 @@ def test_zero_lambda_terms_are_skipped():
     bl = unlearning_loss(t.clone().requires_grad_(True), ascent_targets(t, cfg), t, c, y, cfg, 4, 3)
     assert bl.ascent == 0.0 and bl.active == 0
     assert bl.loss.item() == pytest.approx(F.cross_entropy(c, y).item(), rel=1e-6)
+
+
+def test_one_fused_kl_call_per_step_gives_the_loss_and_the_logged_parts(monkeypatch):
+    """The ascent and keep terms are one call of the fused op; the logged ascent / keep values are the flagged
+    / clean parts of that call's per-row results (no second call for the log, none for the cap)."""
+    import dupfast.purification.objective as objective
+    calls = []
+    real = objective.kl_div
+
+    def counting(*args, **kwargs):
+        calls.append(args[4] if len(args) > 4 else kwargs.get("reduction"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "kl_div", counting)
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g) * 3
+    c, y = torch.randn(4, 2, generator=g), torch.tensor([0, 1, 1, 0])
+    tc = c + 0.1 * torch.randn(4, 2, generator=g)
+    cfg = PurifyConfig(lambda_asr=1.0, lambda_acc=1.0, lambda_keep=2.0, kl_cap=1.0, temperature=4.0)
+    bl, _, _ = run(cfg, s, t, c, y, tc)
+    assert calls == ["none"]
+    rows = real(torch.cat([s, c]), torch.cat([ascent_targets(t, cfg), F.log_softmax(tc, -1)]),
+                torch.cat([-16.0 / 6 * (direct_kl(s, t) < 1.0).float(), torch.full((4,), 2.0 * 16 / 4)]), 4.0, "none",
+                teacher_log_probs=True)
+    assert bl.ascent == float(rows[:6].sum()) and bl.keep_kl == float(rows[6:].sum()) / 32
+    ce = F.cross_entropy(c, y, reduction="sum") / 4
+    assert bl.loss.item() == pytest.approx(float(rows.sum() + ce), rel=1e-6)

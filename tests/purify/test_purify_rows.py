@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dupfast.batches import collect
-from dupfast.purify.rows import concat_inputs, pad, select_flagged, split_holdout
+from dupfast.purification.rows import concat_inputs, match_detection, pad, split_holdout
 from purify_helpers import batches, toy_rows
 
 
@@ -27,25 +27,29 @@ def test_flags_follow_the_index_key_not_the_batch_order():
     got, ids = collect(loader, "pool")
     flags = torch.zeros(9, dtype=torch.bool)
     flags[[2, 5]] = True
-    flagged = select_flagged(got, ids, flags)  # plain flags: indexed by the row id
+    flagged = got.subset(torch.nonzero(match_detection(ids, flags).flags).flatten().tolist())  # by row id
     assert sorted(map(tuple, flagged.ids)) == sorted([tuple(rows[2]), tuple(rows[5])])
-    # a detection result: flags in the loader's order, matched through its own `index`
-    result = SimpleNamespace(flags=flags[torch.as_tensor(order)], index=torch.as_tensor(order))
-    flagged = select_flagged(got, ids, result)
+    # a detection result: flags (and logits) in ITS loader's order, matched through its own `index`
+    det_order = [8, 7, 6, 5, 4, 3, 2, 1, 0]
+    logits = torch.arange(9.0)[det_order].unsqueeze(1).repeat(1, 2)  # row id i has logits [i, i]
+    result = SimpleNamespace(flags=flags[det_order], index=torch.as_tensor(det_order), logits=logits)
+    match = match_detection(ids, result)
+    flagged = got.subset(torch.nonzero(match.flags).flatten().tolist())
     assert sorted(map(tuple, flagged.ids)) == sorted([tuple(rows[2]), tuple(rows[5])])
+    assert match.logits[:, 0].tolist() == [float(i) for i in order]  # each pool row gets its own logits
     partial = SimpleNamespace(flags=result.flags[:5], index=result.index[:5])
     with pytest.raises(ValueError, match="4 pool rows .* have no flag in the detection"):
-        select_flagged(got, ids, partial)
+        match_detection(ids, partial)
 
 
 def test_holdout_split_is_the_same_for_any_sharding():
     rows, labels = toy_rows(60, 6)
     whole, _ = collect(batches(rows, labels), "clean", need_labels=True)
-    _, held = split_holdout(whole, 0.3)
+    held = whole.subset(split_holdout(whole, 0.3)[1])
     shard_held = []
     for r in range(2):
         part, _ = collect(batches(rows[r::2], labels[r::2]), "clean", need_labels=True)
-        shard_held += split_holdout(part, 0.3)[1].ids
+        shard_held += part.subset(split_holdout(part, 0.3)[1]).ids
     assert sorted(map(tuple, held.ids)) == sorted(map(tuple, shard_held))
     assert 0 < len(held) < 60
 

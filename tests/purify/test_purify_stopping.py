@@ -1,5 +1,5 @@
 """The stopping/selection rule on synthetic evaluation sequences."""
-from dupfast.purify.stopping import StoppingRule
+from dupfast.purification.stopping import StoppingRule
 
 
 def feed(rule, seq):

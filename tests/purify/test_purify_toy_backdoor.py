@@ -4,7 +4,7 @@ its own stopping/selection rule; clean LoRA fine-tuning (λ_asr = 0) does not re
 import pytest
 import torch
 
-from dupfast.purify import purify
+from dupfast import purify
 from purify_helpers import TARGET, batches, predict, tiny_classifier, toy_rows, train_backdoored
 
 # dupfast's defaults, with a step budget and lr for a 2-layer toy whose flagged set is only 2-3 batches
@@ -43,9 +43,8 @@ def _purify(bd, **kw):
 def test_default_removes_the_toy_backdoor(backdoor):
     acc0, asr0 = backdoor["score"](backdoor["fresh"]())
     assert asr0 > 0.9 and acc0 > 0.85  # a working backdoor to remove
-    out = _purify(backdoor)
+    out, rep = _purify(backdoor)
     acc, asr = backdoor["score"](out)
-    rep = out.dupfast_report
     assert asr < 0.2, rep.history
     assert acc >= acc0 - 0.05
     assert rep.changed and rep.selected["agree"] < 0.5
@@ -60,18 +59,18 @@ def test_default_removes_the_toy_backdoor(backdoor):
 
 
 def test_clean_lora_finetuning_keeps_the_toy_backdoor(backdoor):
-    out = _purify(backdoor, lambda_asr=0.0, max_steps=15, early_stop=False, select_best=False)
+    out, rep = _purify(backdoor, lambda_asr=0.0, max_steps=15, early_stop=False, select_best=False)
     _, asr = backdoor["score"](out)
     assert asr > 0.8  # CE on clean rows alone does not unlearn the trigger
-    assert out.dupfast_report.tie.get("ascent_grad_norm_train") is None  # no ascent term at all
+    assert rep.tie.get("ascent_grad_norm_train") is None  # no ascent term at all
 
 
 @pytest.mark.parametrize("arch", ["mpnet", "llama"])
 def test_other_architectures_run_end_to_end(backdoor, arch):
     model = tiny_classifier(arch)
-    out = purify(model, batches(backdoor["pool"][:32]), clean=batches(backdoor["clean"][:32], backdoor["labels"][:32]),
-                 detection=backdoor["flags"][:32] | True, epochs=1, batch_size=16, progress=False)
-    rep = out.dupfast_report
+    out, rep = purify(model, batches(backdoor["pool"][:32]),
+                      clean=batches(backdoor["clean"][:32], backdoor["labels"][:32]),
+                      detection=backdoor["flags"][:32] | True, epochs=1, batch_size=16, progress=False)
     assert type(out).__name__.endswith("ForSequenceClassification") and out is model
     assert rep.model["family"] == arch and rep.steps_run >= 1
     assert not any("lora" in k for k in out.state_dict())
@@ -81,13 +80,12 @@ def test_min_steps_stretches_a_small_flagged_set_and_its_evaluations(backdoor):
     """The flagged training rows at batch 16 are 2-3 steps an epoch: 2 epochs would be 4-6 steps. min_steps
     raises the budget, and the evaluations (4 an epoch) and patience stretch with it rather than firing
     every step."""
-    out = _purify(backdoor, epochs=2, min_steps=24, early_stop=False)
-    rep = out.dupfast_report
+    _, rep = _purify(backdoor, epochs=2, min_steps=24, early_stop=False)
     per_epoch = rep.data["steps_per_epoch"]
     assert 2 * per_epoch < 24 and rep.data["step_budget"] == 24 and rep.steps_run == 24
     assert rep.data["eval_every"] == 3  # ceil((24 / 2 epochs) / 4 evaluations)
     assert [h["step"] for h in rep.history] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
-    short = _purify(backdoor, epochs=2, min_steps=0, early_stop=False).dupfast_report
+    _, short = _purify(backdoor, epochs=2, min_steps=0, early_stop=False)
     assert short.steps_run == 2 * per_epoch and short.data["eval_every"] == 1
-    capped = _purify(backdoor, max_steps=5, min_steps=24, early_stop=False).dupfast_report
+    _, capped = _purify(backdoor, max_steps=5, min_steps=24, early_stop=False)
     assert capped.steps_run == 5  # an explicit max_steps wins

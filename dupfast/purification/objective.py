@@ -2,8 +2,9 @@
 
     −λ_asr · T² · KL_T(p_T ‖ p_S) on flagged rows  +  λ_keep · T² · KL_T(p_T ‖ p_S) on clean rows  +  λ_acc · CE on clean rows
 
-The two KL parts are one call of the fused KL op with signed row weights (negative = ascent, positive =
-descent, 0 = masked). A flagged row is masked once its KL at temperature 1 exceeds `kl_cap` nats (for a
+The two KL parts are ONE call of the fused KL op per batch, with signed row weights (negative = ascent,
+positive = descent, 0 = masked) and per-row results, whose sums are the loss and the logged terms. A flagged
+row is masked once its KL at temperature 1 exceeds `kl_cap` nats (for a
 confident teacher, KL ≈ −log p_S(teacher's label), so cap 1 ≈ "until p_S(teacher's label) < e⁻¹"): the
 ascent on a row stops once the student has left the teacher by that much instead of running away (−KL is
 unbounded). The keep term holds the student's clean-row logits on the teacher's: CE alone barely resists
@@ -39,6 +40,17 @@ def ascent_targets(teacher_logits: torch.Tensor, cfg) -> torch.Tensor:
     return F.log_softmax(teacher_logits.float() / tau, dim=-1)
 
 
+@torch.no_grad()
+def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_T || p_S) [R] at temperature 1, per row, without gradient: what the cap reads (a row mask, computed
+    before the loss's weights are known, so not a second call of the fused op). In float64: near the tie the KL
+    is a small difference of nearly equal log-probs."""
+    log_t = F.log_softmax(teacher_logits.double(), dim=-1)
+    log_s = F.log_softmax(student_logits.double(), dim=-1)
+    p_t = log_t.exp()
+    return torch.where(p_t > 0, p_t * (log_t - log_s), 0.0).sum(-1)  # a p_T = 0 slot adds nothing
+
+
 def unlearning_loss(flag_logits, flag_targets, teacher_flag_logits, clean_logits, clean_labels, cfg,
                     flag_norm: float, clean_norm: float, teacher_clean_logits=None) -> BatchLoss:
     """flag_logits [F, C] student on flagged rows; flag_targets [F, C] teacher log-probs (ascent_targets);
@@ -47,7 +59,8 @@ def unlearning_loss(flag_logits, flag_targets, teacher_flag_logits, clean_logits
     flag_norm / clean_norm: the row counts the sums are divided by (global over ranks under DDP).
 
     The ascent on flagged rows and the keep term on clean rows are ONE fused KL call with signed row
-    weights: -λ_asr·T²/flag_norm (0 once a row passed the cap) and +λ_keep·T²/clean_norm."""
+    weights, -λ_asr·T²/flag_norm (0 once a row passed the cap) and +λ_keep·T²/clean_norm, and per-row
+    results: their sum is the loss term, their flagged / clean parts the logged ascent and keep values."""
     device = clean_logits.device if clean_logits is not None else flag_logits.device
     loss = torch.zeros((), device=device)
     ascent = kl_mean = ce = keep_kl = 0.0
@@ -57,8 +70,7 @@ def unlearning_loss(flag_logits, flag_targets, teacher_flag_logits, clean_logits
     t2 = cfg.temperature ** 2  # keeps the tempered KL's gradient on the CE term's scale (Hinton et al.)
     rows, targets, weights = [], [], []
     if n_flag and cfg.lambda_asr > 0:
-        with torch.no_grad():
-            kl_rows = kl_div(flag_logits.detach(), teacher_flag_logits, None, 1.0, "none")
+        kl_rows = teacher_kl(flag_logits.detach(), teacher_flag_logits)
         keep = torch.ones_like(kl_rows, dtype=torch.bool) if cfg.kl_cap is None else kl_rows < cfg.kl_cap
         active = int(keep.sum())
         kl_mean = float(kl_rows.mean())
@@ -74,11 +86,9 @@ def unlearning_loss(flag_logits, flag_targets, teacher_flag_logits, clean_logits
         weights.append(torch.full((n_clean,), cfg.lambda_keep * t2 / clean_norm, device=device))
     if rows:
         w = torch.cat(weights).float().contiguous()
-        term = kl_div(torch.cat(rows).float(), torch.cat(targets), w, cfg.temperature, "sum", teacher_log_probs=True)
-        loss = loss + term
-        with torch.no_grad():  # the two parts, for the log (the fused call returns only their sum)
-            part = kl_div(torch.cat(rows).detach().float(), torch.cat(targets), w, cfg.temperature, "none",
-                          teacher_log_probs=True)
+        part = kl_div(torch.cat(rows).float(), torch.cat(targets), w, cfg.temperature, "none", teacher_log_probs=True)
+        loss = loss + part.sum()
+        part = part.detach()
         nf = n_flag if (n_flag and cfg.lambda_asr > 0) else 0
         ascent = float(part[:nf].sum())
         keep_kl = float(part[nf:].sum()) / (cfg.lambda_keep * t2) if use_keep else 0.0

@@ -11,6 +11,7 @@ class PurifyReport:
     model: dict = dataclasses.field(default_factory=dict)       # family, target modules, parameter counts
     data: dict = dataclasses.field(default_factory=dict)        # row counts (global over ranks)
     teacher: dict = dataclasses.field(default_factory=dict)     # step-0 held-out metrics
+    teacher_logits: dict = dataclasses.field(default_factory=dict)  # where the flagged rows' came from (teacher.py)
     tie: dict = dataclasses.field(default_factory=dict)         # step-0 gradient norms of each term
     history: list = dataclasses.field(default_factory=list)     # one dict per evaluation
     stop_reason: str = ""
