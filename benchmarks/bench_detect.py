@@ -24,11 +24,11 @@ RESULTS = {}
 
 def _victim():
     """(model, tokenizer, name): the cached BadNets victim if it exists (never trains one here)."""
-    from dupfast.models import load_model
+    from dupfast.harness.models import load_model
     try:
         from experiments.sst2_victims import SST2_VICTIM
-        from dupfast.data import load_sst2_poison
-        from dupfast.victims import cache_key, default_cache_dir, load_tokenizer
+        from dupfast.harness.data import load_sst2_poison
+        from dupfast.harness.victims import cache_key, default_cache_dir, load_tokenizer
         from transformers import AutoModelForSequenceClassification
         train = load_sst2_poison("badnets", "train", 0.2)
         folder = default_cache_dir() / "victims" / f"sst2-badnets-dirty0.2-{cache_key(SST2_VICTIM, train, 2)}"
@@ -44,13 +44,13 @@ def _victim():
 def _texts():
     """(clean calibration texts, labels, pool texts, pool poison labels)."""
     try:
-        from dupfast.data import load_sst2, load_sst2_poison, split_samples
+        from dupfast.harness.data import load_sst2, load_sst2_poison, split_samples
         dev = load_sst2("dev")
         poison = load_sst2_poison("badnets", "dev")
         cal, pool_clean = split_samples(dev, [len(dev) // 2, len(dev) - len(dev) // 2], seed=0)
         pool = pool_clean[: N // 2] + poison[: N - N // 2]
     except FileNotFoundError:
-        from dupfast.data import load_rotten_tomatoes
+        from dupfast.harness.data import load_rotten_tomatoes
         rt = load_rotten_tomatoes()
         cal, pool = rt[:400], rt[400:400 + N]
     return [s.text for s in cal], [s.label for s in cal], [s.text for s in pool], [s.poison_label for s in pool]
@@ -142,7 +142,7 @@ def test_detect_bf16(benchmark, setup):
 
 
 def _auroc(key, setup, result):
-    from dupfast import metrics
+    from dupfast.harness import metrics
     y = setup["pool_y"]
     if len(set(y.tolist())) == 2:
         RESULTS[f"auroc_{key}"] = metrics.auroc(y, result.sorted_by_index().scores)

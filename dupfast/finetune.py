@@ -1,6 +1,6 @@
 """Plain supervised fine-tuning of a sequence classifier: the recipe (`FinetuneConfig`) and the loop (`fit`).
 
-Victims (`dupfast.victims`) and BTU's rounds, fine-tune and clean-tune (`dupfast.btu`) all train through
+Victims (`dupfast.harness.victims`) and BTU's rounds, fine-tune and clean-tune (`dupfast.btu`) all train through
 `fit`: AdamW, linear warm-up then decay, gradient clipping, length-sorted shuffled batches.
 """
 import dataclasses

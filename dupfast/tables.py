@@ -43,8 +43,8 @@ class Table:
         return len(self.texts)
 
     def samples(self):
-        """`dupfast.data.Sample`s (text, label, poison_label); needs labels."""
-        from .data import Sample
+        """`dupfast.samples.Sample`s (text, label, poison_label); needs labels."""
+        from .samples import Sample
         if self.labels is None:
             raise ValueError(f"{self.path}: no label column, so no labelled samples")
         poison = self.poison_labels or [0] * len(self.texts)

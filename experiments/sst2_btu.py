@@ -1,6 +1,6 @@
 """BTU on SST-2 with MiniLM: BadNets and AddSent at 10% mix (BTU's setting) and 20% dirty (DUP's files).
 
-    python experiments/sst2_btu.py [--attacks badnets addsent] [--settings mix0.1 dirty0.2]
+    python -m experiments.sst2_btu [--attacks badnets addsent] [--settings mix0.1 dirty0.2]
                                    [--out runs/sst2_btu.jsonl] [--threads 2]
 
 Per (attack, setting) it records: the trigger tokens' ranks in every exposure round and whether they are in
@@ -8,7 +8,7 @@ the suspicious set; the time of every round; CACC and ASR without defence (the f
 unlearning, after BTU + one clean-tune epoch, and, as a control, after the clean-tune epoch alone.
 
 Protocol:
-- 10% mix: `dupfast.attacks` poisons the clean SST-2 train (BadNets with BTU's single trigger "cf"; AddSent
+- 10% mix: `dupfast.harness.attacks` poisons the clean SST-2 train (BadNets with BTU's single trigger "cf"; AddSent
   "I watch this 3D movie"), 10% of all samples, any class, label set to 1; ASR on every non-target test
   sample with the trigger. 20% dirty: DUP's released train-dirty-0.2 / test-poison files.
 - The fine-tuned victim (BTU's step 2) is the project's SST-2 victim recipe (SST2_VICTIM); the 20%-dirty
@@ -26,18 +26,14 @@ import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from dupfast import btu  # noqa: E402
-from dupfast.attacks import AddSent, BadNets, make_backdoor  # noqa: E402
-from dupfast.data import load_sst2, load_sst2_poison  # noqa: E402
-from dupfast.btu.unlearn import unlearn_tokens  # noqa: E402
-from dupfast.models import load_model, load_tokenizer  # noqa: E402
-from dupfast.finetune import fit  # noqa: E402
-from dupfast.victims import cache_key, default_cache_dir, evaluate_backdoor, train_victim  # noqa: E402
-from experiments.sst2_victims import SST2_VICTIM, victim_for  # noqa: E402
+from dupfast import btu
+from dupfast.harness.attacks import AddSent, BadNets, make_backdoor
+from dupfast.harness.data import load_sst2, load_sst2_poison
+from dupfast.harness.models import load_model
+from dupfast.finetune import fit
+from dupfast.harness.victims import cache_key, default_cache_dir, evaluate_backdoor, train_victim
+from experiments.sst2_victims import SST2_VICTIM, victim_for
 
 TARGET = 1
 SEED = 1234
@@ -97,15 +93,20 @@ def trigger_ranks(ex, tok, phrases):
              "ranks": {r.name: ex.rank(i, r.name) for r in ex.rounds}} for i in ids]
 
 
+def fresh_minilm(train, seed):
+    """MiniLM with a fresh head seeded as BTU's exposure rounds are (what btu.expose("minilm") loaded)."""
+    return load_model("minilm", num_labels=max(max(s.label for s in train) + 1, 2), seed=seed)
+
+
 def exposure_summary(attack, setting, train, cache_dir: pathlib.Path):
     """Run the three exposure rounds once per configuration and keep what later steps need (each round's
     top-k ids, trigger ranks, timings) in a JSON file, so a rerun does not repeat the R3 round."""
     path = cache_dir / f"{attack}-{setting}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    tok = load_tokenizer("minilm")
     t0 = time.perf_counter()
-    ex = btu.expose("minilm", train)
+    model, tok = fresh_minilm(train, btu.ExposureConfig().shallow.seed)
+    ex = btu.expose(model, train, tokenizer=tok)
     summary = {"expose_seconds": round(time.perf_counter() - t0, 1),
                "round_seconds": {r.name: round(r.seconds, 1) for r in ex.rounds},
                "k": ex.k, "vocab_size": ex.vocab_size, "tops": {r.name: r.top for r in ex.rounds},
@@ -137,7 +138,9 @@ def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0, cache_
 
     # BTU as specified: union of the three rounds, unlearn, then the clean-tune epoch
     union = [s["id"] for s in ex["suspects"]]
-    _, report = btu.train("minilm", train, clean_tune=tune, suspects=union, finetuned=model, evaluate=evaluate)
+    pre, tok = fresh_minilm(train, btu.BTUConfig().exposure.shallow.seed)
+    _, report = btu.train(pre, train, clean_tune=tune, tokenizer=tok, suspects=union, finetuned=model,
+                          evaluate=evaluate)
     steps = {s["step"]: s for s in report.steps}
     row["no_defence"] = steps["finetune"]["eval"]
     row["btu"] = steps["unlearn"]["eval"]
@@ -148,7 +151,7 @@ def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0, cache_
     # Variant: only R3's top-k (the full-model round), fewer clean tokens reset
     pre_model, _ = load_model("minilm")
     pretrained = btu.input_embeddings(pre_model).weight.detach().clone()
-    unlearn_tokens(r3_only, pretrained, ex["tops"]["R3"], btu.replacement_id(vtok), ex["vocab_size"])
+    btu.unlearn_tokens(r3_only, pretrained, ex["tops"]["R3"], btu.replacement_id(vtok), ex["vocab_size"])
     row["btu_r3_only"] = evaluate(r3_only, vtok)
     fit(r3_only, vtok, tune, btu.BTUConfig().clean_tune, desc="R3-only clean-tune")
     row["btu_r3_only_clean_tune"] = evaluate(r3_only, vtok)

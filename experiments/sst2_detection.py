@@ -1,6 +1,6 @@
 """Detection quality on the SST-2 MiniLM victims: DUP (authors, exact), DAN, STRIP and dupfast's default.
 
-    python experiments/sst2_detection.py [--attacks badnets addsent stylebkd] [--out runs/sst2_detection]
+    python -m experiments.sst2_detection [--attacks badnets addsent stylebkd] [--out runs/sst2_detection]
                                          [--no-strip] [--threads 2]
 
 Protocol (the issue's): clean set = half of the clean SST-2 dev split (seeded), pool = the other half +
@@ -20,13 +20,12 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `experiments.` imports when run as a script
 
-from dupfast import metrics  # noqa: E402
-from dupfast.data import fingerprint, load_sst2, load_sst2_poison, split_samples  # noqa: E402
-from dupfast.detection import Detector, StripDetector, text_loader  # noqa: E402
-from dupfast.detection.capture import capture, collect  # noqa: E402
-from dupfast.detection.report import plot_histograms, plot_roc  # noqa: E402
+from dupfast.harness import metrics
+from experiments.protocol import poison_labels, sst2_clean_and_pool
+from dupfast.harness.data import fingerprint
+from dupfast.detection import Detector, StripDetector, capture, collect, text_loader
+from dupfast.harness.detection_report import plot_histograms, plot_roc
 
 MAX_LEN = 64
 BATCH = 32
@@ -35,12 +34,9 @@ POOL_TRIM = 0.5
 
 
 def protocol(attack, data_dir=None, seed=0):
-    """(clean set, pool, pool poison labels): clean dev halves + dev-poison."""
-    dev = load_sst2("dev", data_dir)
-    half = len(dev) // 2
-    clean, pool_clean = split_samples(dev, [half, len(dev) - half], seed=seed)
-    pool = pool_clean + load_sst2_poison(attack, "dev", data_dir=data_dir)
-    return clean, pool, np.array([s.poison_label for s in pool])
+    """(clean set, pool, pool poison labels)."""
+    clean, pool = sst2_clean_and_pool(attack, data_dir, seed)
+    return clean, pool, poison_labels(pool)
 
 
 def cached_capture(model, tok, samples, path: pathlib.Path, poolings, with_labels):

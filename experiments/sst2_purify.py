@@ -1,6 +1,6 @@
 """Purification quality on the SST-2 MiniLM victims (20% dirty-label BadNets, AddSent, StyleBkd).
 
-    python experiments/sst2_purify.py [--attacks badnets addsent stylebkd]
+    python -m experiments.sst2_purify [--attacks badnets addsent stylebkd]
         [--variants default lora_clean full_ft authors] [--detect-mode default] [--set key=value ...]
         [--out runs/purify.jsonl]
 
@@ -21,11 +21,10 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dupfast import metrics  # noqa: E402
-from dupfast.data import load_sst2, load_sst2_poison, split_samples  # noqa: E402
-from dupfast.batching import TextBatcher  # noqa: E402
+from dupfast.harness import metrics
+from experiments.protocol import sst2_clean_and_pool
+from dupfast.batching import TextBatcher
 
 MAX_LEN, BATCH, SPLIT_SEED, TARGET = 64, 32, 2025, 1
 VARIANTS = {
@@ -56,11 +55,8 @@ def victim_ready(attack: str, log="runs/victims.log") -> bool:
 
 
 def protocol(attack: str, data_dir=None):
-    """(defender's clean set, pool samples): disjoint halves of clean dev; pool gets dev-poison too."""
-    dev = load_sst2("dev", data_dir)
-    half = len(dev) // 2
-    clean_set, pool_clean = split_samples(dev, [half, len(dev) - half], seed=SPLIT_SEED)
-    return clean_set, pool_clean + load_sst2_poison(attack, "dev", data_dir=data_dir)
+    """(defender's clean set, pool samples)."""
+    return sst2_clean_and_pool(attack, data_dir, SPLIT_SEED)
 
 
 def loaders(tok, clean_set, pool):
@@ -175,8 +171,8 @@ def table(rows) -> str:
 
 
 def parse_set(items):
-    from dupfast.cli.purify import _parse_set
-    return _parse_set(items)
+    from dupfast.purification import parse_overrides
+    return parse_overrides(items)
 
 
 def main(argv=None):

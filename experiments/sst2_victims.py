@@ -1,6 +1,6 @@
 """Backdoored MiniLM victims on SST-2 (paper protocol: DUP's 20% dirty-label poison files).
 
-    python experiments/sst2_victims.py [--attacks badnets addsent stylebkd] [--rate 0.2] [--out runs/victims.json]
+    python -m experiments.sst2_victims [--attacks badnets addsent stylebkd] [--rate 0.2] [--out runs/victims.json]
 
 Trains (or loads from the cache) one victim per attack and reports CACC on the clean SST-2 test split
 and ASR on the attack's test-poison split. Other experiments load the same victims through `victim_for`.
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from dupfast.data import load_sst2, load_sst2_poison
-from dupfast.victims import VictimConfig, evaluate_backdoor, train_victim
+from dupfast.harness.data import load_sst2, load_sst2_poison
+from dupfast.harness.victims import VictimConfig, evaluate_backdoor, train_victim
 
 # The recipe every SST-2 experiment shares (2 CPU cores: ~5 min an epoch).
 SST2_VICTIM = VictimConfig(model="minilm", epochs=2, lr=5e-5, batch_size=32, max_len=64, seed=2025)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from dupfast import attacks, data
-from dupfast.attacks import AddSent, BadNets, StyleBkd
-from dupfast.data import Sample
+from dupfast.harness import attacks, data
+from dupfast.harness.attacks import AddSent, BadNets, StyleBkd
+from dupfast.harness.data import Sample
 
 TRIGGERS = ("cf", "mn", "bb", "tq")
 

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from dupfast import data
-from dupfast.data import Sample
+from dupfast.harness import data
+from dupfast.harness.data import Sample
 
 
 def counts(samples):

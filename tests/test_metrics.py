@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from dupfast import metrics
+from dupfast.harness import metrics
 
 
 def test_accuracy_cacc_and_asr_by_hand():

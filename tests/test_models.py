@@ -1,4 +1,4 @@
-"""dupfast.models: short names, local folders, the split-zip (mpnet) and GGUF (smollm2) caches."""
+"""dupfast.harness.models: short names, local folders, the split-zip (mpnet) and GGUF (smollm2) caches."""
 import os
 import pathlib
 import zipfile
@@ -6,8 +6,8 @@ import zipfile
 import pytest
 import torch
 
-from dupfast import models
-from dupfast.models import (build_once, find_split_parts, load_model, load_tokenizer, model_names, plain_copy,
+from dupfast.harness import models
+from dupfast.harness.models import (build_once, find_split_parts, load_model, load_tokenizer, model_names, plain_copy,
                             reassemble_split_zip, resolve_model_dir)
 from tiny_models import tiny_bert_dir
 

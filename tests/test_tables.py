@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dupfast import data
+from dupfast.harness import data
 from dupfast.tables import read_table
 
 
@@ -107,7 +107,7 @@ def test_bad_rows_name_their_line(tmp_path):
         read_table(write(tmp_path / "t.jsonl", '{"text": 3}\n'))
 
 
-# ---- the paper data, read as dupfast.data reads it ------------------------------------------------
+# ---- the paper data, read as dupfast.harness.data reads it ------------------------------------------------
 
 @pytest.mark.shared_data
 def test_shared_paper_files_read_as_dupfast_data_reads_them(shared_data):

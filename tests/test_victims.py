@@ -1,4 +1,4 @@
-"""dupfast.victims (and the batching and fine-tuning it trains with) on a tiny from-scratch BERT (no download):
+"""dupfast.harness.victims (and the batching and fine-tuning it trains with) on a tiny from-scratch BERT (no download):
 batching, training, caching, reproducibility."""
 import hashlib
 import pathlib
@@ -6,10 +6,10 @@ import pathlib
 import pytest
 import torch
 
-from dupfast.data import Sample
+from dupfast.harness.data import Sample
 from dupfast.batching import TextBatcher, length_sorted_batches, predict, predict_logits
 from dupfast.finetune import fit
-from dupfast.victims import VictimConfig, cache_key, evaluate_backdoor, train_victim
+from dupfast.harness.victims import VictimConfig, cache_key, evaluate_backdoor, train_victim
 from tiny_models import sentiment_samples, tiny_bert_dir
 
 
@@ -69,7 +69,7 @@ def test_length_sorted_batches_shuffle_is_seeded():
 
 
 def test_batcher_pads_each_batch_to_its_own_longest(tiny_dir):
-    from dupfast.models import load_tokenizer
+    from dupfast.harness.models import load_tokenizer
 
     tok = load_tokenizer(tiny_dir)
     texts = ["good"] * 4 + ["the movie was very very good and fun but the plot was dull"] * 4
@@ -84,7 +84,7 @@ def test_batcher_pads_each_batch_to_its_own_longest(tiny_dir):
 
 
 def test_batcher_truncates_to_max_len(tiny_dir):
-    from dupfast.models import load_tokenizer
+    from dupfast.harness.models import load_tokenizer
 
     batcher = TextBatcher(load_tokenizer(tiny_dir), ["good " * 50], None, max_len=10)
     (b,) = list(batcher.batches(4))
@@ -92,7 +92,7 @@ def test_batcher_truncates_to_max_len(tiny_dir):
 
 
 def test_predict_logits_keeps_input_order(tiny_dir, data):
-    from dupfast.models import load_model
+    from dupfast.harness.models import load_model
 
     model, tok = load_model(tiny_dir, num_labels=2)
     texts = [s.text for s in data[:20]]
@@ -103,7 +103,7 @@ def test_predict_logits_keeps_input_order(tiny_dir, data):
 
 
 def test_predict_logits_empty_input(tiny_dir):
-    from dupfast.models import load_model
+    from dupfast.harness.models import load_model
 
     model, tok = load_model(tiny_dir, num_labels=3)
     assert predict_logits(model, tok, []).shape == (0, 3)
@@ -112,7 +112,7 @@ def test_predict_logits_empty_input(tiny_dir):
 # ---- training -----------------------------------------------------------------------------------
 
 def test_fit_learns_a_separable_task(tiny_dir, data):
-    from dupfast.models import load_model
+    from dupfast.harness.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_dir, num_labels=2)
@@ -193,7 +193,7 @@ def test_cache_key_follows_model_contents_not_its_location(tiny_dir, data, tmp_p
 
 
 def test_evaluate_backdoor_reports_cacc_and_asr(tiny_dir, data):
-    from dupfast.models import load_model
+    from dupfast.harness.models import load_model
 
     model, tok = load_model(tiny_dir, num_labels=2)
     preds = predict(model, tok, [s.text for s in data])

@@ -26,7 +26,7 @@ def sentiment_samples(n: int, seed: int = 0):
     """Separable toy sentiment: label 1 texts use positive words, label 0 negative ones."""
     import random
 
-    from dupfast.data import Sample
+    from dupfast.harness.data import Sample
 
     rng = random.Random(seed)
     pos, neg, filler = WORDS[:6], WORDS[6:12], WORDS[12:21]

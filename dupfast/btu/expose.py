@@ -171,15 +171,16 @@ def _full_round(name, model, tok, train, cfg, pretrained, vocab):
     return scores, time.perf_counter() - t0, (losses[-1] if losses else None)
 
 
-def expose(model_or_name, train_data, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
-    """Rank the tokens whose embeddings backdoor learning moves most. `model_or_name`: a short name or HF
-    folder (see dupfast.models), or a pretrained model object with `tokenizer=`; it is never modified.
+def expose(model, train_data, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
+    """Rank the tokens whose embeddings backdoor learning moves most. `model`: a pretrained model object
+    with its `tokenizer=` (to load one by short name: `dupfast.harness.models.load_model(name, n, seed=s)`);
+    it is never modified.
     train_data: (text, label) samples or a loader of labelled batches (see btu.inputs)."""
     config = ExposureConfig() if config is None else config
     if not isinstance(config, ExposureConfig):
         raise TypeError(f"config must be an ExposureConfig, got {type(config).__name__}")
     train = as_training_data(train_data, "training set")
-    model, tok, num_labels = resolve_model(model_or_name, tokenizer, train, config.shallow.seed)
+    model, tok, num_labels = resolve_model(model, tokenizer, train)
     return expose_loaded(model, tok, train, num_labels, config)
 
 

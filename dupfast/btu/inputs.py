@@ -9,10 +9,9 @@ as it is (max_len does not apply).
 import collections.abc
 import numbers
 
-import torch
 
 from ..batches import Rows, check_rows, collect, loader_batches
-from ..data import Sample, validate
+from ..samples import Sample, validate
 from .embeddings import input_embeddings
 
 
@@ -68,25 +67,21 @@ def check_labels(data, known: set, name: str, known_from: str):
         raise ValueError(f"{name} has labels {unknown} that {known_from} does not have (known: {sorted(known)})")
 
 
-def resolve_model(model_or_name, tokenizer, train, seed: int):
-    """(model, tokenizer, num_labels). A name or folder is loaded with a fresh head sized to the training
-    labels (seeded, so the exposure rounds are reproducible); an object needs its tokenizer alongside.
-    Token rows from a loader are checked against the model's vocabulary here, once it is known."""
+def resolve_model(model, tokenizer, train):
+    """(model, tokenizer, num_labels) for a pretrained model object and its tokenizer. Loading by name is
+    the caller's (dupfast.harness.models.load_model after torch.manual_seed, as the CLI does), so the
+    defence never imports the evaluation harness. Token rows from a loader are checked against the
+    model's vocabulary here, once it is known."""
     labels = label_set(train)
     if min(labels) < 0:
         raise ValueError(f"training labels must be 0..C-1, got {sorted(labels)}")
-    if isinstance(model_or_name, (str, bytes)) or hasattr(model_or_name, "__fspath__"):
-        from ..models import load_model
-        torch.manual_seed(seed)
-        model, tok = load_model(str(model_or_name), num_labels=max(max(labels) + 1, 2))
-        if tokenizer is not None:
-            tok = tokenizer
-    else:
-        input_embeddings(model_or_name)  # TypeError before anything else when there is no embedding matrix
-        if tokenizer is None:
-            raise TypeError(f"a model object ({type(model_or_name).__name__}) needs its tokenizer: pass tokenizer=")
-        model, tok = model_or_name, tokenizer
-    input_embeddings(model)
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise TypeError(f"BTU takes a model object and its tokenizer, not the name {model!r}: load it first, e.g. "
+                        "torch.manual_seed(seed); model, tok = dupfast.harness.models.load_model(name, num_labels)")
+    input_embeddings(model)  # TypeError before anything else when there is no embedding matrix
+    if tokenizer is None:
+        raise TypeError(f"a model object ({type(model).__name__}) needs its tokenizer: pass tokenizer=")
+    tok = tokenizer
     num_labels = int(getattr(getattr(model, "config", None), "num_labels", max(labels) + 1))
     check_labels(train, set(range(num_labels)), "the training set", f"the model ({num_labels} labels)")
     if isinstance(train, Rows):

@@ -64,12 +64,13 @@ def _step(report, name, t0, evaluate, model, tok, **extra):
     report.steps.append(entry)
 
 
-def train(model_or_name, train_data, clean_tune=None, *, tokenizer=None,
+def train(model, train_data, clean_tune=None, *, tokenizer=None,
           config: BTUConfig | None = None, suspects=None, finetuned=None,
           evaluate: Callable | None = None):
     """Defended fine-tuning. Returns (model, BTUReport), as `dupfast.purify` returns (model, PurifyReport).
 
-    model_or_name: short name / HF folder, or a *pretrained* model object with `tokenizer=` (never modified).
+    model:         a *pretrained* model object with its `tokenizer=` (never modified; to load one by short
+                   name: `dupfast.harness.models.load_model(name, n, seed=s)`).
     train_data:    (text, label) samples, or a loader of labelled batches (see btu.inputs).
     clean_tune:    optional clean labelled samples (or a loader) for the final one-epoch tune (labels must
                    be known).
@@ -91,14 +92,15 @@ def train(model_or_name, train_data, clean_tune=None, *, tokenizer=None,
     if finetuned is not None:
         input_embeddings(finetuned)
 
-    model, tok, num_labels = resolve_model(model_or_name, tokenizer, train_set, config.exposure.shallow.seed)
+    model, tok, num_labels = resolve_model(model, tokenizer, train_set)
     if isinstance(tune_set, Rows):
         check_rows(tune_set, model, "the clean-tune set")
     vocab = vocab_size(model, tok)
     pretrained = input_embeddings(model).weight.detach().float().clone()
     replace = (next(iter(token_ids(tok, [config.replace_with]))) if config.replace_with is not None
                else replacement_id(tok))
-    report = BTUReport(model=str(model_or_name) if isinstance(model_or_name, str) else type(model_or_name).__name__,
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    report = BTUReport(model=str(name),
                        train_size=len(train_set), num_labels=num_labels, vocab_size=vocab,
                        config=dataclasses.asdict(config), torch_threads=torch.get_num_threads())
 

@@ -74,6 +74,7 @@ def run(args):
     from .. import btu
     from ..btu.expose import FULL_ROUND, SHALLOW_ROUND
     from ..finetune import FinetuneConfig
+    from ..harness.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +82,11 @@ def run(args):
         fraction=args.fraction, exclude_tokens=tuple(args.exclude),
         shallow=dataclasses.replace(SHALLOW_ROUND, seed=args.seed),
         full=dataclasses.replace(FULL_ROUND, seed=args.seed))
+    # the pretrained model with a fresh head seeded as the exposure rounds are (BTU starts from it)
+    labels = {s.label for s in train}
+    model, tok = load_model(args.model, num_labels=max(max(labels) + 1, 2), seed=args.seed)
     if args.expose_only:
-        result = btu.expose(args.model, train, config=exposure)
+        result = btu.expose(model, train, tokenizer=tok, config=exposure)
         report = {"model": args.model, "train": args.train, "exposure": result.to_dict()}
         model = None
     else:
@@ -90,13 +94,13 @@ def run(args):
                                 warmup_ratio=0.0, weight_decay=0.01, seed=args.seed)
         cfg = btu.BTUConfig(exposure=exposure, finetune=tuning, clean_tune=dataclasses.replace(tuning, epochs=1))
         evaluate = _evaluator(test, ptest, args.target, args.max_len) if (test or ptest) else None
-        model, result = btu.train(args.model, train, clean_tune=tune, config=cfg, evaluate=evaluate)
+        model, result = btu.train(model, train, clean_tune=tune, tokenizer=tok, config=cfg, evaluate=evaluate)
         report = {**result.to_dict(), "train": args.train}
     clear_outputs(out, OUTPUTS)  # the results exist: only now replace an earlier run's
     (out / "btu_report.json").write_text(json.dumps(report, indent=2))
     if model is not None:
         model.save_pretrained(str(out / "model"), safe_serialization=True)
-        _tokenizer_of(args.model).save_pretrained(str(out / "model"))
+        tok.save_pretrained(str(out / "model"))
     suspects = report["exposure"]["suspects"] if report.get("exposure") else report["suspects"]
     print(f"dupfast btu: {len(suspects)} suspicious tokens: "
           + " ".join(s["token"] for s in suspects[:20]) + (" ..." if len(suspects) > 20 else ""))
@@ -106,13 +110,8 @@ def run(args):
     return 0
 
 
-def _tokenizer_of(model):
-    from ..models import load_tokenizer
-    return load_tokenizer(model)
-
-
 def _evaluator(test, ptest, target, max_len):
-    from .. import metrics
+    from ..harness import metrics
     from ..batching import predict
 
     def evaluate(model, tok):

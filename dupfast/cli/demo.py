@@ -71,8 +71,8 @@ Step = Callable[[DemoState], dict]
 
 
 def poison_step(state: DemoState) -> dict:
-    from ..attacks import get_attack, make_backdoor
-    from ..data import load_rotten_tomatoes, stratified_split
+    from ..harness.attacks import get_attack, make_backdoor
+    from ..harness.data import load_rotten_tomatoes, stratified_split
 
     s = state.settings
     train, test, dev = stratified_split(load_rotten_tomatoes(), [s.train_size, s.test_size, s.dev_size],
@@ -87,7 +87,7 @@ def poison_step(state: DemoState) -> dict:
 
 
 def victim_step(state: DemoState) -> dict:
-    from ..victims import VictimConfig, evaluate_backdoor, train_victim
+    from ..harness.victims import VictimConfig, evaluate_backdoor, train_victim
 
     s = state.settings
     cfg = VictimConfig(model=s.model, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, max_len=s.max_len,
@@ -181,8 +181,8 @@ def run(args) -> int:
                             rate=args.rate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)
     from ..purification import PurifyConfig
-    from .purify import _parse_set
-    overrides = _parse_set(args.set)
+    from ..purification import parse_overrides
+    overrides = parse_overrides(args.set)
     PurifyConfig(**overrides)  # bad keys or values fail here, before any training
     state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None,
                       purify_overrides=overrides)

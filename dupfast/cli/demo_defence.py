@@ -5,7 +5,7 @@ ground-truth poison labels are used only to score the detector and the purified 
 """
 import time
 
-from ..data import split_samples
+from ..harness.data import split_samples
 
 
 def _pool_and_clean(state):
@@ -18,7 +18,7 @@ def _pool_and_clean(state):
 
 
 def detect_step(state) -> dict:
-    from .. import metrics
+    from ..harness import metrics
     from ..detection import detect_texts
 
     clean, pool = _pool_and_clean(state)
@@ -38,7 +38,7 @@ def detect_step(state) -> dict:
 def purify_step(state) -> dict:
     from .. import purify
     from ..detection import text_loader
-    from ..victims import evaluate_backdoor
+    from ..harness.victims import evaluate_backdoor
 
     s = state.settings
     pool_loader = list(text_loader(state.tokenizer, [x.text for x in state.pool], None, 32, s.max_len))

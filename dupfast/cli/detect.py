@@ -3,7 +3,7 @@
     dupfast detect MODEL --texts pool.tsv [--clean dev.tsv] --out DIR [--mode default|dup|dan] [--frr 0.05]
 
 MODEL is the fine-tuned classifier to screen: a local HF sequence-classifier folder, or a short name
-(dupfast.models.model_names()) only if that folder holds a fine-tuned head (a base model would get a new
+(dupfast.harness.models.model_names()) only if that folder holds a fine-tuned head (a base model would get a new
 random head each run). Files are CSV, TSV, JSON lines or .txt, read by `dupfast.tables`: the text column by
 name (text, sentence, review, ... or --text-column), the clean set's label column likewise (label, ... or
 --label-column); DUP/OpenBackdoor CSV dumps (columns 0,1,2 = text, label, poison_label) are understood.
@@ -68,7 +68,7 @@ def load_classifier(name_or_path):
     """The fine-tuned sequence classifier in a folder (or a short name's folder), with its own head."""
     import json
     from transformers import AutoModelForSequenceClassification
-    from ..models import load_tokenizer, resolve_model_dir
+    from ..harness.models import load_tokenizer, resolve_model_dir
 
     folder = resolve_model_dir(name_or_path)
     archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
@@ -99,7 +99,7 @@ def run(args):
     import torch
 
     from ..detection import Detector, text_loader
-    from ..detection.report import write_report
+    from ..harness.detection_report import write_report
     from ..tables import read_table
     from .outdir import clear_outputs, prepare_out
 

@@ -14,7 +14,6 @@ existing DIR with entries is refused before any work unless --overwrite (which r
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
 import argparse
-import dataclasses
 import json
 import pathlib
 
@@ -41,39 +40,6 @@ def read_flags(path, n: int):
     return values
 
 
-def _parse_set(items):
-    """--set key=value overrides for PurifyConfig, typed by the field's annotation."""
-    from ..purification import PurifyConfig
-
-    fields = {f.name: str(f.type) for f in dataclasses.fields(PurifyConfig)}
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        if key not in fields:
-            raise ValueError(f"--set: unknown PurifyConfig field {key!r}; fields: {sorted(fields)}")
-        kind = fields[key]
-        try:
-            if raw.lower() == "none" and "Optional" in kind:
-                out[key] = None
-            elif "bool" in kind:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(f"expected true/false, got {raw!r}")
-                out[key] = raw.lower() in ("true", "1")
-            elif "int" in kind:
-                out[key] = int(raw)
-            elif "float" in kind:
-                out[key] = float(raw)
-            elif "tuple" in kind:
-                out[key] = tuple(raw.split(","))
-            else:
-                out[key] = raw
-        except ValueError as exc:
-            raise ValueError(f"--set {key}: {exc}") from None
-    return out
-
-
 OUTPUTS = ("model", "purify_report.json")
 
 
@@ -93,7 +59,7 @@ def load_classifier(name_or_path, num_labels=None):
     is an error: a new random head would be "purified" instead of the backdoored one."""
     import json
 
-    from ..models import load_model, resolve_model_dir
+    from ..harness.models import load_model, resolve_model_dir
 
     folder = resolve_model_dir(name_or_path)
     config = json.loads((folder / "config.json").read_text())
@@ -139,12 +105,12 @@ def run(args):
     import torch
 
     from .. import distributed as dist
-    from ..purification import PurifyConfig, purify
+    from ..purification import PurifyConfig, parse_overrides, purify
     from ..tables import read_table
     from .outdir import clear_outputs, prepare_out
 
     out = prepare_out(args.out, args.overwrite, OUTPUTS)  # a file, or an earlier run's folder: before any work
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set)
     for key in ("lambda_asr", "lambda_acc", "epochs", "lr", "batch_size", "seed"):
         value = getattr(args, key)
         if value is not None:

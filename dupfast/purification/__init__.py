@@ -14,8 +14,8 @@
     config.py, report.py   PurifyConfig, PurifyReport
 """
 from .api import purify
-from .config import PurifyConfig
+from .config import PurifyConfig, parse_overrides
 from .lora import find_target_modules
 from .report import PurifyReport
 
-__all__ = ["purify", "PurifyConfig", "PurifyReport", "find_target_modules"]
+__all__ = ["purify", "PurifyConfig", "PurifyReport", "find_target_modules", "parse_overrides"]

@@ -122,3 +122,34 @@ class PurifyConfig:
         if d["target_modules"] is not None:
             d["target_modules"] = list(d["target_modules"])
         return d
+
+
+def parse_overrides(items):
+    """`key=value` strings (the CLIs' --set) -> PurifyConfig overrides, typed by the field's annotation."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(PurifyConfig)}
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        if key not in fields:
+            raise ValueError(f"--set: unknown PurifyConfig field {key!r}; fields: {sorted(fields)}")
+        kind = fields[key]
+        try:
+            if raw.lower() == "none" and "Optional" in kind:
+                out[key] = None
+            elif "bool" in kind:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"expected true/false, got {raw!r}")
+                out[key] = raw.lower() in ("true", "1")
+            elif "int" in kind:
+                out[key] = int(raw)
+            elif "float" in kind:
+                out[key] = float(raw)
+            elif "tuple" in kind:
+                out[key] = tuple(raw.split(","))
+            else:
+                out[key] = raw
+        except ValueError as exc:
+            raise ValueError(f"--set {key}: {exc}") from None
+    return out

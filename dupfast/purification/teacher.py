@@ -32,7 +32,7 @@ def probe(model, rows, pad_id, device, num_labels: int):
     if logits is None:
         raise ValueError(f"the model ({type(model).__name__}) returned no `logits`: purify needs a sequence "
                          "classifier with its fine-tuned head (AutoModelForSequenceClassification, "
-                         "e.g. dupfast.models.load_model(folder)), not a bare encoder (AutoModel)")
+                         "e.g. dupfast.harness.models.load_model(folder)), not a bare encoder (AutoModel)")
     if logits.dim() != 2 or logits.shape[-1] != num_labels:
         raise ValueError(f"the model's logits have shape {tuple(logits.shape)}, not [batch, {num_labels}] "
                          f"(config.num_labels = {num_labels})")

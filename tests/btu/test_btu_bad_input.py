@@ -63,7 +63,7 @@ def test_loader_labels_of_another_length(bert):
 def test_the_configs_carry_no_model_field():
     """The recipes are model-free (the model is train's first argument); only a victim names its checkpoint."""
     import dataclasses
-    from dupfast.victims import VictimConfig
+    from dupfast.harness.victims import VictimConfig
     for cfg in (CONFIG.finetune, CONFIG.clean_tune, CONFIG.exposure.shallow, CONFIG.exposure.full):
         assert "model" not in {f.name for f in dataclasses.fields(cfg)}
     assert VictimConfig().model == "minilm"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import dupfast
 from detect_helpers import batches, make_samples, tiny_bert, tiny_texts, tiny_tokenizer
-from dupfast import models
+from dupfast.harness import models
 from dupfast.cli import main
 from dupfast.detection import Detector, detect_texts
 from dupfast.detection.persistence import tensors_sha256

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detect_helpers import tiny_bert, tiny_texts, tiny_tokenizer
-from dupfast import metrics
+from dupfast.harness import metrics
 from dupfast.cli import main
 from dupfast.detection import detect_texts
 

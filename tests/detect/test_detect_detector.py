@@ -7,7 +7,7 @@ import torch
 
 import dupfast
 from detect_helpers import batches, make_samples, tiny_bert
-from dupfast import metrics
+from dupfast.harness import metrics
 from dupfast.detection import Detector
 from dupfast.detection.calibration import split
 

@@ -11,7 +11,7 @@ import pathlib
 
 import numpy as np
 
-from .. import metrics
+from . import metrics
 
 
 def summarize(result, poison_labels=None, frr: float = 0.05) -> dict:

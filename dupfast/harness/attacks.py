@@ -22,7 +22,8 @@ import pathlib
 import random
 from typing import NamedTuple, Sequence
 
-from .data import POISON_ATTACKS, Sample, _data_dir, load_sst2, load_sst2_poison, validate
+from ..samples import Sample, validate
+from .data import POISON_ATTACKS, _data_dir, load_sst2, load_sst2_poison
 
 POSITIONS = ("random", "start", "end")
 POISON_SETTINGS = ("dirty", "clean", "mix")
@@ -99,7 +100,7 @@ class StyleBkd:
         raise ValueError(
             "StyleBkd poison cannot be generated offline: it needs the STRAP GPT-2 style paraphrasers "
             f"(lievan/{self.style}), which are in no package registry. Use the precomputed SST-2 files: "
-            "dupfast.attacks.load_precomputed('stylebkd', rate=0.2, data_dir=...)")
+            "dupfast.harness.attacks.load_precomputed('stylebkd', rate=0.2, data_dir=...)")
 
 
 ATTACKS = {"badnets": BadNets, "addsent": AddSent, "stylebkd": StyleBkd}
@@ -148,6 +149,7 @@ def _check_target(target, labels, name):
 
 def _rng(seed, stream: str) -> random.Random:
     # str seeds hash deterministically (sha512), independent of PYTHONHASHSEED.
+    # the stream names predate dupfast.harness and are kept, so the same seed poisons the same rows
     return random.Random(f"dupfast.attacks/{stream}/{seed}")
 
 

@@ -14,16 +14,17 @@ from typing import Sequence
 
 import torch
 
-from .batching import predict
-from .data import Sample, fingerprint, validate
-from .finetune import FinetuneConfig, fit, seed_everything
+from ..batching import predict
+from ..samples import Sample, validate
+from .data import fingerprint
+from ..finetune import FinetuneConfig, fit, seed_everything
 from .models import cache_root, load_model, load_tokenizer, model_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
 class VictimConfig(FinetuneConfig):
     """A victim is a plain fine-tune: a FinetuneConfig recipe and the checkpoint it starts from."""
-    model: str = "minilm"        # a short name or HF folder (dupfast.models)
+    model: str = "minilm"        # a short name or HF folder (dupfast.harness.models)
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -260,14 +260,17 @@ def load_tokenizer(name_or_path):
     return tok
 
 
-def load_model(name_or_path, num_labels: int = 2, dtype=None):
-    """Sequence classifier + tokenizer. A fresh classification head is added when the folder has none."""
+def load_model(name_or_path, num_labels: int = 2, dtype=None, seed=None):
+    """Sequence classifier + tokenizer. A fresh classification head is added when the folder has none;
+    `seed` seeds torch first, so that head is the same on every run (BTU's rounds start from it)."""
     import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     if not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
     path = resolve_model_dir(name_or_path)
     tok = load_tokenizer(path)
     verbosity = hf_logging.get_verbosity()

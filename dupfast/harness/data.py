@@ -18,11 +18,7 @@ from typing import NamedTuple, Sequence
 
 import pandas as pd
 
-
-class Sample(NamedTuple):
-    text: str
-    label: int
-    poison_label: int = 0
+from ..samples import Sample, validate
 
 
 def pkg_dir(name: str) -> pathlib.Path:
@@ -59,16 +55,6 @@ def _need(path: pathlib.Path) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"missing data file {path}")
     return path
-
-
-def validate(samples: Sequence[Sample], name: str = "data set", min_classes: int = 2) -> Sequence[Sample]:
-    """Raise a clear error for an empty set or one with fewer than `min_classes` labels."""
-    if len(samples) == 0:
-        raise ValueError(f"{name} is empty")
-    labels = {s.label for s in samples}
-    if len(labels) < min_classes:
-        raise ValueError(f"{name} has only {len(labels)} class(es) {sorted(labels)}; at least {min_classes} needed")
-    return samples
 
 
 # ---- OpenBackdoor-format files ------------------------------------------------------------------
