@@ -5,10 +5,12 @@ import json
 import pathlib
 from typing import Optional
 
+from ..reports import JsonReport
+
 
 @dataclasses.dataclass
-class BTUReport:
-    model: str                      # the short name / folder given, or the model object's class
+class BTUReport(JsonReport):
+    model: str                      # the model's config._name_or_path (its folder), else its class
     train_size: int
     num_labels: int
     vocab_size: int
@@ -26,12 +28,6 @@ class BTUReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def save(self, path) -> pathlib.Path:
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
 
     @classmethod
     def load(cls, path) -> "BTUReport":

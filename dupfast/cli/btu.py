@@ -9,22 +9,13 @@ Files: .csv, .tsv or .jsonl with text and label columns found by name (`dupfast.
 `<out>/model` (safetensors + tokenizer) unless --expose-only. An existing `<out>` with entries is refused
 before any work unless --overwrite (which replaces only those two).
 """
-import argparse
 import dataclasses
 import json
 import sys
 
+from .argtypes import positive_int
+
 OUTPUTS = ("btu_report.json", "model")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def read_samples(path, args, role):
@@ -49,12 +40,12 @@ def add_parser(subparsers):
     ap.add_argument("--fraction", type=float, default=0.0005, help="k = fraction x vocabulary size per round")
     ap.add_argument("--exclude", nargs="*", default=(), help="extra tokens never ranked (e.g. @ user on OLID)")
     ap.add_argument("--expose-only", action="store_true", help="only rank suspicious tokens (step 1)")
-    ap.add_argument("--epochs", type=_positive_int, default=1, help="fine-tune epochs")
+    ap.add_argument("--epochs", type=positive_int, default=1, help="fine-tune epochs")
     ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune and clean-tune learning rate")
-    ap.add_argument("--batch-size", type=_positive_int, default=64)
-    ap.add_argument("--max-len", type=_positive_int, default=128)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
+    ap.add_argument("--max-len", type=positive_int, default=128)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
     ap.set_defaults(func=run)
 
 

@@ -17,17 +17,9 @@ import csv
 import pathlib
 import sys
 
+from .argtypes import positive_int
+
 OUTPUTS = ("scores.csv", "detect.json", "detect_hist.png", "detect_roc.png", "detector")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _fraction(text):
@@ -56,10 +48,10 @@ def add_parser(subparsers):
     p.add_argument("--detector", help="a folder saved by a previous run (skips fitting)")
     p.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     p.add_argument("--label-column", help="the clean set's label column (default: inferred)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--max-len", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-len", type=positive_int, default=128)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.set_defaults(func=run)
     return p
 

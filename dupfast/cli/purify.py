@@ -13,9 +13,10 @@ suspect row. Writes DIR/model (save_pretrained: safetensors + tokenizer) and DIR
 existing DIR with entries is refused before any work unless --overwrite (which replaces only those two).
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
-import argparse
 import json
 import pathlib
+
+from .argtypes import positive_int
 
 
 def read_flags(path, n: int):
@@ -41,16 +42,6 @@ def read_flags(path, n: int):
 
 
 OUTPUTS = ("model", "purify_report.json")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def load_classifier(name_or_path, num_labels=None):
@@ -170,16 +161,16 @@ def add_parser(subparsers):
                     help="replace an earlier run's results in --out (only model/ and purify_report.json)")
     ap.add_argument("--flags", help="detector flags for the suspect rows (JSON list or one 0/1 a line); "
                                     "default: run dupfast.detect")
-    ap.add_argument("--num-labels", type=_positive_int, help="the classifier's label count (default: its own; a "
+    ap.add_argument("--num-labels", type=positive_int, help="the classifier's label count (default: its own; a "
                                                              "different value is an error)")
     ap.add_argument("--lambda-asr", dest="lambda_asr", type=float)
     ap.add_argument("--lambda-acc", dest="lambda_acc", type=float)
-    ap.add_argument("--epochs", type=_positive_int)
+    ap.add_argument("--epochs", type=positive_int)
     ap.add_argument("--lr", type=float)
-    ap.add_argument("--batch-size", dest="batch_size", type=_positive_int)
+    ap.add_argument("--batch-size", dest="batch_size", type=positive_int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA (comparisons)")
-    ap.add_argument("--max-len", dest="max_len", type=_positive_int, default=128)
-    ap.add_argument("--threads", type=_positive_int, default=2)
+    ap.add_argument("--max-len", dest="max_len", type=positive_int, default=128)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other PurifyConfig field")
     ap.set_defaults(func=run)

@@ -4,9 +4,11 @@ import json
 import pathlib
 from typing import Optional
 
+from ..reports import JsonReport
+
 
 @dataclasses.dataclass
-class PurifyReport:
+class PurifyReport(JsonReport):
     config: dict
     model: dict = dataclasses.field(default_factory=dict)       # family, target modules, parameter counts
     data: dict = dataclasses.field(default_factory=dict)        # row counts (global over ranks)
@@ -32,12 +34,6 @@ class PurifyReport:
         d = dataclasses.asdict(self)
         d["changed"] = self.changed
         return d
-
-    def save(self, path) -> pathlib.Path:
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
 
     @classmethod
     def load(cls, path) -> "PurifyReport":
