@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from detect_helpers import batches, make_samples, tiny_bert
+from detect_helpers import batches, make_samples, tiny_bert, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,3 +30,14 @@ def clean_and_pool():
     pool_poison = make_samples(30, seed=3, lo=80, hi=120, trigger=[110, 111, 112])
     pool = pool_clean + pool_poison
     return batches(clean, labels), batches(pool), torch.tensor([0] * 30 + [1] * 30)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny BERT sequence classifier with its tokenizer, for the CLI tests."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    m = tiny_bert(vocab=120)
+    m.config.architectures = ["BertForSequenceClassification"]
+    m.save_pretrained(str(d))
+    tiny_tokenizer().save_pretrained(str(d))
+    return d

@@ -1,4 +1,6 @@
 """Tiny models and loaders for the detection tests (built from configs: no hub, milliseconds per batch)."""
+import csv
+
 import torch
 
 
@@ -111,3 +113,12 @@ def tiny_texts(n, seed, trigger=False, lo=0, hi=50):
             ws = [WORDS[int(i)] for i in torch.randint(lo, hi, (k,), generator=g)]
         out.append(" ".join(ws))
     return out
+
+
+def write_table(path, header, rows, delim=","):
+    """A CSV/TSV file with a header row, as the CLIs read them."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, delimiter=delim)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

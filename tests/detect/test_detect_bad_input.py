@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dupfast
-from detect_helpers import batches, make_samples, tiny_bert, tiny_texts, tiny_tokenizer
+from detect_helpers import batches, make_samples, tiny_bert, tiny_texts, tiny_tokenizer, write_table
 from dupfast.harness import models
 from dupfast.cli import main
 from dupfast.detection import Detector, detect_texts
@@ -221,34 +221,16 @@ def test_text_api_errors(bert, kwargs, error, message):
 # ---- the command line --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    m = tiny_bert(vocab=120)
-    m.config.architectures = ["BertForSequenceClassification"]
-    m.save_pretrained(str(d))
-    tiny_tokenizer().save_pretrained(str(d))
-    return d
-
-
-def _write(path, header, rows, delim=","):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh, delimiter=delim)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
-@pytest.fixture(scope="module")
 def clean_tsv(tmp_path_factory):
     d = tmp_path_factory.mktemp("clean")
-    return _write(d / "clean.tsv", ["sentence", "label"], [(t, i % 2) for i, t in enumerate(tiny_texts(100, seed=1))], "\t")
+    return write_table(d / "clean.tsv", ["sentence", "label"], [(t, i % 2) for i, t in enumerate(tiny_texts(100, seed=1))], "\t")
 
 
 def _pool(tmp_path, poison=None):
     texts = tiny_texts(25, seed=2) + tiny_texts(15, seed=3, trigger=True)
     if poison is None:
-        return _write(tmp_path / "pool.csv", ["text"], [(t,) for t in texts]), texts
-    return _write(tmp_path / "pool.csv", ["text", "poison_label"], [(t, poison(i)) for i, t in enumerate(texts)]), texts
+        return write_table(tmp_path / "pool.csv", ["text"], [(t,) for t in texts]), texts
+    return write_table(tmp_path / "pool.csv", ["text", "poison_label"], [(t, poison(i)) for i, t in enumerate(texts)]), texts
 
 
 def _detect(model_dir, pool, out, *extra):
@@ -284,7 +266,7 @@ def test_cli_base_model_without_a_head_is_an_error(tmp_path, monkeypatch, clean_
     monkeypatch.setitem(models._RESOLVERS, "tiny-base", lambda: base)
     pool, _ = _pool(tmp_path)
     # clean labels {3, 10} once built an 11-class random head here; now no head is built at all
-    c310 = _write(tmp_path / "c310.tsv", ["sentence", "label"], [(t, (3, 10)[i % 2]) for i, t in enumerate(tiny_texts(60, seed=1))], "\t")
+    c310 = write_table(tmp_path / "c310.tsv", ["sentence", "label"], [(t, (3, 10)[i % 2]) for i, t in enumerate(tiny_texts(60, seed=1))], "\t")
     for name in ("tiny-base", str(base)):
         assert _detect(name, pool, tmp_path / "out", "--clean", str(c310)) == 2
         assert "has no fine-tuned classification head" in capsys.readouterr().err
@@ -293,7 +275,7 @@ def test_cli_base_model_without_a_head_is_an_error(tmp_path, monkeypatch, clean_
 
 def test_cli_clean_labels_outside_the_heads_classes(tmp_path, model_dir, capsys):
     pool, _ = _pool(tmp_path)
-    c310 = _write(tmp_path / "c310.tsv", ["sentence", "label"], [(t, (3, 10)[i % 2]) for i, t in enumerate(tiny_texts(60, seed=1))], "\t")
+    c310 = write_table(tmp_path / "c310.tsv", ["sentence", "label"], [(t, (3, 10)[i % 2]) for i, t in enumerate(tiny_texts(60, seed=1))], "\t")
     assert _detect(model_dir, pool, tmp_path / "out", "--clean", str(c310)) == 2
     assert "labels [3, 10] lie outside the model's label space [0, 2)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -309,7 +291,7 @@ def test_cli_options_that_would_be_ignored(tmp_path, model_dir, clean_tsv, saved
 
 def test_cli_empty_clean_texts(tmp_path, model_dir, capsys):
     pool, _ = _pool(tmp_path)
-    empty = _write(tmp_path / "ce.tsv", ["sentence", "label"], [("", i % 2) for i in range(48)], "\t")
+    empty = write_table(tmp_path / "ce.tsv", ["sentence", "label"], [("", i % 2) for i in range(48)], "\t")
     assert _detect(model_dir, pool, tmp_path / "out", "--clean", str(empty)) == 2
     assert "all 48 clean texts are empty" in capsys.readouterr().err
 

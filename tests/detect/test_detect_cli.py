@@ -3,30 +3,11 @@ import csv
 import json
 
 import pytest
-import torch
 
-from detect_helpers import tiny_bert, tiny_texts, tiny_tokenizer
+from detect_helpers import tiny_texts, tiny_tokenizer, write_table
 from dupfast.harness import metrics
 from dupfast.cli import main
 from dupfast.detection import detect_texts
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    m = tiny_bert(vocab=120)
-    m.config.architectures = ["BertForSequenceClassification"]
-    m.save_pretrained(str(d))
-    tiny_tokenizer().save_pretrained(str(d))
-    return d
-
-
-def _write(path, header, rows, delim):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh, delimiter=delim)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +15,9 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     clean = tiny_texts(100, seed=1)
     pool = tiny_texts(25, seed=2) + tiny_texts(25, seed=3, trigger=True)
-    clean_tsv = _write(d / "clean.tsv", ["sentence", "label"], [(t, i % 2) for i, t in enumerate(clean)], "\t")
+    clean_tsv = write_table(d / "clean.tsv", ["sentence", "label"], [(t, i % 2) for i, t in enumerate(clean)], "\t")
     # the pool in DUP's CSV dump format: index, text, label, poison_label
-    pool_csv = _write(d / "pool.csv", ["", "0", "1", "2"], [(i, t, 1, int(i >= 25)) for i, t in enumerate(pool)], ",")
+    pool_csv = write_table(d / "pool.csv", ["", "0", "1", "2"], [(i, t, 1, int(i >= 25)) for i, t in enumerate(pool)], ",")
     return clean_tsv, pool_csv, pool
 
 
@@ -77,10 +58,10 @@ def test_cli_bad_files(tmp_path, model_dir, files, capsys):
     out = tmp_path / "out"  # not tmp_path itself: it holds the input files, and --out must be new or empty
     assert main(["detect", str(model_dir), "--texts", str(tmp_path / "nope.tsv"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
-    nolabel = _write(tmp_path / "nolabel.tsv", ["sentence"], [("w1 w2",)] * 30, "\t")
+    nolabel = write_table(tmp_path / "nolabel.tsv", ["sentence"], [("w1 w2",)] * 30, "\t")
     assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--clean", str(nolabel), "--out", str(out)]) == 2
     assert "needs a label column" in capsys.readouterr().err
-    empty = _write(tmp_path / "empty.tsv", ["sentence", "label"], [], "\t")
+    empty = write_table(tmp_path / "empty.tsv", ["sentence", "label"], [], "\t")
     assert main(["detect", str(model_dir), "--texts", str(empty), "--out", str(out)]) == 2
     assert "no data rows" in capsys.readouterr().err
 
