@@ -5,7 +5,8 @@ batch's [L, B, T, d] activations ever exist; the [N, L, T, d] tensor of a whole 
 
 Pooling (`pooling=`):
     "cls"   first real token ([CLS] for BERT-like encoders), correct under left and right padding;
-    "last"  last real token (decoder LMs), correct under left and right padding;
+    "last"  last real token (decoder LMs), correct under left and right padding (the attention mask's last 1,
+            never position -1 or the pad id);
     "mean"  masked mean over real tokens;
     "auto"  "cls" for known encoders, "mean" for encoder-decoders (encoder then decoder layers, as DUP),
             "last" for everything else (decoder LMs: an open-ended family, encoders are a closed list).
@@ -17,13 +18,9 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..batches import model_device, read_batches
+from ..classifier import ENCODER_TYPES, check_classifier, check_head_positions, check_pad_token
 
 POOLINGS = ("cls", "last", "mean")
-ENCODER_TYPES = frozenset({
-    "bert", "roberta", "distilbert", "albert", "electra", "mpnet", "deberta", "deberta-v2", "xlm-roberta",
-    "xlm-roberta-xl", "camembert", "ernie", "megatron-bert", "roformer", "modernbert", "nomic_bert",
-    "mobilebert", "squeezebert", "funnel", "layoutlm", "longformer", "bigbird", "big_bird", "nezha", "esm",
-})
 
 
 @dataclasses.dataclass
@@ -90,6 +87,10 @@ def _logits(outputs):
     if logits is None:
         raise ValueError("the model returned no `logits`; dupfast needs a sequence classifier "
                          "(e.g. AutoModelForSequenceClassification)")
+    if logits.dim() != 2:
+        raise ValueError(f"the model's logits have shape {tuple(logits.shape)}, not [batch, num_labels]: dupfast "
+                         "needs a sequence classifier (e.g. AutoModelForSequenceClassification), not a language "
+                         "model's per-token logits")
     return logits
 
 
@@ -124,6 +125,8 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
     need_labels: read (and require) the batches' labels; name: the set's name in error messages.
     """
     poolings = tuple(resolve_pooling(model, p) for p in poolings)
+    check_classifier(model, "detection")
+    head_pad = check_pad_token(model)  # a decoder's head: the pad id it reads (None: encoders, non-HF modules)
     device = model_device(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -132,6 +135,8 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
     try:
         for i, batch in enumerate(read_batches(loader, name, model, need_labels)):
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+            check_head_positions(inputs["input_ids"], inputs["attention_mask"], head_pad,
+                                 f"{name} batch {i}" if name else f"batch {i}")
             with torch.inference_mode(), autocast_context(device, autocast):
                 outputs = model(**inputs, output_hidden_states=True, return_dict=True)
                 hidden = hidden_layers(outputs)

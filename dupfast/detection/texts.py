@@ -51,6 +51,10 @@ def text_loader(tokenizer, texts: Sequence[str], labels=None, batch_size: int = 
                 name: str = "texts"):
     """Length-sorted, dynamically padded batches with `index` (position in `texts`) and `labels`."""
     from ..batching import TextBatcher
+    if getattr(tokenizer, "pad_token_id", 0) is None:
+        raise ValueError("the tokenizer has no pad token, so the texts cannot be padded into batches: set "
+                         "tokenizer.pad_token (decoder LMs: tokenizer.pad_token = tokenizer.eos_token) and "
+                         "model.config.pad_token_id = tokenizer.pad_token_id")
     texts = check_texts(texts, name)
     batch_size, max_len = positive_int("batch_size", batch_size), positive_int("max_len", max_len)
     if labels is not None:

@@ -18,6 +18,7 @@ import torch
 
 from .. import distributed as dist
 from ..batches import model_device, model_num_labels
+from ..classifier import check_classifier, check_pad_token
 from .config import PurifyConfig
 from .guard import ModelGuard
 from .lora import attach_lora, find_target_modules, merge, trainable_parameters
@@ -155,6 +156,7 @@ def _check_model(model, cfg):
     """(num_labels, pad id, device) of a model purify can work on; raises before any work otherwise."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a HF sequence classifier), got {type(model).__name__}")
+    check_classifier(model, "purify")  # the same check as detection's: an AutoModel / CausalLM is named
     n = model_num_labels(model)
     if n is None or n < 2:
         raise ValueError("purify needs a sequence classifier whose config.num_labels >= 2 "
@@ -165,5 +167,8 @@ def _check_model(model, cfg):
                          "(model.merge_and_unload()) or pass the plain model")
     if cfg.use_lora:
         find_target_modules(model, cfg.target_modules)  # fail on an unsupported model before any work
+    # a decoder's head finds the last token by config.pad_token_id: None is an error here (rows are padded
+    # with it), not transformers' "Cannot handle batch sizes > 1" halfway through
+    check_pad_token(model)
     pid = getattr(getattr(model, "config", None), "pad_token_id", None)
     return n, int(pid) if pid is not None else 0, model_device(model)

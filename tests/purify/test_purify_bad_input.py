@@ -297,8 +297,9 @@ def test_an_automodel_without_head_is_named(data):
     model = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=64, pad_token_id=0)).eval()
     snap = Snapshot(model)
-    with pytest.raises(ValueError, match=r"the model \(BertModel\) returned no `logits`: purify needs a sequence "
-                                         r"classifier with its fine-tuned head"):
+    with pytest.raises(ValueError, match=r"the model \(BertModel\) is a bare base model without a classification "
+                                         r"head \(AutoModel\), not a sequence classifier: purify needs the fine-tuned "
+                                         r"classifier with its classification head"):
         purify(model, batches(pool), clean=batches(clean, labels), detection=ALL, **SHORT)
     snap.check(model)
 
