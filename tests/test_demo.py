@@ -97,6 +97,7 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     assert again["steps"]["purify"]["steps_run"] == 4 and again["steps"]["purify"]["overrides"]["max_steps"] == 4
     printed = capsys.readouterr().out
     assert "CACC" in printed and "ASR" in printed and str(out) in printed
+    assert f"report: {out.with_suffix('.md')}" in printed and out.with_suffix(".md").exists()  # tests/test_demo_report.py
 
 
 @pytest.mark.parametrize("bad, match", [(["epochs=0"], "epochs"), (["no_such_knob=1"], "unknown PurifyConfig field")])

@@ -1,7 +1,7 @@
 """`dupfast demo`: a backdoored MiniLM on Rotten Tomatoes, end to end on a CPU in a few minutes.
 
     dupfast demo [--out runs/demo/report.json] [--train-size 1000] [--test-size 600] [--cache-dir DIR]
-                 [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
+                 [--progress] [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
 
 The demo is a pipeline of named steps run in order; each step reads and writes a shared `DemoState`
 and returns the JSON-able results that go into the report under its name (with its wall time):
@@ -13,8 +13,11 @@ and returns the JSON-able results that go into the report under its name (with i
     purify  -> dupfast.purify of the victim from the detector's flags and the clean set; CACC and ASR
                after (demo_defence.purify_step)
 
-`DEMO_STEPS` holds the `(name, step)` pairs in order; the report is written after the last step.
+`DEMO_STEPS` holds the `(name, step)` pairs in order; the report is written after the last step: the JSON
+at --out and, beside it, <stem>.md with the summary table and the PNGs (dupfast/harness/demo_report.py).
+The terminal shows one line per step and the summary table; --progress adds the progress bars.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,6 +68,7 @@ class DemoState:
     clean: list = None           # the defender's clean labelled set
     detection: object = None
     purify_overrides: dict = dataclasses.field(default_factory=dict)  # PurifyConfig fields (--set)
+    progress: bool = False       # progress bars (training, purification, transformers' loading/saving)
 
 
 Step = Callable[[DemoState], dict]
@@ -135,6 +139,29 @@ def run_pipeline(state: DemoState, steps=None, log=_log) -> dict:
     return state.report
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Without `enabled`: no tqdm bars from dupfast (DUPFAST_QUIET) or transformers/huggingface_hub;
+    the previous settings come back afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before_env, before_hf = os.environ.get("DUPFAST_QUIET"), hf_logging.is_progress_bar_enabled()
+    os.environ["DUPFAST_QUIET"] = "1"
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before_env is None:
+            os.environ.pop("DUPFAST_QUIET", None)
+        else:
+            os.environ["DUPFAST_QUIET"] = before_env
+        if before_hf:
+            hf_logging.enable_progress_bar()
+
+
 def write_report(report: dict, out) -> pathlib.Path:
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +189,8 @@ def add_parser(subparsers):
     ap.add_argument("--max-len", type=int, default=d.max_len)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--progress", action="store_true",
+                    help="show progress bars (default: one line per step and the summary table)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="PurifyConfig overrides for the purify step, e.g. --set epochs=8 min_steps=0")
     ap.set_defaults(func=run)
@@ -185,22 +214,21 @@ def run(args) -> int:
     overrides = parse_overrides(args.set)
     PurifyConfig(**overrides)  # bad keys or values fail here, before any training
     state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None,
-                      purify_overrides=overrides)
-    report = run_pipeline(state)
+                      purify_overrides=overrides, progress=args.progress)
+    with progress_bars(args.progress):
+        report = run_pipeline(state)
     out = write_report(report, args.out)
-    v = report["steps"]["victim"]
-    print(f"backdoored {settings.model} ({'cached' if v['cached'] else 'trained'}): "
-          f"CACC {v['cacc']:.4f}  ASR {v['asr']:.4f}  ({report['total_seconds']} s)")
-    if "detect" in report["steps"]:
-        d = report["steps"]["detect"]
-        print(f"detection on a pool of {d['pool_size']} ({d['pool_poisoned']} triggered): AUROC {d['auroc']:.4f}  "
-              f"FRR {d['frr']:.3f}  FAR {d['far']:.3f}  ({d['flagged']} flagged)")
-    if "purify" in report["steps"]:
-        p = report["steps"]["purify"]
-        print(f"purified: CACC {v['cacc']:.4f} -> {p['cacc_after']:.4f}  ASR {v['asr']:.4f} -> {p['asr_after']:.4f}  "
-              f"(ASR floor {v['asr_floor']:.4f} -> {p['asr_floor_after']:.4f}: clean non-target inputs predicted as "
-              f"the target)  ({p['purify_seconds']} s, {p.get('steps_run')} steps)")
-    print(f"report: {out}")
+    from ..harness import demo_report
+
+    det = state.detection
+    files = demo_report.write(report, out, scores=None if det is None else det.scores.numpy(),
+                              poison_labels=None if state.pool is None else [x.poison_label for x in state.pool],
+                              threshold=None if det is None else float(det.threshold))
+    print()
+    print(demo_report.text_table(demo_report.summary_rows(report)))
+    if "victim" in report["steps"]:
+        print(demo_report.FLOOR_NOTE)
+    print(f"report: {files['markdown']} (figures beside it; JSON: {out}; {report['total_seconds']} s)")
     return 0
 
 
