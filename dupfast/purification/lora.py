@@ -70,10 +70,13 @@ def attach_lora(model, cfg):
     lora_cfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                                target_modules=targets, modules_to_save=heads or None,
                                task_type="SEQ_CLS" if cfg.train_head else None)
-    # peft warns about the SEQ_CLS head names it appends; the head list is explicit here
+    # peft warns about the SEQ_CLS head names it appends (the head list is explicit here), and its
+    # PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated: that one
+    # FutureWarning is peft's, not the caller's, so exactly its message is silenced here
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         student = peft.get_peft_model(model, lora_cfg)
     if cfg.start == "perturb":
         perturb_lora_b(student, cfg.perturb_std, cfg.seed)

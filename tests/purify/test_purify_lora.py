@@ -99,3 +99,16 @@ def test_merged_equals_unmerged_within_tolerance(arch, tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**x).logits, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_attaching_lora_leaks_no_library_warning(arch):
+    """peft's read of the deprecated `is_gradient_checkpointing` (a transformers 5 FutureWarning) and its
+    SEQ_CLS head notice are peft's business: none reaches the caller of purify."""
+    import warnings
+    model = tiny_classifier(arch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach_lora(model, PurifyConfig(lora_r=4, lora_alpha=8))
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, UserWarning))], \
+        [str(w.message) for w in caught]
