@@ -7,11 +7,10 @@ autograd, the same loss (T = 1, no weights). Each case prints and stores in extr
 in the same run: the time ratio PyTorch / dupfast (medians), the peak extra memory of each and their
 ratio, and dupfast's achieved GB/s against this machine's read bandwidth (a big torch.sum).
 
-Peak memory: peak resident set size above the level before the call (VmHWM after a reset through
-/proc/self/clear_refs), with glibc's mmap threshold pinned at 64 KiB so that every tensor of at least
-that size is mmapped and leaves the RSS when freed. The gradient left in x.grad counts for both.
+Peak memory: conftest.peak_memory (resident set above the level before the call, glibc forced to mmap
+every allocation >= 64 KiB during that call only; timings run with glibc's usual threshold). The
+gradient left in x.grad counts for both.
 """
-import ctypes
 import gc
 import os
 import statistics
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import MMAP_PINNED, peak_memory
 from dupfast import _ext
 from dupfast.ops import kl_div
 
@@ -31,36 +31,16 @@ CASES = [(4096, 32000), (16384, 2)]
 pytestmark = pytest.mark.skipif(not _ext.has_op("kl_div_fused"), reason="compiled extension not built")
 
 
-# ---- measurement helpers (the lead may move these into a shared benchmarks/conftest.py) -----------
-
-def _pin_mmap_threshold(nbytes=64 * 1024):
-    """Allocations >= nbytes are mmapped (M_MMAP_THRESHOLD = -3); a fixed value also stops glibc from
-    raising the threshold after a free, which would keep freed tensors in the heap and the RSS."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1
-    except OSError:
-        return False
-
-
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
+# ---- measurement helpers (peak memory and the mmap threshold: benchmarks/conftest.py) ---------------
 
 def peak_extra_mib(fn, repeats=3):
-    """Peak RSS above the level before fn() runs, in MiB (Linux); median of `repeats` calls (the first
-    call in a process also pages in code and allocator state)."""
+    """conftest.peak_memory in MiB, median of `repeats` calls (the first call in a process also pages in
+    code and allocator state)."""
     peaks = []
     for _ in range(repeats):
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _rss_kib("VmRSS")
-        out = fn()
-        peaks.append((_rss_kib("VmHWM") - before) / 1024)
+        out, extra = peak_memory(fn)
+        peaks.append(extra / 2**20)
         del out
     return statistics.median(peaks)
 
@@ -100,7 +80,6 @@ def torch_step(x, t):
 @pytest.mark.parametrize("rows, vocab", CASES, ids=[f"R{r}xV{v}" for r, v in CASES])
 def test_kl_forward_backward(benchmark, rows, vocab):
     torch.set_num_threads(THREADS)
-    pinned = _pin_mmap_threshold()
     g = torch.Generator().manual_seed(0)
     s = torch.randn(rows, vocab, generator=g) * 3
     t = torch.randn(rows, vocab, generator=g) * 3
@@ -131,7 +110,7 @@ def test_kl_forward_backward(benchmark, rows, vocab):
         "speedup_median": t_torch / t_ours, "speedup_min": min(torch_times) / min(ours_times),
         "peak_extra_mib_dupfast": mem_ours, "peak_extra_mib_torch": mem_torch,
         "memory_ratio": mem_ours / mem_torch if mem_torch > 0 else float("nan"),
-        "mmap_threshold_pinned": pinned,
+        "mmap_threshold_pinned": MMAP_PINNED,
         "dupfast_gbs": gbs, "read_bandwidth_gbs": bandwidth, "fraction_of_read_bandwidth": gbs / bandwidth,
     }
     benchmark.extra_info.update(info)
