@@ -3,22 +3,9 @@
 The defender holds a small clean labelled set and an unlabelled pool (clean + triggered inputs); the
 ground-truth poison labels are used only to score the detector and the purified model afterwards.
 """
-import contextlib
 import time
-import warnings
 
 from ..harness.data import split_samples
-
-# peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated
-# (peft 0.21); nothing of ours touches it. Exactly that message is silenced, only around the purify call.
-_PEFT_CHECKPOINTING = r"`is_gradient_checkpointing` is deprecated"
-
-
-@contextlib.contextmanager
-def known_third_party_warnings():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PEFT_CHECKPOINTING, category=FutureWarning)
-        yield
 
 
 def _pool_and_clean(state):
@@ -58,9 +45,9 @@ def purify_step(state) -> dict:
     clean_loader = list(text_loader(state.tokenizer, [x.text for x in state.clean],
                                     [x.label for x in state.clean], 32, s.max_len))
     t0 = time.perf_counter()
-    with known_third_party_warnings():
-        state.model, report = purify(state.model, pool_loader, clean=clean_loader, detection=state.detection,
-                                     **{"progress": state.progress, **state.purify_overrides})
+    # peft's own FutureWarning is silenced where peft is called (purification/lora.py)
+    state.model, report = purify(state.model, pool_loader, clean=clean_loader, detection=state.detection,
+                                 **{"progress": state.progress, **state.purify_overrides})
     seconds = round(time.perf_counter() - t0, 1)
     after = evaluate_backdoor(state.model, state.tokenizer, state.data.test_clean, state.data.test_poison,
                               s.target, max_len=s.max_len)
