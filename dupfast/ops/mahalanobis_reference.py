@@ -112,7 +112,7 @@ def bf16_error_bound(features, means, whiteners, layers=None, reduce="min", squa
         c = features[:, layer, :].double() - mu0
         y = c @ W
         spread = c.abs() @ W.abs()                                    # [N, d]: sum_i |c_i||W_ij|
-        c2_w2 = c.square() @ W.square()                               # [N, d]: sum_i c_i^2 W_ij^2
+        c2_w2 = None if sigmas is None else c.square() @ W.square()   # [N, d]: sum_i c_i^2 W_ij^2
         bounds = []
         for mu in means[layer].double():
             s = (mu - mu0) @ W
