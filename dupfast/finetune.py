@@ -24,9 +24,12 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 2025
+    autocast: str | None = None  # "bf16": forward under bf16 autocast (fast where the CPU has native bf16)
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"{name}.autocast must be None or 'bf16', got {self.autocast!r}")
         for field in ("epochs", "batch_size", "max_len"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
@@ -65,6 +68,7 @@ def fit(model, tokenizer, train, cfg: FinetuneConfig, desc: str = "train"):
     else:
         batcher = TextBatcher(tokenizer, [s.text for s in train], [s.label for s in train], cfg.max_len)
     takes = forward_inputs(model)
+    device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(batcher) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,7 +80,8 @@ def fit(model, tokenizer, train, cfg: FinetuneConfig, desc: str = "train"):
         it = batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
         for batch in _progress(it, steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}"):
             inputs = {k: batch[k] for k in takes if k in batch}
-            out = model(**inputs, labels=batch["labels"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+                out = model(**inputs, labels=batch["labels"])
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

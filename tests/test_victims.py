@@ -8,7 +8,8 @@ import torch
 
 from dupfast.harness.data import Sample
 from dupfast.batching import TextBatcher, length_sorted_batches, predict, predict_logits
-from dupfast.finetune import fit
+from dupfast.finetune import FinetuneConfig, fit
+from dupfast.harness.models import load_model
 from dupfast.harness.victims import VictimConfig, cache_key, evaluate_backdoor, train_victim
 from tiny_models import sentiment_samples, tiny_bert_dir
 
@@ -170,10 +171,28 @@ def test_cache_key_depends_on_every_config_field(tiny_dir, data):
     base = tiny_cfg(tiny_dir)
     keys = {cache_key(base, data, 2)}
     for change in [dict(epochs=4), dict(lr=1e-3), dict(batch_size=4), dict(max_len=32), dict(warmup_ratio=0.2),
-                   dict(weight_decay=0.01), dict(grad_clip=0.5), dict(seed=1)]:
+                   dict(weight_decay=0.01), dict(grad_clip=0.5), dict(seed=1), dict(autocast="bf16")]:
         keys.add(cache_key(tiny_cfg(tiny_dir, **change), data, 2))
     keys.add(cache_key(base, data, 3))
-    assert len(keys) == 10
+    assert len(keys) == 11
+
+
+def test_cache_key_of_a_recipe_without_autocast_is_unchanged(tiny_dir, data):
+    """autocast=None (the default) hashes as the recipes did before the field existed: cached victims stay."""
+    import dataclasses, hashlib, json
+    from dupfast.harness.data import fingerprint
+    from dupfast.harness.models import model_fingerprint
+    cfg = tiny_cfg(tiny_dir)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "autocast")}
+    payload = {"config": old, "data": fingerprint(data), "num_labels": 2, "model": model_fingerprint(cfg.model)}
+    assert cache_key(cfg, data, 2) == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def test_fit_under_bf16_autocast_learns_and_keeps_fp32_weights(tiny_dir, data):
+    model, tok = load_model(tiny_dir, num_labels=2)
+    losses = fit(model, tok, data, FinetuneConfig(epochs=6, lr=3e-3, batch_size=8, max_len=16, autocast="bf16"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
 def test_cache_key_follows_model_contents_not_its_location(tiny_dir, data, tmp_path):
@@ -209,7 +228,8 @@ def test_evaluate_backdoor_reports_cacc_and_asr(tiny_dir, data):
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("max_len", 0), ("lr", 0.0),
-                                         ("lr", -1e-5), ("warmup_ratio", 1.0), ("warmup_ratio", -0.1)])
+                                         ("lr", -1e-5), ("warmup_ratio", 1.0), ("warmup_ratio", -0.1),
+                                         ("autocast", "fp16"), ("autocast", True)])
 def test_victim_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         VictimConfig(**{field: value})

@@ -54,6 +54,8 @@ def cache_key(cfg: VictimConfig, train: Sequence[Sample], num_labels: int) -> st
     # the model enters by content, not by name or path: an alias or a moved copy of the same weights is the
     # same victim
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    if config.get("autocast") is None:  # recipes from before the field hash as they did
+        config.pop("autocast", None)
     payload = {"config": config, "data": fingerprint(train), "num_labels": num_labels,
                "model": model_fingerprint(cfg.model)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
