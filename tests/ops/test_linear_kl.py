@@ -413,3 +413,27 @@ def test_extension_required_in_ci():
         assert HAS_CPU, f"DUPFAST_REQUIRE_EXT=1 but the linear_kl_div_fused op is not built: {_ext.load_error()}"
     else:
         pytest.skip("DUPFAST_REQUIRE_EXT != 1")
+
+
+# ---- the CUDA binding: compiled against the host headers (no CUDA torch, no GPU here) ---------------
+
+def test_cuda_binding_compiles_against_the_host_headers(tmp_path):
+    """csrc/linear_kl_cuda_binding.cpp is built only by a CUDA torch; here g++ checks it (and the chunk
+    driver it instantiates with the kl_div CUDA launchers) against this torch's c10/cuda headers and the
+    CUDA toolkit's, with a stub for the one header a CPU torch does not ship (cuda_cmake_macros.h)."""
+    from torch.utils import cpp_extension
+    cxx = shutil.which("g++") or shutil.which("c++")
+    cuda_home = next((h for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")
+                      if h and (pathlib.Path(h) / "include" / "cuda_runtime_api.h").exists()), None)
+    torch_inc = cpp_extension.include_paths()
+    if cxx is None or cuda_home is None or not any((pathlib.Path(p) / "c10" / "cuda" / "CUDAGuard.h").exists()
+                                                   for p in torch_inc):
+        pytest.skip("needs g++, the CUDA toolkit's headers and torch's c10/cuda headers")
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = [cxx, "-fsyntax-only", "-std=c++20", "-fopenmp", "-DDUPFAST_WITH_CUDA", f"-I{REPO / 'csrc'}",
+           *[f"-I{p}" for p in torch_inc], f"-I{tmp_path}", f"-I{pathlib.Path(cuda_home) / 'include'}",
+           str(REPO / "csrc" / "linear_kl_cuda_binding.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
