@@ -13,7 +13,8 @@
 // so the extra memory is O(chunk_rows * V) (one or two logit buffers) plus the gradients, never
 // [R, V]. Rows with w_r == 0 are zeroed in h (and th) before any GEMM: a masked row holding NaN
 // would otherwise reach grad_weight through 0 * NaN. 16-bit weight / bias gradients are
-// accumulated over the chunks in float32 and rounded once at the end.
+// accumulated over the chunks in float32 and rounded once at the end (the weight's in vocabulary
+// slices, so the only [V, H] buffers are the accumulator and the result).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
@@ -32,6 +33,9 @@
 
 namespace dupfast::linear_kl {
 
+// Vocabulary rows per 16-bit weight-gradient product (its temporary: kVocabSlice x H).
+constexpr int64_t kVocabSlice = 8192;
+
 inline bool supported_dtype(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kBFloat16 || t == c10::kHalf;
 }
@@ -44,8 +48,9 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, con
                          const std::optional<at::Tensor>& teacher_bias,
                          const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& weights,
                          double inv_temperature, int64_t chunk_rows, c10::DeviceType device) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "linear_kl_div_fused: hidden must be [R, H] and weight [V, H], got ",
-              hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2,
+              "linear_kl_div_fused: hidden must be [R, H] and weight [V, H], got ", hidden.sizes(), " and ",
+              weight.sizes());
   const int64_t rows = hidden.size(0), h = hidden.size(1), v = weight.size(0);
   TORCH_CHECK(weight.size(1) == h, "linear_kl_div_fused: hidden ", hidden.sizes(), " and weight ", weight.sizes(),
               " disagree on H");
@@ -132,13 +137,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
   const auto f32 = hidden.options().dtype(c10::kFloat);
   at::Tensor loss = at::empty({rows}, f32);
   at::Tensor grad_hidden = need_grad_hidden ? at::empty({rows, h}, hidden.options()) : at::empty({0}, hidden.options());
-  // fp32 gradients accumulate in place; 16-bit ones in a float32 accumulator, from a 16-bit product.
-  const bool gw_f32 = weight.scalar_type() == c10::kFloat;
+  // The weight gradient: fp32 accumulates in place over the chunks; 16-bit in a float32 accumulator,
+  // each chunk's 16-bit product formed kVocabSlice vocabulary rows at a time (a small temporary, not a
+  // second [V, H]); a single chunk writes the 16-bit result directly (one rounding, as PyTorch).
+  const bool one_chunk = cr == rows;
+  const bool gw_direct = weight.scalar_type() == c10::kFloat || one_chunk;
   at::Tensor grad_weight = at::empty({0}, weight.options());
   at::Tensor gw_acc, gw_tmp, gb_acc;
   if (need_grad_weight) {
-    gw_acc = at::empty({v, h}, gw_f32 ? weight.options() : f32);
-    if (!gw_f32) gw_tmp = at::empty({v, h}, weight.options());
+    gw_acc = at::empty({v, h}, gw_direct ? weight.options() : f32);
+    if (!gw_direct) gw_tmp = at::empty({std::min(v, kVocabSlice), h}, weight.options());
   }
   if (need_grad_bias_) gb_acc = at::zeros({v}, f32);
 
@@ -182,24 +190,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
       at::mm_out(gh, g, weight);
     }
     if (need_grad_weight) {
-      if (gw_f32) {
+      if (gw_direct) {
         if (r0 == 0) {
           at::mm_out(gw_acc, g.t(), hc);
         } else {
           gw_acc.addmm_(g.t(), hc);
         }
       } else {
-        at::mm_out(gw_tmp, g.t(), hc);
-        if (r0 == 0) {
-          gw_acc.copy_(gw_tmp);
-        } else {
-          gw_acc.add_(gw_tmp);
+        for (int64_t v0 = 0; v0 < v; v0 += kVocabSlice) {
+          const int64_t nv = std::min(kVocabSlice, v - v0);
+          at::Tensor tmp = gw_tmp.narrow(0, 0, nv);
+          at::mm_out(tmp, g.narrow(1, v0, nv).t(), hc);
+          at::Tensor acc = gw_acc.narrow(0, v0, nv);
+          if (r0 == 0) {
+            acc.copy_(tmp);
+          } else {
+            acc.add_(tmp);
+          }
         }
       }
     }
     if (need_grad_bias_) gb_acc.add_(at::sum(g, {0}, false, c10::kFloat));
   }
-  if (need_grad_weight) grad_weight = gw_f32 ? gw_acc : gw_acc.to(weight.scalar_type());
+  if (need_grad_weight) grad_weight = gw_direct ? gw_acc : gw_acc.to(weight.scalar_type());
   at::Tensor grad_bias = need_grad_bias_ ? gb_acc.to(bias->scalar_type()) : at::empty({0}, weight.options());
   return {loss, grad_hidden, grad_weight, grad_bias};
 }

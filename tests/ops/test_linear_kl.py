@@ -213,6 +213,14 @@ def test_grad_output_not_one_and_negative(backend, reduction, scale):
     check_against_oracle(backend, p, 2.0, reduction, grad_output=go, train=("hidden",), chunk_rows=4)
 
 
+@needs_cpu
+def test_cpu_bf16_weight_gradient_over_vocabulary_slices():
+    """A 16-bit trainable head over several chunks: its gradient is accumulated in float32 in
+    vocabulary slices of 8192 rows (csrc/linear_kl_op.h), here two and a 5-row tail."""
+    p = make_problem(5, 6, 8192 + 8192 + 5, torch.bfloat16, seed=41, teacher="logits")
+    check_against_oracle("cpu", p, 1.0, "sum", chunk_rows=2)
+
+
 # ---- the semantics: kl_div of the head's logits ---------------------------------------------------
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -318,7 +326,8 @@ def test_cpu_backend_is_dispatched_and_float64_goes_to_the_reference(monkeypatch
 
 
 def test_default_chunk_rows():
-    assert linear_kl_mod.default_chunk_rows(4096, 49152) == 160
+    assert linear_kl_mod.default_chunk_rows(4096, 49152) == 592  # 7 chunks of <= 128 MiB fp32 logits
+    assert linear_kl_mod.default_chunk_rows(1000, 200_000) == 167  # the 128 MiB bound beats rounding up to 16
     assert linear_kl_mod.default_chunk_rows(10, 49152) == 10
     assert linear_kl_mod.default_chunk_rows(4096, 2) == 4096
     assert linear_kl_mod.default_chunk_rows(5, 10**8) == 1
