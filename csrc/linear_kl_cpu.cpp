@@ -28,13 +28,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_div_fused_c
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& teacher_hidden, const std::optional<at::Tensor>& teacher_weight,
     const std::optional<at::Tensor>& teacher_bias, const std::optional<at::Tensor>& teacher_logits,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_values,
     const std::optional<at::Tensor>& weights, double inv_temperature, double grad_scale, int64_t chunk_rows,
     bool grad_hidden, bool grad_weight, bool grad_bias) {
-  check_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-               inv_temperature, chunk_rows, c10::DeviceType::CPU);
-  return linear_kl_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-                           inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias,
-                           /*in_place=*/true, cpu_rows);
+  check_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_indices,
+               topk_values, weights, inv_temperature, chunk_rows, c10::DeviceType::CPU);
+  return linear_kl_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                           topk_indices, topk_values, weights, inv_temperature, grad_scale, chunk_rows, grad_hidden,
+                           grad_weight, grad_bias, /*in_place=*/true, cpu_rows);
 }
 
 }  // namespace
@@ -42,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_div_fused_c
 TORCH_LIBRARY_FRAGMENT(dupfast, m) {
   m.def(
       "linear_kl_div_fused(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, Tensor? teacher_weight,"
-      " Tensor? teacher_bias, Tensor? teacher_logits, Tensor? weights, float inv_temperature, float grad_scale,"
+      " Tensor? teacher_bias, Tensor? teacher_logits, Tensor? teacher_topk_indices, Tensor? teacher_topk_values,"
+      " Tensor? weights, float inv_temperature, float grad_scale,"
       " int chunk_rows, bool grad_hidden, bool grad_weight, bool grad_bias)"
       " -> (Tensor row_loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -47,14 +47,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_div_fused_c
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& teacher_hidden, const std::optional<at::Tensor>& teacher_weight,
     const std::optional<at::Tensor>& teacher_bias, const std::optional<at::Tensor>& teacher_logits,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_values,
     const std::optional<at::Tensor>& weights, double inv_temperature, double grad_scale, int64_t chunk_rows,
     bool grad_hidden, bool grad_weight, bool grad_bias) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  check_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-               inv_temperature, chunk_rows, c10::DeviceType::CUDA);
-  return linear_kl_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-                           inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias,
-                           /*in_place=*/false, cuda_rows);
+  check_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_indices,
+               topk_values, weights, inv_temperature, chunk_rows, c10::DeviceType::CUDA);
+  return linear_kl_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                           topk_indices, topk_values, weights, inv_temperature, grad_scale, chunk_rows, grad_hidden,
+                           grad_weight, grad_bias, /*in_place=*/false, cuda_rows);
 }
 
 }  // namespace

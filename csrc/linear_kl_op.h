@@ -7,7 +7,8 @@
 //
 // Per chunk of `chunk_rows` rows (hidden rows h, teacher rows):
 //   s = h @ W^T (+ b)                      [n, V] student logits, in the inputs' dtype
-//   t = th @ W_T^T (+ b_T)  or  the rows of cached teacher logits
+//   t = th @ W_T^T (+ b_T),  or the rows of cached teacher logits,  or a cached top-k teacher
+//       scattered into -inf rows (its distribution: softmax over the k cached slots, 0 elsewhere)
 //   loss[r], g = w_r / T * scale * (p_S - p_T)    (rows_fn, into g, which may be s itself)
 //   grad_hidden[rows] = g @ W;  grad_weight += g^T @ h;  grad_bias += sum_r g
 // so the extra memory is O(chunk_rows * V) (one or two logit buffers) plus the gradients, never
@@ -22,12 +23,14 @@
 #include <ATen/ops/eq.h>
 #include <ATen/ops/masked_fill.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/scatter.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -46,8 +49,10 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, con
                          const std::optional<at::Tensor>& teacher_hidden,
                          const std::optional<at::Tensor>& teacher_weight,
                          const std::optional<at::Tensor>& teacher_bias,
-                         const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& weights,
-                         double inv_temperature, int64_t chunk_rows, c10::DeviceType device) {
+                         const std::optional<at::Tensor>& teacher_logits,
+                         const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_values,
+                         const std::optional<at::Tensor>& weights, double inv_temperature, int64_t chunk_rows,
+                         c10::DeviceType device) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2,
               "linear_kl_div_fused: hidden must be [R, H] and weight [V, H], got ", hidden.sizes(), " and ",
               weight.sizes());
@@ -72,9 +77,25 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, con
                 "linear_kl_div_fused: ", name, " must be contiguous, with its head's dtype and device");
   };
   check_vec(bias, weight, "bias");
-  TORCH_CHECK(teacher_hidden.has_value() != teacher_logits.has_value(),
-              "linear_kl_div_fused: give exactly one of teacher_hidden and teacher_logits");
-  if (teacher_logits.has_value()) {
+  TORCH_CHECK(topk_indices.has_value() == topk_values.has_value(),
+              "linear_kl_div_fused: the top-k teacher needs both its indices and its values");
+  TORCH_CHECK(int(teacher_hidden.has_value()) + int(teacher_logits.has_value()) + int(topk_indices.has_value()) == 1,
+              "linear_kl_div_fused: give exactly one of teacher_hidden, teacher_logits and the top-k teacher");
+  TORCH_CHECK(teacher_hidden.has_value() || (!teacher_weight.has_value() && !teacher_bias.has_value()),
+              "linear_kl_div_fused: teacher_weight / teacher_bias go with teacher_hidden");
+  if (topk_indices.has_value()) {
+    const at::Tensor& ix = *topk_indices;
+    const at::Tensor& val = *topk_values;
+    TORCH_CHECK(ix.dim() == 2 && ix.size(0) == rows && ix.size(1) >= 1 && ix.size(1) <= v && val.sizes() == ix.sizes(),
+                "linear_kl_div_fused: top-k indices and values must both be [R, k] with R = ", rows,
+                " and 1 <= k <= V = ", v, ", got ", ix.sizes(), " and ", val.sizes());
+    TORCH_CHECK(ix.scalar_type() == c10::kLong && supported_dtype(val.scalar_type()),
+                "linear_kl_div_fused: top-k indices must be int64 and values float32/bfloat16/float16, got ",
+                ix.scalar_type(), " / ", val.scalar_type());
+    TORCH_CHECK(ix.device() == hidden.device() && val.device() == hidden.device() && ix.is_contiguous() &&
+                    val.is_contiguous(),
+                "linear_kl_div_fused: top-k tensors must be contiguous and on hidden's device");
+  } else if (teacher_logits.has_value()) {
     const at::Tensor& t = *teacher_logits;
     TORCH_CHECK(t.dim() == 2 && t.size(0) == rows, "linear_kl_div_fused: teacher_logits must be [R, V] with R = ",
                 rows, ", got ", t.sizes());
@@ -82,8 +103,6 @@ inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, con
                 weight.sizes());
     TORCH_CHECK(supported_dtype(t.scalar_type()) && t.device() == hidden.device() && t.is_contiguous(),
                 "linear_kl_div_fused: teacher_logits must be contiguous float32/bfloat16/float16 on hidden's device");
-    TORCH_CHECK(!teacher_weight.has_value() && !teacher_bias.has_value(),
-                "linear_kl_div_fused: teacher_weight / teacher_bias go with teacher_hidden, not teacher_logits");
   } else {
     const at::Tensor& th = *teacher_hidden;
     TORCH_CHECK(teacher_weight.has_value(), "linear_kl_div_fused: teacher_hidden needs teacher_weight");
@@ -129,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& teacher_hidden, const std::optional<at::Tensor>& teacher_weight,
     const std::optional<at::Tensor>& teacher_bias, const std::optional<at::Tensor>& teacher_logits,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_values,
     const std::optional<at::Tensor>& weights, double inv_temperature, double grad_scale, int64_t chunk_rows,
     bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, bool in_place, RowsFn&& rows_fn) {
   const int64_t rows = hidden.size(0), h = hidden.size(1), v = weight.size(0);
@@ -151,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
   if (need_grad_bias_) gb_acc = at::zeros({v}, f32);
 
   at::Tensor s_buf = at::empty({cr, v}, hidden.options());
-  at::Tensor t_buf = teacher_hidden.has_value() ? at::empty({cr, v}, teacher_hidden->options()) : at::Tensor();
+  at::Tensor t_buf = teacher_hidden.has_value() ? at::empty({cr, v}, teacher_hidden->options())
+                     : topk_values.has_value()  ? at::empty({cr, v}, topk_values->options())
+                                                : at::Tensor();
   at::Tensor g_buf = in_place ? s_buf : at::empty({cr, v}, hidden.options());
 
   // Masked rows (w == 0), known on the host once (one device-to-host copy of R bytes on CUDA).
@@ -179,6 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
     if (thc.defined()) {
       t = t_buf.narrow(0, 0, n);
       head_logits(t, thc, *teacher_weight, teacher_bias);
+    } else if (topk_indices.has_value()) {  // the cached top-k, -inf elsewhere (p_T = 0 there)
+      t = t_buf.narrow(0, 0, n);
+      t.fill_(-std::numeric_limits<double>::infinity());
+      t.scatter_(1, topk_indices->narrow(0, r0, n), topk_values->narrow(0, r0, n));
     } else {
       t = teacher_logits->narrow(0, r0, n);
     }

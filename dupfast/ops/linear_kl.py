@@ -16,8 +16,13 @@ The teacher is given either
     (+ `teacher_bias`), or, when teacher_weight is None, the student's own head detached (weight and
     bias: the usual LoRA case, the head frozen); its logits are recomputed chunk by chunk, or
   * as cached `teacher_logits` [R, V] (logits or log-probabilities: softmax(t / T) is the same
-    distribution either way, as in kl_div's teacher_log_probs).
-No top-k teacher cache is implemented.
+    distribution either way, as in kl_div's teacher_log_probs), or
+  * as a cached top-k teacher `teacher_topk` = (indices [R, k], log-probs [R, k]) (teacher_topk_cache
+    makes one): the teacher is softmax(log-probs / T) over the k cached slots and 0 elsewhere, i.e.
+    kl_div against teacher logits that are -inf outside them. It drops the tail's mass, so it is an
+    approximation of the full teacher, exact only for k = V; it saves the teacher's GEMM. The default
+    (and what the purification uses) stays the exact recomputed teacher; see benchmarks/bench_linear_kl.py
+    for the measured error and speed of each.
 
 Fused backends (cpu, cuda, triton), per chunk of `chunk_rows` rows (default: at most 2^25 logits
 per chunk, 128 MiB in fp32; see default_chunk_rows): s = h @ W^T (+b) and the teacher's logits by
@@ -71,21 +76,22 @@ def default_chunk_rows(rows, n_vocab):
 
 
 def linear_kl_div(hidden, weight, teacher_hidden=None, weights=None, *, teacher_weight=None, teacher_bias=None,
-                  teacher_logits=None, bias=None, temperature=1.0, reduction="batchmean", chunk_rows=None,
-                  backend=None):
+                  teacher_logits=None, teacher_topk=None, bias=None, temperature=1.0, reduction="batchmean",
+                  chunk_rows=None, backend=None):
     """See the module docstring. hidden [R, H], weight [V, H], bias [V]; teacher: teacher_hidden [R, H_T]
-    (+ teacher_weight [V, H_T], teacher_bias [V]) or teacher_logits [R, V]; weights [R] or None."""
-    teacher_weight, teacher_bias, weights = _validate(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                                      teacher_bias, teacher_logits, weights, temperature, reduction,
-                                                      chunk_rows)
+    (+ teacher_weight [V, H_T], teacher_bias [V]), teacher_logits [R, V] or teacher_topk (indices [R, k],
+    log-probs [R, k]); weights [R] or None."""
+    teacher_weight, teacher_bias, topk_idx, topk_val, weights = _validate(
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, weights,
+        temperature, reduction, chunk_rows)
     if hidden.dtype == torch.float64 and backend is None and not os.environ.get("DUPFAST_BACKEND"):
         name = "reference"  # only the reference computes in float64
     else:
         name, _ = resolve(_OP, hidden.device, backend)
     if name == "reference":
         return linear_kl_div_reference(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                                       teacher_logits, weights, temperature, reduction)
-    teacher = teacher_hidden if teacher_logits is None else teacher_logits
+                                       teacher_logits, topk_idx, topk_val, weights, temperature, reduction)
+    teacher = next(x for x in (teacher_hidden, teacher_logits, topk_val) if x is not None)
     if hidden.dtype not in _FUSED_DTYPES or teacher.dtype not in _FUSED_DTYPES:
         raise TypeError(f"backend {name!r} supports float32/bfloat16/float16 inputs, got hidden {hidden.dtype}, "
                         f"teacher {teacher.dtype}; use backend='reference' for float64")
@@ -99,11 +105,11 @@ def linear_kl_div(hidden, weight, teacher_hidden=None, weights=None, *, teacher_
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))):
         # no graph (torch.no_grad, evaluation): the loss alone, no gradient GEMM
         row_loss = _FUSED[name](hidden.contiguous(), weight.contiguous(), c(bias), c(teacher_hidden),
-                                c(teacher_weight), c(teacher_bias), c(teacher_logits), weights,
+                                c(teacher_weight), c(teacher_bias), c(teacher_logits), c(topk_idx), c(topk_val), weights,
                                 1.0 / float(temperature), 1.0, int(chunk_rows), False, False, False)[0]
         return reduce_rows(row_loss, reduction, weight.shape[0])
     return _LinearKLDiv.apply(hidden.contiguous(), weight.contiguous(), c(bias), c(teacher_hidden),
-                              c(teacher_weight), c(teacher_bias), c(teacher_logits), weights,
+                              c(teacher_weight), c(teacher_bias), c(teacher_logits), c(topk_idx), c(topk_val), weights,
                               1.0 / float(temperature), reduction, int(chunk_rows), name)
 
 
@@ -111,10 +117,11 @@ def _shape(x):
     return tuple(x.shape)
 
 
-def _validate(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-              temperature, reduction, chunk_rows):
-    """Check the arguments; return (teacher_weight, teacher_bias, weights) with the teacher head filled
-    in (the student's head detached when teacher_weight is None) and weights as float32 (or None)."""
+def _validate(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
+              weights, temperature, reduction, chunk_rows):
+    """Check the arguments; return (teacher_weight, teacher_bias, topk indices, topk values, weights) with
+    the teacher head filled in (the student's head detached when teacher_weight is None), the top-k
+    indices as int64 and weights as float32 (or None)."""
     for name, x in (("hidden", hidden), ("weight", weight)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -140,10 +147,15 @@ def _validate(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias
         raise ValueError(f"weight is on {weight.device}, hidden on {hidden.device}")
     _check_vector("bias", bias, weight)
 
-    if (teacher_hidden is None) == (teacher_logits is None):
-        raise ValueError("give the teacher either as teacher_hidden (cached hidden states, [R, H]) or as "
-                         "teacher_logits ([R, V]), exactly one of them")
-    if teacher_logits is not None:
+    if sum(x is not None for x in (teacher_hidden, teacher_logits, teacher_topk)) != 1:
+        raise ValueError("give the teacher as teacher_hidden (cached hidden states, [R, H]), teacher_logits "
+                         "([R, V]) or teacher_topk ((indices, log-probs), [R, k] each), exactly one of them")
+    topk_idx = topk_val = None
+    if teacher_topk is not None:
+        topk_idx, topk_val = _check_topk(teacher_topk, rows, n_vocab, hidden, weight)
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("teacher_weight / teacher_bias go with teacher_hidden; teacher_topk needs no head")
+    elif teacher_logits is not None:
         if teacher_weight is not None or teacher_bias is not None:
             raise ValueError("teacher_weight / teacher_bias go with teacher_hidden; teacher_logits need no head")
         if teacher_logits.dim() != 2 or teacher_logits.shape[0] != rows:
@@ -200,7 +212,41 @@ def _validate(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias
         if weights.requires_grad:
             raise ValueError("weights must not require grad (they are per-row constants); pass weights.detach()")
         weights = weights.to(torch.float32).contiguous()
-    return teacher_weight, teacher_bias, weights
+    return teacher_weight, teacher_bias, topk_idx, topk_val, weights
+
+
+def _check_topk(teacher_topk, rows, n_vocab, hidden, weight):
+    if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2
+            and all(isinstance(x, torch.Tensor) for x in teacher_topk)):
+        raise TypeError("teacher_topk must be a pair of tensors (indices [R, k], log-probs [R, k]), as "
+                        "teacher_topk_cache returns")
+    idx, val = teacher_topk
+    if idx.dim() != 2 or idx.shape != val.shape or idx.shape[0] != rows or idx.shape[1] == 0:
+        raise ValueError(f"teacher_topk indices and log-probs must both be [R, k] with R = {rows} and k >= 1, got "
+                         f"{_shape(idx)} and {_shape(val)}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"teacher_topk indices must be integers, got {idx.dtype}")
+    _check_teacher_tensor("teacher_topk log-probs", val, hidden)
+    if idx.device != hidden.device:
+        raise ValueError(f"teacher_topk indices are on {idx.device}, hidden on {hidden.device}")
+    if idx.device.type != "meta":
+        lo, hi = int(idx.min()), int(idx.max())
+        if hi >= n_vocab or lo < 0:
+            raise ValueError(f"vocabulary mismatch: teacher_topk indices span [{lo}, {hi}], weight {_shape(weight)} "
+                             f"has V = {n_vocab}")
+        if idx.shape[1] > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("teacher_topk indices repeat a vocabulary slot within a row")
+    return idx.to(torch.int64).contiguous(), val
+
+
+def teacher_topk_cache(teacher_logits, k):
+    """The top-k teacher cache of [R, V] teacher logits: (indices [R, k] int64, log-probs [R, k] float32).
+    linear_kl_div(..., teacher_topk=cache) then uses the teacher softmax(log-probs / T) over the k cached
+    slots (renormalised; the tail's mass is dropped), i.e. kl_div against logits that are -inf outside
+    them."""
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+    val, idx = log_p.topk(min(int(k), teacher_logits.shape[-1]), dim=-1)
+    return idx, val
 
 
 def _check_vector(name, b, head):
@@ -225,12 +271,10 @@ def _check_teacher_tensor(name, x, hidden):
 
 # ---- fused backends --------------------------------------------------------------------------------
 
-def _fused_compiled(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-                    inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias):
-    # One op for the C++ CPU driver and the CUDA one: the dispatcher routes by device.
-    return torch.ops.dupfast.linear_kl_div_fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                                                 teacher_logits, weights, inv_temperature, grad_scale, chunk_rows,
-                                                 grad_hidden, grad_weight, grad_bias)
+def _fused_compiled(*args):
+    # One op for the C++ CPU driver and the CUDA one: the dispatcher routes by device. The arguments are
+    # _fake's.
+    return torch.ops.dupfast.linear_kl_div_fused(*args)
 
 
 def _fused_triton(*args):
@@ -246,8 +290,8 @@ class _LinearKLDiv(torch.autograd.Function):
     backward scales them by grad_output. reduction="none" with a trainable head: see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-                inv_temperature, reduction, chunk_rows, backend):
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_idx,
+                topk_val, weights, inv_temperature, reduction, chunk_rows, backend):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         rows, n_vocab = hidden.shape[0], weight.shape[0]
@@ -258,12 +302,12 @@ class _LinearKLDiv(torch.autograd.Function):
         fused = _FUSED[backend]
         if ctx.deferred:
             row_loss = fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                             weights, inv_temperature, scale, chunk_rows, False, False, False)[0]
+                             topk_idx, topk_val, weights, inv_temperature, scale, chunk_rows, False, False, False)[0]
             ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                  weights)
+                                  topk_idx, topk_val, weights)
         else:
             row_loss, gh, gw, gb = fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                                         teacher_logits, weights, inv_temperature, scale, chunk_rows, need_h, need_w,
+                                         teacher_logits, topk_idx, topk_val, weights, inv_temperature, scale, chunk_rows, need_h, need_w,
                                          need_b)
             ctx.save_for_backward(gh if need_h else None, gw if need_w else None, gb if need_b else None)
         return reduce_rows(row_loss, reduction, n_vocab)
@@ -272,12 +316,12 @@ class _LinearKLDiv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         need_h, need_w, need_b = ctx.flags
-        none = (None,) * 9
+        none = (None,) * 11
         if ctx.deferred:
             # reduction="none": the rows weighted by grad_output (scale 1) give the gradients directly.
-            hidden, weight, bias, th, tw, tb, tl, weights = ctx.saved_tensors
+            *inputs, weights = ctx.saved_tensors
             w = grad_output.to(torch.float32) if weights is None else weights * grad_output.to(torch.float32)
-            _, gh, gw, gb = _FUSED[ctx.backend](hidden, weight, bias, th, tw, tb, tl, w.contiguous(),
+            _, gh, gw, gb = _FUSED[ctx.backend](*inputs, w.contiguous(),
                                                 ctx.inv_temperature, 1.0, ctx.chunk_rows, need_h, need_w, need_b)
             return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none
         gh, gw, gb = ctx.saved_tensors
@@ -296,8 +340,8 @@ def _scaled(g, scale):
     return (g.float() * scale).to(g.dtype)  # 16-bit: scale in float32 so grad_output is not rounded first
 
 
-def _fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-          inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias):
+def _fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_idx, topk_val,
+          weights, inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias):
     empty = hidden.new_empty((0,))
     return (hidden.new_empty(hidden.shape[:1], dtype=torch.float32),
             torch.empty_like(hidden) if grad_hidden else empty,

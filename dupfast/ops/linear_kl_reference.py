@@ -20,12 +20,21 @@ def masked_rows_zeroed(x, weights):
 
 
 def linear_kl_div_reference(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                            weights, temperature, reduction):
+                            topk_idx, topk_val, weights, temperature, reduction):
     """kl_div(hidden @ weight.T + bias, teacher logits, weights, temperature, reduction), the teacher's
-    logits being `teacher_logits` or teacher_hidden @ teacher_weight.T + teacher_bias (no gradient).
-    Arguments are already validated (and the default teacher head filled in) by linear_kl_div."""
+    logits being `teacher_logits`, or teacher_hidden @ teacher_weight.T + teacher_bias (no gradient), or
+    the top-k log-probs `topk_val` at `topk_idx` and -inf elsewhere. Arguments are already validated
+    (and the default teacher head filled in) by linear_kl_div."""
     student = F.linear(masked_rows_zeroed(hidden, weights), weight, bias)
-    if teacher_logits is None:
+    if topk_idx is not None:
+        teacher_logits = topk_dense(topk_idx, topk_val, weight.shape[0])
+    elif teacher_logits is None:
         with torch.no_grad():
             teacher_logits = F.linear(masked_rows_zeroed(teacher_hidden, weights), teacher_weight, teacher_bias)
     return kl_div_reference(student, teacher_logits, weights, temperature, reduction)
+
+
+def topk_dense(topk_idx, topk_val, n_vocab):
+    """[R, V] teacher logits of a top-k cache: the cached values at their slots, -inf elsewhere."""
+    dense = torch.full((topk_idx.shape[0], n_vocab), float("-inf"), dtype=topk_val.dtype, device=topk_val.device)
+    return dense.scatter_(1, topk_idx, topk_val)

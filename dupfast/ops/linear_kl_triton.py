@@ -6,14 +6,15 @@ KL / gradient math. Run only under TRITON_INTERPRET=1 on small shapes; never on 
 import torch
 
 from . import kl_triton
+from .linear_kl_reference import topk_dense
 
 
 def _masked_zero(x, masked):
     return x if masked is None else x.masked_fill(masked.unsqueeze(1), 0)
 
 
-def chunked(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-            inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias, rows_fn=None, block=None):
+def chunked(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_idx, topk_val,
+            weights, inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias, rows_fn=None, block=None):
     """Same contract as dupfast::linear_kl_div_fused. rows_fn(s, t, w, inv_t, scale) -> (loss, grad) is the
     per-chunk row kernel (default: kl_triton.launch, whose block size `block` overrides)."""
     if rows_fn is None:
@@ -32,8 +33,10 @@ def chunked(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, 
         m = None if masked is None or not bool(masked[r0:r1].any()) else masked[r0:r1]
         hc = _masked_zero(hidden[r0:r1], m)
         s = torch.nn.functional.linear(hc, weight, bias)
-        if teacher_logits is None:
+        if teacher_hidden is not None:
             t = torch.nn.functional.linear(_masked_zero(teacher_hidden[r0:r1], m), teacher_weight, teacher_bias)
+        elif topk_idx is not None:
+            t = topk_dense(topk_idx[r0:r1], topk_val[r0:r1], n_vocab)
         else:
             t = teacher_logits[r0:r1]
         w = None if weights is None else weights[r0:r1]
@@ -53,18 +56,17 @@ def chunked(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, 
 def linear_kl_div_fused_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
                                teacher_bias: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+                               topk_idx: torch.Tensor | None, topk_val: torch.Tensor | None,
                                weights: torch.Tensor | None, inv_temperature: float, grad_scale: float,
                                chunk_rows: int, grad_hidden: bool, grad_weight: bool,
                                grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_loss [R] float32, grad_hidden, grad_weight, grad_bias); same contract as dupfast::linear_kl_div_fused
     (gradients not asked for are empty)."""
-    return chunked(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-                   inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias)
+    return chunked(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_idx,
+                   topk_val, weights, inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias)
 
 
 @linear_kl_div_fused_triton.register_fake
-def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights, inv_temperature,
-      grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias):
+def _(*args):
     from .linear_kl import _fake
-    return _fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, weights,
-                 inv_temperature, grad_scale, chunk_rows, grad_hidden, grad_weight, grad_bias)
+    return _fake(*args)
