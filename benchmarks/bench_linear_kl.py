@@ -1,6 +1,7 @@
 """Fused LM head + KL (dupfast.ops.linear_kl_div, cpu backend) against PyTorch, forward + backward, at
 SmolLM2's head: R = 4096 rows, H = 576, V = 49,152, fp32 and bf16, the head frozen (the LoRA case:
-gradient w.r.t. hidden only) and trainable (also w.r.t. the weight).
+gradient w.r.t. hidden only) and trainable (also w.r.t. the weight); and the cached top-k teacher
+(teacher_topk, DUPFAST_BENCH_LKL_TOPK slots, default 128) against the recomputed one.
 
     OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_linear_kl.py --benchmark-only -s --benchmark-min-rounds=3
     DUPFAST_BENCH_LKL_ROWS=512 ...     a quick run with fewer rows (the ratios then mean less)
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 from conftest import measure
 from dupfast import _ext
 from dupfast.ops import linear_kl_div
-from dupfast.ops.linear_kl import default_chunk_rows
+from dupfast.ops.linear_kl import default_chunk_rows, teacher_topk_cache
 
 ROWS = int(os.environ.get("DUPFAST_BENCH_LKL_ROWS", "4096"))
+TOPK = int(os.environ.get("DUPFAST_BENCH_LKL_TOPK", "128"))
 H, V = 576, 49152
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADS = ("frozen", "trainable")
@@ -68,8 +70,15 @@ def dupfast_step(p, head):
     return loss.detach(), x.grad, w.grad
 
 
-def gemm_gflop(head):
-    return (3 if head == "frozen" else 4) * 2 * ROWS * H * V / 1e9
+def dupfast_topk_step(p, cache):
+    x, w = leaves(p, "frozen")
+    loss = linear_kl_div(x, w, teacher_topk=cache, backend="cpu")
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def gemm_gflop(head, teacher_gemm=True):
+    return ((3 if head == "frozen" else 4) - (0 if teacher_gemm else 1)) * 2 * ROWS * H * V / 1e9
 
 
 def rates(run, head, machine, dtype):
@@ -99,6 +108,7 @@ def test_torch(benchmark, problem, machine, dtype, head):
 def test_dupfast(benchmark, problem, machine, dtype, head):
     p = problem[dtype]
     run = measure(benchmark, lambda: dupfast_step(p, head))
+    RUNS[("dupfast", dtype, head)] = run
     base = RUNS.get(("torch", dtype, head))
     if base is None:  # the baseline was deselected: one call of it, for the ratios and the check
         import time
@@ -128,3 +138,36 @@ def test_dupfast(benchmark, problem, machine, dtype, head):
           f"{info['peak_extra_mib_dupfast']:.0f} MiB vs {info['peak_extra_mib_torch']:.0f} MiB -> "
           f"{info['memory_ratio']:.3f}x; {wall:.1f} GFLOP/s = {pct:.0f}% of torch.mm {dtype} wall{cpu_part}; "
           f"load average {os.getloadavg()[0]:.1f}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_dupfast_topk_teacher(benchmark, problem, machine, dtype):
+    """The cached top-k teacher (TOPK slots, from the teacher's logits in the same dtype) against the
+    recomputed teacher (test_dupfast, frozen head): time, memory, and its error, which is the top-k
+    approximation itself (the tail's mass dropped): relative to the recomputed teacher's loss and
+    gradient. Building the cache is outside the timing (a cache is built once)."""
+    p = problem[dtype]
+    with torch.no_grad():
+        cache = teacher_topk_cache(p["teacher_hidden"] @ p["weight"].T, TOPK)
+        tail = 1 - cache[1].double().exp().sum(-1)  # teacher mass outside the cache, per row
+    cache = (cache[0], cache[1].to(p["hidden"].dtype))
+    run = measure(benchmark, lambda: dupfast_topk_step(p, cache))
+    exact = RUNS.get(("dupfast", dtype, "frozen"))
+    exact_out = exact["out"] if exact is not None else dupfast_step(p, "frozen")
+    loss_rel = abs(run["out"][0].item() - exact_out[0].item()) / abs(exact_out[0].item())
+    grad_rel = ((run["out"][1].float() - exact_out[1].float()).norm() / exact_out[1].float().norm()).item()
+    wall, cpu, pct, pct_cpu = rates(run, "frozen", machine, dtype)
+    wall = gemm_gflop("frozen", teacher_gemm=False) / run["wall"]
+    info = {"rows": ROWS, "hidden": H, "vocab": V, "dtype": dtype, "topk": TOPK, "wall_s": run["wall"],
+            "cpu_s": run["cpu"], "peak_extra_mib": run["mem"] / 2**20,
+            "recomputed_wall_s": exact["wall"] if exact else None,
+            "speedup_vs_recomputed": exact["wall"] / run["wall"] if exact else None,
+            "loss_rel_err_vs_recomputed": loss_rel, "grad_hidden_rel_err_vs_recomputed": grad_rel,
+            "teacher_tail_mass_mean": tail.mean().item(), "gflops_wall": wall, **machine}
+    benchmark.extra_info.update(info)
+    vs = (f"{exact['wall']:.3f} s recomputed -> {exact['wall'] / run['wall']:.2f}x" if exact else "recomputed not run")
+    print(f"\ndupfast linear_kl_div fwd+bwd R={ROWS} H={H} V={V} {dtype} head frozen, top-{TOPK} teacher cache: "
+          f"{run['wall']:.3f} s wall vs {vs}; peak extra memory {run['mem'] / 2**20:.0f} MiB (cache "
+          f"{sum(c.numel() * c.element_size() for c in cache) / 2**20:.0f} MiB, not counted); error vs the recomputed "
+          f"teacher: loss {loss_rel:.2e} relative, grad_hidden {grad_rel:.2e} relative (norm); teacher mass outside "
+          f"the top-{TOPK}: {tail.mean().item():.3f} mean")

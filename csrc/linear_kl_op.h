@@ -8,7 +8,10 @@
 // Per chunk of `chunk_rows` rows (hidden rows h, teacher rows):
 //   s = h @ W^T (+ b)                      [n, V] student logits, in the inputs' dtype
 //   t = th @ W_T^T (+ b_T),  or the rows of cached teacher logits,  or a cached top-k teacher
-//       scattered into -inf rows (its distribution: softmax over the k cached slots, 0 elsewhere)
+//       scattered into float32 -inf rows (its distribution: softmax over the k cached slots, 0
+//       elsewhere). The row kernel pays for the -inf slots: glibc's vector expf takes its scalar
+//       fallback on them (measured 2x the row kernel's time with a finite teacher); a sparse-teacher
+//       row kernel would not.
 //   loss[r], g = w_r / T * scale * (p_S - p_T)    (rows_fn, into g, which may be s itself)
 //   grad_hidden[rows] = g @ W;  grad_weight += g^T @ h;  grad_bias += sum_r g
 // so the extra memory is O(chunk_rows * V) (one or two logit buffers) plus the gradients, never
@@ -172,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
 
   at::Tensor s_buf = at::empty({cr, v}, hidden.options());
   at::Tensor t_buf = teacher_hidden.has_value() ? at::empty({cr, v}, teacher_hidden->options())
-                     : topk_values.has_value()  ? at::empty({cr, v}, topk_values->options())
+                     : topk_values.has_value()  ? at::empty({cr, v}, f32)  // scatter_ into 16-bit: 4x slower
                                                 : at::Tensor();
   at::Tensor g_buf = in_place ? s_buf : at::empty({cr, v}, hidden.options());
 
@@ -204,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kl_forward(
     } else if (topk_indices.has_value()) {  // the cached top-k, -inf elsewhere (p_T = 0 there)
       t = t_buf.narrow(0, 0, n);
       t.fill_(-std::numeric_limits<double>::infinity());
-      t.scatter_(1, topk_indices->narrow(0, r0, n), topk_values->narrow(0, r0, n));
+      t.scatter_(1, topk_indices->narrow(0, r0, n), topk_values->narrow(0, r0, n).to(c10::kFloat));
     } else {
       t = teacher_logits->narrow(0, r0, n);
     }
