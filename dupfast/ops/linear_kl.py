@@ -2,8 +2,8 @@
 materialised.
 
     linear_kl_div(hidden, weight, teacher_hidden=None, weights=None, *, teacher_weight=None,
-                  teacher_bias=None, teacher_logits=None, bias=None, temperature=1.0,
-                  reduction="batchmean", chunk_rows=None, backend=None)
+                  teacher_bias=None, teacher_logits=None, teacher_topk=None, bias=None,
+                  temperature=1.0, reduction="batchmean", chunk_rows=None, backend=None)
 
 equals kl_div(hidden @ weight.T + bias, teacher, weights, temperature, reduction) (dupfast.ops.kl_div:
 same signed row weights, w_r < 0 ascent, w_r = 0 masks the row entirely even if it holds inf/NaN; same
@@ -20,9 +20,10 @@ The teacher is given either
   * as a cached top-k teacher `teacher_topk` = (indices [R, k], log-probs [R, k]) (teacher_topk_cache
     makes one): the teacher is softmax(log-probs / T) over the k cached slots and 0 elsewhere, i.e.
     kl_div against teacher logits that are -inf outside them. It drops the tail's mass, so it is an
-    approximation of the full teacher, exact only for k = V; it saves the teacher's GEMM. The default
-    (and what the purification uses) stays the exact recomputed teacher; see benchmarks/bench_linear_kl.py
-    for the measured error and speed of each.
+    approximation of the full teacher, exact only for k = V; it saves the teacher's GEMM but its
+    -inf slots slow the row kernel (see csrc/linear_kl_op.h). Recommended: the exact recomputed
+    teacher (teacher_hidden); benchmarks/bench_linear_kl.py measures the error and speed of both.
+Exactly one of teacher_hidden, teacher_logits and teacher_topk is given.
 
 Fused backends (cpu, cuda, triton), per chunk of `chunk_rows` rows (default: at most 2^25 logits
 per chunk, 128 MiB in fp32; see default_chunk_rows): s = h @ W^T (+b) and the teacher's logits by
@@ -42,7 +43,8 @@ the chunks with the rows weighted by grad_output.
 
 Backends: reference (F.linear + kl_div reference + autograd, [R, V] memory), cpu (C++: ATen GEMMs +
 the OpenMP row kernel), cuda (the same C++ driver, cuBLAS GEMMs + the kl_div CUDA row kernel; never run
-on a GPU: compiled only), triton (a Python chunk driver, torch GEMMs + the kl_div Triton row kernel;
+on a GPU and never built by a CUDA torch: its binding is only checked by g++ -fsyntax-only against
+the host's c10/cuda and CUDA headers, and the row kernel's .cu is nvcc-compiled in CI), triton (a Python chunk driver, torch GEMMs + the kl_div Triton row kernel;
 run only under TRITON_INTERPRET=1 on small shapes, never on a GPU).
 """
 import os
