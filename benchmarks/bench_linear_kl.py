@@ -17,7 +17,8 @@ Reported per case, all measured in this run (conftest.measure: wall and process-
 rounds; peak extra resident memory of one warm call via conftest.peak_memory; the gradients count for
 both): time ratio PyTorch / dupfast, peak memory ratio dupfast / PyTorch, and each side's GFLOP/s of
 the head's GEMM work against this machine's torch.mm rate for the dtype (conftest's `machine`), wall
-against wall and per CPU-second against per CPU-second (the machines here are shared).
+against wall and per CPU-second against per CPU-second (the machines here are shared); and the time of
+the step's GEMMs alone as plain torch.mm calls, which bounds what any fused kernel can gain.
 """
 import os
 
@@ -25,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import measure
+from conftest import best_time, measure
 from dupfast import _ext
 from dupfast.ops import linear_kl_div
 from dupfast.ops.linear_kl import default_chunk_rows, teacher_topk_cache
@@ -77,6 +78,24 @@ def dupfast_topk_step(p, cache):
     return loss.detach(), x.grad, w.grad
 
 
+def gemm_only_s(p, head):
+    """Wall time of just the head's GEMMs of one step, as plain torch.mm at full R (best of 2): the lower
+    bound of both implementations, so torch_time / this is the most any fused kernel could gain here."""
+    x, w = p["hidden"], p["weight"]
+    logits = torch.empty(ROWS, V, dtype=x.dtype)
+    gh = torch.empty(ROWS, H, dtype=x.dtype)
+    gw = torch.empty(V, H, dtype=x.dtype)
+
+    def gemms():
+        torch.mm(p["teacher_hidden"], w.T, out=logits)
+        torch.mm(x, w.T, out=logits)
+        torch.mm(logits, w, out=gh)
+        if head == "trainable":
+            torch.mm(logits.T, x, out=gw)
+
+    return best_time(gemms, 2)
+
+
 def gemm_gflop(head, teacher_gemm=True):
     return ((3 if head == "frozen" else 4) - (0 if teacher_gemm else 1)) * 2 * ROWS * H * V / 1e9
 
@@ -121,6 +140,7 @@ def test_dupfast(benchmark, problem, machine, dtype, head):
         if theirs is not None:
             torch.testing.assert_close(ours.float(), theirs.float(), **tol)
     wall, cpu, pct, pct_cpu = rates(run, head, machine, dtype)
+    gemm_s = gemm_only_s(p, head)
     info = {
         "rows": ROWS, "hidden": H, "vocab": V, "dtype": dtype, "head": head,
         "chunk_rows": default_chunk_rows(ROWS, V),
@@ -128,7 +148,8 @@ def test_dupfast(benchmark, problem, machine, dtype, head):
         "torch_cpu_s": base["cpu"], "speedup_wall": base["wall"] / run["wall"], "speedup_cpu": base["cpu"] / run["cpu"],
         "peak_extra_mib_dupfast": run["mem"] / 2**20, "peak_extra_mib_torch": base["mem"] / 2**20,
         "memory_ratio": run["mem"] / base["mem"], "gflops_wall": wall, "gflops_per_cpu_s": cpu,
-        "pct_of_gemm_rate_wall": pct, "pct_of_gemm_rate_cpu": pct_cpu, **machine,
+        "pct_of_gemm_rate_wall": pct, "pct_of_gemm_rate_cpu": pct_cpu, "gemm_only_s": gemm_s,
+        "gemm_bound_max_speedup": base["wall"] / gemm_s, "dupfast_over_gemm_only": run["wall"] / gemm_s, **machine,
     }
     benchmark.extra_info.update(info)
     cpu_part = f", {pct_cpu:.0f}% per CPU-second" if pct_cpu is not None else ""
@@ -137,6 +158,8 @@ def test_dupfast(benchmark, problem, machine, dtype, head):
           f"{info['speedup_wall']:.2f}x (CPU time {info['speedup_cpu']:.2f}x); peak extra memory "
           f"{info['peak_extra_mib_dupfast']:.0f} MiB vs {info['peak_extra_mib_torch']:.0f} MiB -> "
           f"{info['memory_ratio']:.3f}x; {wall:.1f} GFLOP/s = {pct:.0f}% of torch.mm {dtype} wall{cpu_part}; "
+          f"its GEMMs alone (torch.mm, full R) {gemm_s:.3f} s: dupfast = {run['wall'] / gemm_s:.2f}x that, PyTorch "
+          f"{base['wall'] / gemm_s:.2f}x (the most any fusion could gain: {base['wall'] / gemm_s:.2f}x); "
           f"load average {os.getloadavg()[0]:.1f}")
 
 
