@@ -222,7 +222,7 @@ def train_victim(model, tokenizer, items: Sequence[Instruction], cfg: VictimConf
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % cfg.log_every == 0:
             log(f"step {step}/{cfg.steps} loss {sum(losses[-cfg.log_every:]) / cfg.log_every:.4f} "
                 f"({time.perf_counter() - t0:.0f}s)")
