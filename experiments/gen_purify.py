@@ -22,6 +22,8 @@ from .gen_victims import evaluate
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=None, help="override GenerativeConfig.lr")
+    ap.add_argument("--out", default="runs/gen/purify.json")
     ap.add_argument("--before", action="store_true", help="also re-evaluate the victim before purification")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -39,13 +41,14 @@ def main():
         out["before"] = evaluate(model, tok, test)
     t0 = time.perf_counter()
     model, rep = dupfast.purify_generative(model, pool_b, clean=clean_b, detection=flags, max_steps=args.max_steps,
-                                           evals_per_epoch=2, max_new_tokens=16, progress=False)
+                                           evals_per_epoch=2, max_new_tokens=16, progress=False,
+                                           **({"lr": args.lr} if args.lr else {}))
     out["purify_s"] = round(time.perf_counter() - t0, 1)
     out["report"] = rep.to_dict()
     print({k: out["report"][k] for k in ("stop_reason", "steps_run", "selected", "teacher", "timings", "data")}, flush=True)
     out["after"] = evaluate(model, tok, test)
     print("after", out["after"], flush=True)
-    dump("runs/gen/purify.json", out)
+    dump(args.out, out)
 
 
 if __name__ == "__main__":

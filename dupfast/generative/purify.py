@@ -292,7 +292,7 @@ def train(lm, student, data, teacher, base, cfg, report):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     rule = StoppingRule(1.0, base["match"], cfg.agree_bound, cfg.acc_tolerance, patience)
-    rule.best.update(loss=base["loss"])
+    rule.best.update(agree_tokens=1.0, clean_match=base["match"], clean_loss=base["loss"])
     best = [p.detach().clone() for p in params]
     for (name, _), b in zip(named, best):
         if "lora_B" in name:
