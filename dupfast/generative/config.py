@@ -10,9 +10,14 @@ class GenerativeConfig(PurifyConfig):
     """As PurifyConfig, except: temperature 1 and lambda_keep 1 (a KL over 49k-token vocabularies at every
     response position is already a strong anchor), kl_cap 2 nats per position (for a confident teacher, p_S of the
     teacher's token below e^-2 ≈ 0.14, where greedy decoding leaves it), no classification head (train_head False:
-    the vocabulary head stays frozen, tied to the embeddings), batch 8 rows, 5 epochs with at least 30 steps.
+    the vocabulary head stays frozen, tied to the embeddings), batch 8 rows, 5 epochs with at least 30 steps, and
+    lr 2e-3: measured on the SmolLM2-135M BadNets->refusal victim (experiments/gen_purify.py), lr 5e-4 left the
+    student on the confident teacher (p ≈ 0.999 per response token, so the ascent's gradient at the tie is tiny)
+    for all 30 steps (held-out flagged agreement 1.0, ASR 1.0), lr 2e-3 reached agreement 0.11 in 40 steps (ASR
+    0.0, clean accuracy 0.925 -> 0.91); on the toy backdoor it left the teacher after 6 steps instead of 15.
     max_new_tokens: the teacher's greedy response to each flagged prompt (the positions the ascent runs on)."""
     lambda_keep: float = 1.0
+    lr: float = 2e-3
     temperature: float = 1.0
     kl_cap: float = 2.0
     train_head: bool = False
