@@ -3,11 +3,15 @@
     dupfast.detect(model, loader, clean=...)    DUP detection in one forward pass per batch
     dupfast.purify(model, loader, clean=..., detection=...)   detection-guided LoRA unlearning -> (model, report)
     dupfast.btu.train(model, train_data)        Backdoor Token Unlearning (training-time defence) -> (model, report)
+    dupfast.detect_prompts(lm, prompts, clean=...)             the same detection on a causal LM's prompts
+    dupfast.purify_generative(lm, prompts, clean=..., detection=...)  unlearning for causal LMs -> (model, report)
 """
 __version__ = "0.1.0"
 
 # Subpackages load on first use, so `import dupfast` stays light (no torch or transformers import).
-_LAZY_SUBMODULES = ("btu", "purification")
+_LAZY_SUBMODULES = ("btu", "purification", "generative")
+# the generative siblings (dupfast.generative)
+_LAZY_GENERATIVE = ("detect_prompts", "purify_generative")
 # dupfast.purify is a plain function over the dupfast.purification package.
 _LAZY_PURIFICATION = ("purify",)
 
@@ -25,6 +29,11 @@ def __getattr__(name):
     if name in _LAZY_PURIFICATION:
         import importlib
         value = getattr(importlib.import_module(".purification", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
+    if name in _LAZY_GENERATIVE:
+        import importlib
+        value = getattr(importlib.import_module(".generative", __name__), name)
         globals()[name] = value  # resolve once
         return value
     if name in _LAZY_SUBMODULES:

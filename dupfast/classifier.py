@@ -64,9 +64,13 @@ def check_classifier(model, who: str) -> None:
         kind = "a bare base model without a classification head (AutoModel)"
     if kind is None:
         return  # a custom HF classifier: its logits are checked when it runs
+    generative = ""
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        generative = (". For a generative model with prompt / response data use the siblings "
+                      "dupfast.detect_prompts / dupfast.purify_generative (dupfast.generative)")
     raise ValueError(f"the model ({type(m).__name__}) is {kind}, not a sequence classifier: {who} needs the "
                      f"fine-tuned classifier with its classification head: {USE}, not AutoModel or "
-                     "AutoModelForCausalLM")
+                     f"AutoModelForCausalLM{generative}")
 
 
 def head_reads_pad_id(model) -> bool:

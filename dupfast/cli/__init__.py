@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-_COMMANDS = ("demo", "detect", "purify", "btu")
+_COMMANDS = ("demo", "detect", "purify", "btu", "generative")
 
 
 def build_parser():

@@ -125,8 +125,15 @@ class Detector:
         """One forward pass per batch; scores computed batch by batch, features dropped right away."""
         self._need_fit()
         check_model(model, self.num_classes)
-        parts = [self._score_batch(cb.features, cb.logits, cb.index)
-                 for cb in capture(model, loader, self.scorer.poolings, self.autocast, name="pool")]
+        return self.score_captured(capture(model, loader, self.scorer.poolings, self.autocast, name="pool"))
+
+    def score_captured(self, batches) -> DetectionResult:
+        """Score captured batches (anything with `features`, `logits`, `index`: `capture`'s CapturedBatch) batch
+        by batch, as they come: the extension point for other captures (dupfast.generative's prompt capture)."""
+        self._need_fit()
+        parts = [self._score_batch(cb.features, cb.logits, cb.index) for cb in batches]
+        if not parts:
+            raise ValueError("no batches to score (empty data set)")
         return assemble(parts, self.scorer, self.fitted_calibration)
 
     def score_features(self, features: dict, logits=None, index=None) -> DetectionResult:

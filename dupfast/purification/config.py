@@ -124,16 +124,18 @@ class PurifyConfig:
         return d
 
 
-def parse_overrides(items):
-    """`key=value` strings (the CLIs' --set) -> PurifyConfig overrides, typed by the field's annotation."""
-    fields = {f.name: str(f.type) for f in dataclasses.fields(PurifyConfig)}
+def parse_overrides(items, config_class=None):
+    """`key=value` strings (the CLIs' --set) -> PurifyConfig overrides (or those of `config_class`, a subclass such
+    as dupfast.generative.GenerativeConfig), typed by the field's annotation."""
+    config_class = config_class or PurifyConfig
+    fields = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
     out = {}
     for item in items or ():
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         if key not in fields:
-            raise ValueError(f"--set: unknown PurifyConfig field {key!r}; fields: {sorted(fields)}")
+            raise ValueError(f"--set: unknown {config_class.__name__} field {key!r}; fields: {sorted(fields)}")
         kind = fields[key]
         try:
             if raw.lower() == "none" and "Optional" in kind:

@@ -1,0 +1,129 @@
+"""`dupfast detect-prompts` and `dupfast purify-generative`: the generative siblings of detect / purify.
+
+    dupfast detect-prompts LM --prompts pool.jsonl --clean clean.jsonl --out DIR [--mode default|dup|dan] [--frr 0.05]
+    dupfast purify-generative LM --prompts pool.jsonl --clean clean.jsonl --out DIR [--set key=value ...]
+
+LM: a local causal-LM folder (AutoModelForCausalLM, its tokenizer with a chat template) or a short name
+(dupfast.harness.models, e.g. smollm2-135m). Files are CSV / TSV / JSON lines read by dupfast.tables: the pool's
+`prompt` column (or --prompt-column); the clean set's `prompt` and `response` columns (its `label` column, the
+task class, is read for --mode dup/dan). A `poison_label` column in the pool (evaluation data) adds AUROC/FRR/FAR.
+detect-prompts writes DIR/scores.csv then DIR/detect.json; purify-generative writes DIR/model/ (the purified model
+and tokenizer), DIR/purify.json and DIR/scores.csv of the detection it used.
+"""
+import csv
+import json
+import pathlib
+
+from .argtypes import positive_int
+from .outdir import clear_outputs, prepare_out
+
+DETECT_OUTPUTS = ("scores.csv", "detect.json")
+PURIFY_OUTPUTS = ("scores.csv", "purify.json", "model")
+
+
+def _common(p):
+    p.add_argument("model", help="causal LM: local HF folder or a short name")
+    p.add_argument("--prompts", required=True, help="CSV/TSV/JSONL with a prompt column: the pool to screen")
+    p.add_argument("--clean", required=True, help="CSV/TSV/JSONL with prompt and response columns (clean)")
+    p.add_argument("--out", required=True, help="output folder (new or empty, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--mode", default="default", choices=("default", "dup", "dan"))
+    p.add_argument("--frr", type=float, default=0.05)
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--response-column", default="response")
+    p.add_argument("--system", default=None, help="a system message for every prompt (default: the template's)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=None)
+
+
+def add_parser(subparsers):
+    d = subparsers.add_parser("detect-prompts", help="flag backdoor-triggered prompts of a causal LM",
+                              description=__doc__.split("\n\n")[0])
+    _common(d)
+    d.set_defaults(func=run_detect)
+    p = subparsers.add_parser("purify-generative", help="detection-guided unlearning of a causal LM",
+                              description=__doc__.split("\n\n")[0])
+    _common(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="GenerativeConfig field (repeatable)")
+    p.set_defaults(func=run_purify)
+
+
+def load_causal_lm(name_or_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..harness.models import resolve_model_dir
+    folder = resolve_model_dir(name_or_path)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def _inputs(args, need_labels):
+    from ..generative import chat_batches
+    from ..tables import read_table
+    pool = read_table(args.prompts, text_column=args.prompt_column)
+    clean_p = read_table(args.clean, text_column=args.prompt_column, need_labels=need_labels, role="the clean set")
+    clean_r = read_table(args.clean, text_column=args.response_column)
+    return pool, clean_p, clean_r, chat_batches
+
+
+def _detect(args):
+    import torch
+
+    from ..generative import detect_prompts
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_causal_lm(args.model)
+    pool, clean_p, clean_r, chat_batches = _inputs(args, args.mode in ("dup", "dan"))
+    clean = chat_batches(tok, clean_p.texts, clean_r.texts, labels=clean_p.labels if args.mode != "default" else None,
+                         batch_size=args.batch_size, system=args.system)
+    pool_b = chat_batches(tok, pool.texts, batch_size=args.batch_size, system=args.system)
+    res = detect_prompts(model, pool_b, clean=clean, mode=args.mode, frr=args.frr, batch_size=args.batch_size)
+    return model, tok, pool, pool_b, clean, res.sorted_by_index()
+
+
+def _write_scores(out: pathlib.Path, pool, res):
+    with open(out / "scores.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "score", "flag"] + (["poison_label"] if pool.poison_labels is not None else []))
+        for i in range(len(pool)):
+            w.writerow([i, f"{float(res.scores[i]):.6g}", int(res.flags[i])] +
+                       ([pool.poison_labels[i]] if pool.poison_labels is not None else []))
+
+
+def _summary(args, pool, res):
+    s = {"mode": args.mode, "frr": args.frr, "threshold": res.threshold, "pool": len(pool),
+         "flagged": int(res.flags.sum())}
+    if pool.poison_labels is not None and 0 < sum(pool.poison_labels) < len(pool):
+        from ..harness.metrics import detection_report
+        s["metrics"] = detection_report(pool.poison_labels, res.flags.numpy(), res.scores.numpy())
+    return s
+
+
+def run_detect(args):
+    out = prepare_out(args.out, args.overwrite, DETECT_OUTPUTS)
+    model, tok, pool, _, _, res = _detect(args)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out, DETECT_OUTPUTS)
+    _write_scores(out, pool, res)
+    summary = _summary(args, pool, res)
+    (out / "detect.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
+
+
+def run_purify(args):
+    from ..generative import GenerativeConfig, purify_generative
+    from ..purification.config import parse_overrides
+    overrides = parse_overrides(args.set, GenerativeConfig)
+    out = prepare_out(args.out, args.overwrite, PURIFY_OUTPUTS)
+    model, tok, pool, pool_b, clean, res = _detect(args)
+    model, report = purify_generative(model, pool_b, clean=clean, detection=res, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out, PURIFY_OUTPUTS)
+    _write_scores(out, pool, res)
+    model.save_pretrained(str(out / "model"))
+    tok.save_pretrained(str(out / "model"))
+    (out / "purify.json").write_text(json.dumps({"detection": _summary(args, pool, res), "report": report.to_dict()},
+                                                indent=2, default=str))
+    print(json.dumps({"flagged": int(res.flags.sum()), "stop_reason": report.stop_reason, "steps": report.steps_run}))

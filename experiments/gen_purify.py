@@ -1,0 +1,55 @@
+"""Purification of the BadNets generative victim from the default-mode prompt detection.
+
+    python -m experiments.gen_purify [--max-steps 30]     -> runs/gen/purify.json (+ the report)
+
+Flagged = the pool prompts the default detector flagged (runs/gen/detection.pt); clean = the defender's clean dev
+prompts with their reference responses (the detection's clean set). ASR / clean accuracy / perplexity before and
+after on the victims' evaluation prompts (experiments.gen_victims.evaluate), steps and time.
+"""
+import argparse
+import time
+
+import torch
+
+import dupfast
+from dupfast.generative import chat_batches
+
+from .gen_common import dump, load_lm, splits, victim_dir
+from .gen_detection import sets
+from .gen_victims import evaluate
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=None, help="override GenerativeConfig.lr")
+    ap.add_argument("--out", default="runs/gen/purify.json")
+    ap.add_argument("--before", action="store_true", help="also re-evaluate the victim before purification")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, tok = load_lm(victim_dir("badnets"))
+    _, test, _ = splits()
+    clean, pool = sets()
+    det = torch.load("runs/gen/detection.pt")
+    clean_b = chat_batches(tok, [c.prompt for c in clean], [c.response for c in clean], labels=[c.label for c in clean])
+    pool_b = chat_batches(tok, [p.prompt for p in pool])
+    flags = det["flags"][torch.argsort(det["index"])]
+    poison = det["poison"].bool()
+    out = {"flagged": int(flags.sum()), "flagged_poison": int((flags & poison).sum()),
+           "flagged_clean": int((flags & ~poison).sum())}
+    if args.before:
+        out["before"] = evaluate(model, tok, test)
+    t0 = time.perf_counter()
+    model, rep = dupfast.purify_generative(model, pool_b, clean=clean_b, detection=flags, max_steps=args.max_steps,
+                                           evals_per_epoch=2, max_new_tokens=16, progress=False,
+                                           **({"lr": args.lr} if args.lr else {}))
+    out["purify_s"] = round(time.perf_counter() - t0, 1)
+    out["report"] = rep.to_dict()
+    print({k: out["report"][k] for k in ("stop_reason", "steps_run", "selected", "teacher", "timings", "data")}, flush=True)
+    out["after"] = evaluate(model, tok, test)
+    print("after", out["after"], flush=True)
+    dump(args.out, out)
+
+
+if __name__ == "__main__":
+    main()
