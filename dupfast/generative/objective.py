@@ -6,9 +6,9 @@ is the ONE function every vocabulary KL of dupfast.generative goes through. Per 
 p_S = softmax(hidden_r W^T / T), p_T = softmax(teacher_r / T), result_r = w_r * KL(p_T || p_S), with the
 semantics of `dupfast.ops.kl_div` (signed row weights: w < 0 ascent, w = 0 masks the row, w > 0 descent; the
 gradient flows to `hidden`, and to W if it requires grad). `teacher` is the teacher's logits [R, V] or, cheaper
-to cache, its final hidden states [R, H] (logits = teacher_hidden W^T with the same, frozen head). For now the
-body computes `kl_div(hidden @ W.T, teacher_logits, ...)` in row chunks (the [R, V] logits of one chunk at a
-time in the forward); the fused `dupfast.ops.linear_kl_div` (never materialising [R, V]) replaces it.
+to cache, its final hidden states [R, H] (logits = teacher_hidden W^T with the same, frozen head). The body is
+the fused `dupfast.ops.linear_kl_div` (LM head + KL in row chunks; the student's [R, V] logits are never
+materialised, the teacher's logits are recomputed chunk by chunk from its cached hidden states).
 
 The objective, per step, over the response positions of a batch of flagged and clean rows:
 
@@ -23,9 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops import kl_div
-
-ROW_CHUNK = 256  # rows of logits materialised at once
+from ..ops import linear_kl_div
 
 
 def _teacher_kind(teacher: torch.Tensor, weight: torch.Tensor, kind: str) -> str:
@@ -62,17 +60,14 @@ def vocab_kl(hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher: torch.
         raise ValueError(f"{teacher.shape[0]} teacher rows for {hidden.shape[0]} student rows")
     if weights is not None and tuple(weights.shape) != (hidden.shape[0],):
         raise ValueError(f"weights must be [R] = [{hidden.shape[0]}], got {tuple(weights.shape)}")
-    W = lm_head_weight
-    out = []
-    for lo in range(0, hidden.shape[0], ROW_CHUNK):
-        h = hidden[lo:lo + ROW_CHUNK]
-        logits = h.float() @ W.float().T
-        with torch.no_grad():
-            t = teacher[lo:lo + ROW_CHUNK].float()
-            t = t @ W.detach().float().T if kind == "hidden" else t
-        w = None if weights is None else weights[lo:lo + ROW_CHUNK].detach().float().contiguous()
-        out.append(kl_div(logits, t.detach(), w, float(temperature), "none"))
-    return torch.cat(out)
+    w = None if weights is None else weights.detach().float().contiguous()
+    t = teacher.detach().float()
+    # fused LM head + KL in row chunks: the student's [R, V] logits are never materialised
+    if kind == "hidden":
+        return linear_kl_div(hidden.float(), lm_head_weight.float(), teacher_hidden=t, weights=w,
+                             temperature=float(temperature), reduction="none")
+    return linear_kl_div(hidden.float(), lm_head_weight.float(), teacher_logits=t, weights=w,
+                         temperature=float(temperature), reduction="none")
 
 
 @dataclasses.dataclass
