@@ -16,7 +16,7 @@ from dupfast.generative.capture import capture_prompts
 from dupfast.generative.lm import check_causal_lm
 from dupfast.generative.rows import read_chat
 from dupfast.harness.generative import triggered
-from dupfast.harness.metrics import auroc, detection_report
+from dupfast.harness.metrics import detection_report
 
 from .gen_common import ATTACK, N_TEST, N_TRIG, TARGET, TEMPLATE, dump, load_lm, splits, victim_dir
 

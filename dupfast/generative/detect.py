@@ -54,7 +54,7 @@ class PromptDetector:
     def fit(self, model, clean) -> "PromptDetector":
         lm = check_causal_lm(model, "detect_prompts")
         rows = read_chat(clean, "clean", lm, need_responses=False, need_labels=self.mode in LABELLED_MODES)
-        feats, labels = {}, []
+        feats = {}
         for cb in capture_prompts(lm, rows, self.detector.scorer.poolings, self.batch_size, self.detector.autocast):
             for k, v in cb.features.items():
                 feats.setdefault(k, []).append(v)

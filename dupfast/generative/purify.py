@@ -38,7 +38,7 @@ from ..purification.stopping import StoppingRule
 from .config import GenerativeConfig
 from .lm import check_causal_lm, final_hidden
 from .objective import generative_loss
-from .rows import ChatRows, check_context, pad_right, read_chat
+from .rows import ChatRows, pad_right, read_chat
 
 EVAL_BATCH = 16
 GEN_BATCH = 16
