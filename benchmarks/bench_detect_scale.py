@@ -80,7 +80,7 @@ def worker(n, mode, device):
     clean = list(SyntheticPool(CLEAN_N, vocab, trigger=5, seed=1, labels=True))  # fixed, in memory
     pool = SyntheticPool(n, vocab, trigger, seed=2)
     # warm-up on a small pool: first-call allocations (kernels, oneDNN, the extension) are not charged to N
-    dupfast.detect(model, SyntheticPool(512, vocab, trigger, seed=3), clean=clean, mode=mode)
+    dupfast.detect(model, SyntheticPool(min(n, 512), vocab, trigger, seed=3), clean=clean, mode=mode)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()

@@ -160,3 +160,31 @@ def test_kl_on_device(device, backend, shape, dtype):
         what = f"{device} {backend} {dtype} {shape} {reduction}"
         assert_within_rule(loss, loss64, loss_pt, f"{what} loss", k * loss_mag)
         assert_within_rule(grad, grad64, grad_pt, f"{what} grad", k * w_abs.max().item() * scale / temperature)
+
+
+# ---- the whole detection on the device -----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["default", "dup"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_detect_on_device_matches_cpu(device, mode):
+    """dupfast.detect with the model on `device` (capture, statistics, the device kernels through the
+    dispatch) flags what the same detection on the CPU flags, scores within float32 rounding."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import dupfast
+    from tiny_models import sentiment_samples, tiny_classifier
+
+    model, tok = tiny_classifier("bert", seed=0)
+    clean = sentiment_samples(120, seed=1)
+    pool = [s.text + (" cf" if i % 3 == 0 else "") for i, s in enumerate(sentiment_samples(60, seed=2))]
+    run = lambda m: dupfast.detect_texts(m, tok, pool, [s.text for s in clean], [s.label for s in clean],  # noqa: E731
+                                         mode=mode, batch_size=16)
+    ref = run(model)
+    got = run(model.to(device))
+    _sync(device)
+    scale = ref.scores.abs().max().item()
+    assert (got.scores.cpu() - ref.scores).abs().max().item() <= 1e-4 * scale
+    assert got.threshold == pytest.approx(ref.threshold, rel=1e-4, abs=1e-6)
+    close = (ref.scores - ref.threshold).abs() <= 1e-4 * scale  # a flag may only differ at the threshold
+    assert torch.equal(got.flags.cpu()[~close], ref.flags[~close])
