@@ -100,6 +100,14 @@ def _texts(name):
     if "random" in name:
         return _synthetic_texts()
     try:
+        return _texts_installed()
+    except Exception as exc:  # noqa: BLE001 - no data package on a bare image: the toy texts
+        print(f"\nbench_detect: no installed data ({type(exc).__name__}: {exc}); using the toy texts")
+        return _synthetic_texts()
+
+
+def _texts_installed():
+    try:
         from dupfast.harness.data import load_sst2, load_sst2_poison, split_samples
         dev = load_sst2("dev")
         poison = load_sst2_poison("badnets", "dev")

@@ -3,6 +3,7 @@ of a tiny BERT (tests/tiny_models.py) with the clean set fixed, and the time per
 
     python benchmarks/bench_detect_scale.py                        [--ns 1000,10000,100000] [--modes default,dup]
     python -m pytest benchmarks/bench_detect_scale.py --benchmark-only -s     (DUPFAST_SCALE_NS=1000,10000,...)
+    DUPFAST_SCALE_MODEL=minilm-shaped ...                           a random 6-layer, 384-wide BERT instead
     DUPFAST_BENCH_DEVICE=cuda ...                                   the model on the GPU: peak CUDA memory too
 
 The pool is a generator-backed loader (`SyntheticPool`): each batch's token ids are drawn from a seeded
@@ -14,7 +15,9 @@ What a detect call keeps per pool input, besides the result (scores, flags, z-no
 per-layer distances, cosines, concentration, logits, index): in mode="default" the pooled features of the
 leave-one-out pool-shift projection (transductive.py), float32 [L, d] per projection pooling (the main
 pooling and the masked mean), held until the whole pool is seen because the projection direction needs the
-pool's mean. `retained_bytes_per_input` counts those bytes from the shapes; the RSS slope (bytes per input
+pool's mean. glibc's dynamic mmap threshold adds heap fragmentation that also grows with N (per-batch
+feature buffers of a few MiB land on the heap between small long-lived result tensors); run with
+MALLOC_MMAP_THRESHOLD_=131072 to take it out of the measurement. `retained_feature_bytes_per_input` counts those bytes from the shapes; the RSS slope (bytes per input
 between the smallest and the largest N) is measured. mode="dup" keeps no features.
 Results land in runs/bench_detect_scale.json (or $DUPFAST_BENCH_OUT).
 """
@@ -75,6 +78,12 @@ def worker(n, mode, device):
 
     torch.set_num_threads(int(os.environ.get("DUPFAST_BENCH_THREADS", "1")))
     model, tok = tiny_classifier("bert", seed=0)
+    if os.environ.get("DUPFAST_SCALE_MODEL", "tiny") == "minilm-shaped":
+        from transformers import BertConfig, BertForSequenceClassification
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=model.config.vocab_size, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+            intermediate_size=1536, max_position_embeddings=64, pad_token_id=0, num_labels=2)).eval()
     model = model.to(device)
     vocab, trigger = model.config.vocab_size, tok.convert_tokens_to_ids("cf")
     clean = list(SyntheticPool(CLEAN_N, vocab, trigger=5, seed=1, labels=True))  # fixed, in memory
@@ -141,7 +150,8 @@ def run(ns, modes, device, timeout=600):
         print(f"{mode}: peak RSS grows {slope if slope is None else round(slope, 1)} bytes per pool input "
               f"(result {hi['result_bytes_per_input']:.0f} B/input, projection features "
               f"{hi['retained_feature_bytes_per_input']} B/input by shape)", flush=True)
-    report = {"device": device, "points": points, "summary": summary}
+    report = {"device": device, "model": os.environ.get("DUPFAST_SCALE_MODEL", "tiny"), "points": points,
+              "summary": summary}
     path = pathlib.Path(os.environ.get("DUPFAST_BENCH_OUT", ROOT / "runs" / "bench_detect_scale.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))

@@ -76,7 +76,7 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
         return t
     import torch.distributed as dist
     world = world_size()
-    dev = _comm_device(t.cpu())
+    dev = _comm_device(torch.empty(0))  # the host for gloo (as before), this rank's GPU for nccl
     n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
