@@ -11,7 +11,6 @@ threshold, weights, world size); `--compare other.json` then checks flags and sc
 """
 import argparse
 import json
-import os
 import pathlib
 import random
 import sys
