@@ -6,6 +6,12 @@ and bf16 autocast vs fp32. All ratios come from one run (same process, same inpu
 Model: the MiniLM victim (`experiments/sst2_victims.py`, BadNets) when it is cached, else plain MiniLM
 with a fresh head; inputs: the first N SST-2 dev texts + dev-poison (paper data), else Rotten Tomatoes.
 The ratios and AUROCs land in runs/bench_detect.json and are printed at the end.
+
+Where neither model nor data is installed (a bare GPU image), or with DUPFAST_BENCH_MODEL=synthetic, the model
+is a randomly initialised BERT of MiniLM's shape (6 layers, 384 wide, 12 heads) over the word vocabulary of
+tests/tiny_models.py and the texts are that file's toy sentiment samples, a trigger word in half the pool
+(timings are realistic for the shape, AUROCs are not). DUPFAST_BENCH_MODEL=tiny (or DUPFAST_BENCH_TINY=1):
+the 2-layer, 16-wide test BERT. DUPFAST_BENCH_DEVICE=cuda: the model on the GPU, device-synchronised timings.
 """
 import json
 import os
@@ -16,14 +22,62 @@ import numpy as np
 import pytest
 import torch
 
-N = int(os.environ.get("DUPFAST_BENCH_N", "256"))
+from conftest import CUDA, DEVICE, TINY, synced
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL = os.environ.get("DUPFAST_BENCH_MODEL", "tiny" if TINY else "auto")
+N = int(os.environ.get("DUPFAST_BENCH_N", "32" if TINY else "256"))
 BATCH = 32
 THREADS = int(os.environ.get("DUPFAST_BENCH_THREADS", "2"))
 RESULTS = {}
 
 
+def _synthetic(tiny):
+    """(model, tokenizer, name): a seeded random BERT (MiniLM's shape, or the 2-layer test one) over the toy words."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import tiny_classifier
+    if tiny:
+        m, tok = tiny_classifier("bert", seed=0)
+        return m.eval(), tok, "tiny-bert (2x16, random)"
+    from transformers import BertConfig, BertForSequenceClassification
+    _, tok = tiny_classifier("bert", seed=0)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=128, pad_token_id=0, num_labels=2)
+    return BertForSequenceClassification(cfg).eval(), tok, "minilm-shaped bert (6x384, random)"
+
+
+def _synthetic_texts():
+    import random
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import sentiment_samples
+    cal = sentiment_samples(400, seed=1)
+    rng = random.Random(0)
+    pool, y = [], []
+    for i, smp in enumerate(sentiment_samples(N, seed=2)):
+        words = smp.text.split()
+        if i % 2:
+            words.insert(rng.randint(0, len(words)), "cf")
+        pool.append(" ".join(words))
+        y.append(i % 2)
+    return [s.text for s in cal], [s.label for s in cal], pool, y
+
+
 def _victim():
-    """(model, tokenizer, name): the cached BadNets victim if it exists (never trains one here)."""
+    """(model, tokenizer, name): the cached BadNets victim if it exists (never trains one here), else MiniLM
+    with a fresh head, else (not installed) the synthetic model."""
+    if MODEL != "auto":
+        return _synthetic(MODEL == "tiny")
+    try:
+        return _victim_installed()
+    except Exception as exc:  # noqa: BLE001 - a bare image lacks the model packages: time the same shape
+        print(f"\nbench_detect: no installed model ({type(exc).__name__}: {exc}); using the synthetic one")
+        return _synthetic(False)
+
+
+def _victim_installed():
     from dupfast.harness.models import load_model
     try:
         from experiments.sst2_victims import SST2_VICTIM
@@ -41,8 +95,18 @@ def _victim():
     return m.eval(), tok, "minilm (fresh head)"
 
 
-def _texts():
+def _texts(name):
     """(clean calibration texts, labels, pool texts, pool poison labels)."""
+    if "random" in name:
+        return _synthetic_texts()
+    try:
+        return _texts_installed()
+    except Exception as exc:  # noqa: BLE001 - no data package on a bare image: the toy texts
+        print(f"\nbench_detect: no installed data ({type(exc).__name__}: {exc}); using the toy texts")
+        return _synthetic_texts()
+
+
+def _texts_installed():
     try:
         from dupfast.harness.data import load_sst2, load_sst2_poison, split_samples
         dev = load_sst2("dev")
@@ -61,7 +125,8 @@ def setup():
     torch.set_num_threads(THREADS)
     from dupfast.detection import Detector, text_loader
     model, tok, name = _victim()
-    cal_t, cal_y, pool_t, pool_y = _texts()
+    model = model.to(DEVICE)
+    cal_t, cal_y, pool_t, pool_y = _texts(name)
     clean = list(text_loader(tok, cal_t, cal_y, BATCH, 64))
     pool = list(text_loader(tok, pool_t, None, BATCH, 64))
     det = Detector(mode="dup").fit(model, clean)
@@ -76,11 +141,13 @@ def _record(key, benchmark):
 def test_bare_forward(benchmark, setup):
     m, pool = setup["model"], setup["pool"]
 
+    pool = [{k: b[k].to(DEVICE) for k in ("input_ids", "attention_mask")} for b in pool]
+
     def run():
         with torch.inference_mode():
             for b in pool:
                 m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(run), rounds=3, warmup_rounds=1)
     _record("bare_forward", benchmark)
 
 
@@ -89,7 +156,8 @@ def test_detect_one_pass(benchmark, setup, mode):
     from dupfast.detection import Detector
     det = setup["det"] if mode == "dup" else Detector(mode=mode).fit(setup["model"], setup["clean"])
     out = {}
-    benchmark.pedantic(lambda: out.setdefault("r", det.score(setup["model"], setup["pool"])), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: out.setdefault("r", det.score(setup["model"], setup["pool"]))), rounds=3,
+                       warmup_rounds=1)
     _record(f"detect_{mode}", benchmark)
     _auroc(f"detect_{mode}", setup, det.score(setup["model"], setup["pool"]))
 
@@ -100,6 +168,8 @@ def authors_two_pass(model, det, pool):
     again per batch for the Mahalanobis distance with the float32 precision matrices."""
     scorer = det.scorer
     feats = []
+    dev = next(model.parameters()).device
+    pool = [{k: b[k].to(dev) for k in ("input_ids", "attention_mask")} for b in pool]
     with torch.no_grad():
         for b in pool:
             hs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
@@ -110,23 +180,24 @@ def authors_two_pass(model, det, pool):
         s = np.linalg.svd(np.diff(full[:, i, :], axis=0), compute_uv=False)
         ss.append(s[0] / s.sum() if s.sum() > 0 else 0.0)
     W = scorer.whiteners.double()
-    precs = {l: (W[l] @ W[l].T).float() for l in scorer.layers}
+    precs = {l: (W[l] @ W[l].T).float().to(dev) for l in scorer.layers}
+    means = scorer.means.to(dev)
     md = []
     with torch.no_grad():
         for b in pool:
             hs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
             per = []
             for l in scorer.layers:
-                diffs = hs[l + 1][:, 0, :] - scorer.means[l, 0]
+                diffs = hs[l + 1][:, 0, :] - means[l, 0]
                 per.append(torch.sqrt(torch.relu(torch.einsum("bi,ij,bj->b", diffs, precs[l], diffs))))
             md.append(torch.stack(per).mean(0))
-    z = det.znorm(torch.stack([torch.cat(md).double(), torch.tensor(ss)], 1))
+    z = det.znorm(torch.stack([torch.cat(md).double().cpu(), torch.tensor(ss)], 1))
     return z @ torch.tensor(scorer.weights, dtype=torch.float64)
 
 
 def test_authors_two_pass(benchmark, setup):
     out = {}
-    benchmark.pedantic(lambda: out.setdefault("s", authors_two_pass(setup["model"], setup["det"], setup["pool"])),
+    benchmark.pedantic(synced(lambda: out.setdefault("s", authors_two_pass(setup["model"], setup["det"], setup["pool"]))),
                        rounds=3, warmup_rounds=1)
     _record("authors_two_pass", benchmark)
     ours = setup["det"].score(setup["model"], setup["pool"]).scores
@@ -136,7 +207,7 @@ def test_authors_two_pass(benchmark, setup):
 def test_detect_bf16(benchmark, setup):
     from dupfast.detection import Detector
     det = Detector(mode="dup", autocast="bf16").fit(setup["model"], setup["clean"])
-    benchmark.pedantic(lambda: det.score(setup["model"], setup["pool"]), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: det.score(setup["model"], setup["pool"])), rounds=3, warmup_rounds=1)
     _record("detect_dup_bf16", benchmark)
     _auroc("detect_dup_bf16", setup, det.score(setup["model"], setup["pool"]))
 
@@ -161,8 +232,8 @@ def _write_summary(name):
     if "auroc_detect_dup" in r and "auroc_detect_dup_bf16" in r:
         r["auroc_change_bf16"] = r["auroc_detect_dup_bf16"] - r["auroc_detect_dup"]
     r.update(model=name, samples=N, batch_size=BATCH, threads=torch.get_num_threads(), torch=torch.__version__,
-             time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    out = pathlib.Path("runs/bench_detect.json")
+             device=torch.cuda.get_device_name() if CUDA else "cpu", time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    out = pathlib.Path(os.environ.get("DUPFAST_BENCH_DETECT_OUT", "runs/bench_detect.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2))
     print("\n" + json.dumps(r, indent=2))

@@ -9,7 +9,8 @@ ratio, and dupfast's achieved GB/s against this machine's read bandwidth (a big 
 
 Peak memory: conftest.peak_memory (resident set above the level before the call, glibc forced to mmap
 every allocation >= 64 KiB during that call only; timings run with glibc's usual threshold). The
-gradient left in x.grad counts for both.
+gradient left in x.grad counts for both. DUPFAST_BENCH_DEVICE=cuda: inputs on the GPU, the cuda and triton
+backends, device-synchronised timings and CUDA peak allocations; DUPFAST_BENCH_TINY=1: dry-run shapes.
 """
 import gc
 import os
@@ -20,13 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MMAP_PINNED, peak_memory
+from conftest import DEVICE, MMAP_PINNED, TINY, native_backends, peak_memory, synced
 from dupfast import _ext
 from dupfast.ops import kl_div
 
 ROUNDS = int(os.environ.get("DUPFAST_BENCH_ROUNDS", "5"))
 THREADS = int(os.environ.get("DUPFAST_BENCH_THREADS", str(min(2, os.cpu_count() or 1))))
-CASES = [(4096, 32000), (16384, 2)]
+CASES = [(8, 64), (32, 2)] if TINY else [(4096, 32000), (16384, 2)]
 
 pytestmark = pytest.mark.skipif(not _ext.has_op("kl_div_fused"), reason="compiled extension not built")
 
@@ -46,6 +47,7 @@ def peak_extra_mib(fn, repeats=3):
 
 
 def timed(fn, setup, rounds):
+    fn = synced(fn)
     times = []
     for _ in range(rounds):
         args = setup()
@@ -57,7 +59,9 @@ def timed(fn, setup, rounds):
 
 def read_bandwidth_gbs(nbytes=512 * 2**20, rounds=5):
     """This machine's read bandwidth now: a float32 torch.sum over nbytes, best of rounds."""
-    x = torch.ones(nbytes // 4)
+    if TINY:
+        nbytes = 4 * 2**20
+    x = torch.ones(nbytes // 4, device=DEVICE)
     x.sum()
     best = min(timed(lambda: x.sum(), lambda: (), rounds))
     return nbytes / best / 1e9
@@ -65,8 +69,8 @@ def read_bandwidth_gbs(nbytes=512 * 2**20, rounds=5):
 
 # ---- the two implementations ---------------------------------------------------------------------
 
-def dupfast_step(x, t):
-    loss = kl_div(x, t, backend="cpu")
+def dupfast_step(x, t, backend="cpu"):
+    loss = kl_div(x, t, backend=backend)
     loss.backward()
     return loss.detach(), x.grad
 
@@ -78,33 +82,38 @@ def torch_step(x, t):
 
 
 @pytest.mark.parametrize("rows, vocab", CASES, ids=[f"R{r}xV{v}" for r, v in CASES])
-def test_kl_forward_backward(benchmark, rows, vocab):
+@pytest.mark.parametrize("backend", native_backends())
+def test_kl_forward_backward(benchmark, rows, vocab, backend):
     torch.set_num_threads(THREADS)
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(rows, vocab, generator=g) * 3
-    t = torch.randn(rows, vocab, generator=g) * 3
+    s = (torch.randn(rows, vocab, generator=g) * 3).to(DEVICE)
+    t = (torch.randn(rows, vocab, generator=g) * 3).to(DEVICE)
 
     def leaf():
         return (s.detach().requires_grad_(), t)
 
+    def ours_step(x, t):
+        return dupfast_step(x, t, backend)
+
     # same loss, same gradient
-    ours, theirs = dupfast_step(*leaf()), torch_step(*leaf())
+    ours, theirs = ours_step(*leaf()), torch_step(*leaf())
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-3, atol=1e-9)
     del ours, theirs
 
     bandwidth = read_bandwidth_gbs()
     torch_times = timed(torch_step, leaf, ROUNDS)
-    benchmark.pedantic(dupfast_step, setup=lambda: (leaf(), {}), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(synced(ours_step), setup=lambda: (leaf(), {}), rounds=ROUNDS, warmup_rounds=1)
     ours_times = list(benchmark.stats.stats.data)
-    mem_ours = peak_extra_mib(lambda: dupfast_step(*leaf()))
+    mem_ours = peak_extra_mib(lambda: ours_step(*leaf()))
     mem_torch = peak_extra_mib(lambda: torch_step(*leaf()))
 
     t_ours, t_torch = statistics.median(ours_times), statistics.median(torch_times)
     moved = 3 * rows * vocab * 4 + rows * 4  # read student + teacher, write the gradient, the row losses
     gbs = moved / t_ours / 1e9
     info = {
-        "rows": rows, "vocab": vocab, "threads": THREADS, "rounds": ROUNDS,
+        "rows": rows, "vocab": vocab, "threads": THREADS, "rounds": ROUNDS, "backend": backend,
+        "device": str(DEVICE),
         "dupfast_ms_median": 1e3 * t_ours, "dupfast_ms_min": 1e3 * min(ours_times),
         "torch_ms_median": 1e3 * t_torch, "torch_ms_min": 1e3 * min(torch_times),
         "speedup_median": t_torch / t_ours, "speedup_min": min(torch_times) / min(ours_times),
@@ -114,7 +123,7 @@ def test_kl_forward_backward(benchmark, rows, vocab):
         "dupfast_gbs": gbs, "read_bandwidth_gbs": bandwidth, "fraction_of_read_bandwidth": gbs / bandwidth,
     }
     benchmark.extra_info.update(info)
-    print(f"\nKL fwd+bwd R={rows} V={vocab} fp32, {THREADS} threads, {ROUNDS} rounds: "
+    print(f"\nKL fwd+bwd {backend} R={rows} V={vocab} fp32, {THREADS} threads, {ROUNDS} rounds: "
           f"dupfast {info['dupfast_ms_median']:.2f} ms (min {info['dupfast_ms_min']:.2f}), "
           f"PyTorch {info['torch_ms_median']:.2f} ms (min {info['torch_ms_min']:.2f}) -> "
           f"{info['speedup_median']:.2f}x (min/min {info['speedup_min']:.2f}x); "

@@ -46,11 +46,26 @@ def init_from_env() -> bool:
     return True
 
 
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on `t` runs: nccl reduces and gathers CUDA tensors only, so a CPU tensor (a count,
+    the detection statistics on the host) travels through this rank's GPU; gloo takes the tensor as it is."""
+    import torch.distributed as dist
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place SUM over ranks (fp64 tensors stay fp64: gloo and nccl both reduce doubles)."""
     if is_sharded():
         import torch.distributed as dist
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dev = _comm_device(t)
+        if dev == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        else:
+            on = t.to(dev)
+            dist.all_reduce(on, op=dist.ReduceOp.SUM, group=group)
+            t.copy_(on)
     return t
 
 
@@ -61,15 +76,16 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
         return t
     import torch.distributed as dist
     world = world_size()
-    n = torch.tensor([t.shape[0]], dtype=torch.long)
+    dev = _comm_device(torch.empty(0))  # the host for gloo (as before), this rank's GPU for nccl
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     m = int(max(s.item() for s in sizes))
-    padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype)
-    padded[: t.shape[0]] = t.cpu()
+    padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: t.shape[0]] = t.to(dev)
     out = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[: int(s.item())].cpu() for o, s in zip(out, sizes)])
 
 
 def reduce_numbers(values, op: str = "sum") -> list:

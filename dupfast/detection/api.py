@@ -22,7 +22,12 @@ def detect(model, loader, clean=None, mode: Optional[str] = None, frr: Optional[
     """Score every input of `loader` (larger = more suspicious) and flag those above the threshold that
     keeps the false-rejection rate at `frr` (default 0.05) on clean data. With `clean` (a loader of clean
     labelled batches) the detector calibrates on it; without, on the pool itself (`Detector.fit_pool`).
-    One forward pass per batch of each loader."""
+    One forward pass per batch of each loader.
+
+    Under torchrun (`dupfast.distributed.init_from_env()`), each rank passes its shard of both loaders, with
+    an `index` key (global sample ids): each rank scores its own shard, the clean statistics and every pool
+    count are all-reduced in fp64, and every rank gets the whole pool's result ordered by `index`
+    (`DetectionResult.gathered`; `Detector.score` itself returns the rank's shard)."""
     if detector is not None:
         given = [k for k, v in (("clean", clean), ("mode", mode), ("frr", frr)) if v is not None] + list(options)
         if given:
@@ -30,7 +35,7 @@ def detect(model, loader, clean=None, mode: Optional[str] = None, frr: Optional[
                             "would be ignored: drop them, or fit a new detector instead of passing one")
         if not isinstance(detector, Detector):
             raise TypeError(f"detector must be a fitted dupfast Detector, got {type(detector).__name__}")
-        return detector.score(model, loader)
+        return detector.score(model, loader).gathered()
     if clean is not None:
         unused = [k for k in POOL_OPTIONS if k in options]
         if unused:
@@ -38,8 +43,8 @@ def detect(model, loader, clean=None, mode: Optional[str] = None, frr: Optional[
                             "set: drop it, or drop clean=")
     det = Detector(mode=mode or "default", frr=0.05 if frr is None else frr, **options)
     if clean is None:
-        return det.fit_pool(model, loader).pool_result
-    return det.fit(model, clean).score(model, loader)
+        return det.fit_pool(model, loader).pool_result.gathered()
+    return det.fit(model, clean).score(model, loader).gathered()
 
 
 def detect_texts(model, tokenizer, texts: Sequence[str], clean_texts: Sequence[str] = None, clean_labels=None,

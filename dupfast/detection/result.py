@@ -4,6 +4,8 @@ from typing import Optional
 
 import torch
 
+from .. import distributed as D
+
 
 @dataclasses.dataclass
 class DetectionResult:
@@ -33,3 +35,20 @@ class DetectionResult:
             self, scores=self.scores[order], flags=self.flags[order], components=self.components[order],
             layer_distances=take(self.layer_distances), logits=take(self.logits), index=self.index[order],
             transitions=None if self.transitions is None else {k: v[order] for k, v in self.transitions.items()})
+
+    def gathered(self) -> "DetectionResult":
+        """Under torch.distributed (each rank scored its shard of the pool): every rank's rows, on every rank,
+        ordered by `index`; the result itself in one process. The threshold and the fusion weights are the
+        same on every rank (they come from all-reduced counts and the gathered clean validation scores)."""
+        if not D.is_sharded():
+            return self
+        if self.index is None:
+            raise ValueError("under torch.distributed the pool loader must yield an `index` key (global sample "
+                             "ids), so every rank's results can be put back in one order")
+        rows = lambda t: None if t is None else D.all_gather_rows(t.detach().cpu())  # noqa: E731
+        flags = D.all_gather_rows(self.flags.detach().cpu().to(torch.uint8)).bool()  # gloo gathers no bool
+        out = dataclasses.replace(
+            self, scores=rows(self.scores), flags=flags, components=rows(self.components),
+            layer_distances=rows(self.layer_distances), logits=rows(self.logits), index=rows(self.index),
+            transitions=None if self.transitions is None else {k: rows(v) for k, v in self.transitions.items()})
+        return out.sorted_by_index()

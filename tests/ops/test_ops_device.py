@@ -1,0 +1,190 @@
+"""The GPU backends (cuda, triton) on CUDA tensors, against the fp64 oracle and the same-dtype PyTorch
+reference run on the same CUDA tensors, at every shape of the CPU tests plus the benchmark shapes (the
+Triton shapes the interpreter skips on the CPU run here in full).
+
+Devices: `cuda` when torch sees a GPU; $DUPFAST_OPS_DEVICES (comma list, e.g. "cpu") overrides, so the same
+tests can run on the CPU (the cpu backend, and triton under TRITON_INTERPRET=1, on the small shapes only):
+`benchmarks/gpu_check.sh --cpu-dry-run` does that. With no device the module is skipped (one skip).
+
+Run on a GPU without the Triton interpreter (tests/conftest.py sets it unless DUPFAST_TEST_GPU=1):
+
+    DUPFAST_TEST_GPU=1 python -m pytest tests/ops/test_ops_device.py
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+from dupfast.ops import _dispatch, kl_div, layer_transitions, mahalanobis
+from dupfast.ops.transitions_reference import layer_transitions_reference
+from test_kl import DTYPES as KL_DTYPES, EPS32, REDUCTIONS, SHAPES as KL_SHAPES, assert_within_rule, make_inputs
+from test_mahalanobis import SHAPES as MAHA_SHAPES, TRITON_SHAPES as MAHA_SMALL, assert_rule as maha_rule
+from test_mahalanobis import make_problem, oracle as maha_oracle, reference_error
+from test_transitions import SHAPES as TRANS_SHAPES, TRITON_SHAPES as TRANS_SMALL, assert_rule as trans_rule
+from test_transitions import make_features
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in (subtract|multiply):RuntimeWarning")
+
+
+def _devices():
+    given = os.environ.get("DUPFAST_OPS_DEVICES")
+    if given:
+        return [d for d in given.split(",") if d]
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+DEVICES = _devices()
+if not DEVICES:
+    pytest.skip("no CUDA device (set DUPFAST_OPS_DEVICES=cpu to run these tests on the CPU)", allow_module_level=True)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# the README's benchmark shapes, on a real GPU only
+MAHA_LARGE = [(8192, 13, 768, 1), (8192, 13, 768, 2), (4099, 7, 384, 3)]
+TRANS_LARGE = [(8192, 13, 768), (1025, 25, 1024)]
+KL_LARGE = [(4096, 32000), (7, 1023), (3, 1025), (2, 152_064), (600, 3), (257, 16), (300, 17), (16384, 2)]
+
+
+def _backends(op, device):
+    """The compiled/fused backends that run on `device`: cuda and triton on a GPU; cpu and triton (interpreted)
+    on the CPU."""
+    have = _dispatch.available_backends(op)
+    want = ("cuda", "triton") if device.startswith("cuda") else ("cpu", "triton")
+    return [b for b in want if b in have]
+
+
+def _small(device):
+    """On the CPU (and for the Triton interpreter) only the shapes the CPU tests give the interpreter."""
+    return not device.startswith("cuda") or INTERPRETED
+
+
+def _cases(op, shapes, small_shapes, large):
+    for device in DEVICES:
+        for backend in _backends(op, device):
+            pick = [s for s in shapes if s in small_shapes] if _small(device) else list(shapes) + large
+            for shape in pick:
+                yield pytest.param(device, backend, shape, id=f"{device}-{backend}-" + "x".join(map(str, shape)))
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---- mahalanobis ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device, backend, shape", list(_cases("mahalanobis", MAHA_SHAPES, MAHA_SMALL, MAHA_LARGE)))
+def test_mahalanobis_on_device(device, backend, shape, dtype):
+    n, n_layers, d, k = shape
+    feats, means, W = (t.to(device) for t in make_problem(n, n_layers, d, k, seed=n + d, dtype=dtype))
+    layers = [n_layers - 1, 0] if n_layers > 1 else None
+    for reduce in ("min", "none"):
+        for squared in (False, True):
+            exact = maha_oracle(feats, means, W, layers, reduce, squared)        # fp64, same device
+            ref_err = reference_error(feats, means, W, layers, reduce, squared, exact)  # same-dtype PyTorch
+            out = mahalanobis(feats, means, W, layers=layers, reduce=reduce, squared=squared, backend=backend)
+            _sync(device)
+            assert out.device.type == torch.device(device).type
+            maha_rule(out, exact, ref_err, f"{device} {backend} {dtype} {shape} {reduce} squared={squared}")
+
+
+@pytest.mark.parametrize("op", ["mahalanobis", "layer_transitions", "kl_div"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_picks_the_device_backend(op, device):
+    """Without a forced backend, a tensor on `device` goes to its compiled kernel (cuda on a GPU, cpu on the
+    CPU) when the build has one: on a GPU machine this fails if the extension was built without CUDA."""
+    if os.environ.get("DUPFAST_BACKEND"):
+        pytest.skip("DUPFAST_BACKEND forces a backend")
+    native = "cuda" if device.startswith("cuda") else "cpu"
+    name, _ = _dispatch.resolve(op, torch.device(device))
+    assert name == native, f"{op} on {device} dispatches to {name}; available: {_dispatch.available_backends(op)}"
+
+
+# ---- layer transitions ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device, backend, shape",
+                         list(_cases("layer_transitions", TRANS_SHAPES, TRANS_SMALL, TRANS_LARGE)))
+def test_transitions_on_device(device, backend, shape, dtype):
+    if backend == "triton" and INTERPRETED:  # one program per sample, ~1 s each under the interpreter
+        shape = (min(shape[0], 3),) + shape[1:]
+    feats = make_features(*shape, seed=sum(shape), dtype=dtype).to(device)
+    exact = layer_transitions_reference(feats.double())
+    ref = layer_transitions_reference(feats)
+    outs = layer_transitions(feats, backend=backend)
+    _sync(device)
+    assert all(o.device.type == torch.device(device).type for o in outs)
+    trans_rule(outs, exact, ref, f"{device} {backend} {dtype} {shape}", features=feats)
+
+
+# ---- fused KL ------------------------------------------------------------------------------------
+
+def _kl_run(backend, s, t, w, temperature, reduction):
+    x = s.detach().clone().requires_grad_()
+    loss = kl_div(x, t, w, temperature, reduction, backend=backend)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach().double(), x.grad.double()
+
+
+def _kl_torch(s, t, w, temperature, reduction):
+    import torch.nn.functional as F
+    x = s.detach().clone().requires_grad_()
+    log_ps = F.log_softmax(x / temperature, dim=-1)
+    p_t = F.softmax(t / temperature, dim=-1)
+    rows = torch.where(p_t > 0, F.kl_div(log_ps, p_t, reduction="none"), 0.0).sum(-1) * w.to(s.dtype)
+    loss = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / s.numel(), "batchmean": rows.sum() / s.shape[0]}
+    loss = loss[reduction]
+    loss.backward(torch.ones_like(loss))
+    return loss.detach().double(), x.grad.double()
+
+
+@pytest.mark.parametrize("dtype", list(KL_DTYPES))
+@pytest.mark.parametrize("device, backend, shape", list(_cases("kl_div", KL_SHAPES, KL_SHAPES[:4], KL_LARGE)))
+def test_kl_on_device(device, backend, shape, dtype):
+    reductions = REDUCTIONS if not (backend == "triton" and INTERPRETED) else [REDUCTIONS[sum(shape) % 4]]
+    for reduction in reductions:
+        s, t, w = (x.to(device) for x in make_inputs(*shape, KL_DTYPES[dtype],
+                                                     seed=zlib.crc32(f"{shape}{reduction}".encode())))
+        temperature = 2.0
+        loss, grad = _kl_run(backend, s, t, w, temperature, reduction)
+        _sync(device)
+        loss64, grad64 = _kl_run("reference", s.double(), t.double(), w, temperature, reduction)
+        loss_pt, grad_pt = _kl_torch(s, t, w, temperature, reduction)
+        assert loss.device.type == torch.device(device).type
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        k = 8 * EPS32 * (1 + max(s.abs().max().item(), t.abs().max().item()) / temperature)
+        rows, vocab = shape
+        scale = {"none": 1.0, "sum": 1.0, "mean": 1.0 / (rows * vocab), "batchmean": 1.0 / rows}[reduction]
+        w_abs = w.abs()
+        loss_mag = (w_abs.max() if reduction == "none" else w_abs.sum()).item() * scale
+        what = f"{device} {backend} {dtype} {shape} {reduction}"
+        assert_within_rule(loss, loss64, loss_pt, f"{what} loss", k * loss_mag)
+        assert_within_rule(grad, grad64, grad_pt, f"{what} grad", k * w_abs.max().item() * scale / temperature)
+
+
+# ---- the whole detection on the device -----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["default", "dup"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_detect_on_device_matches_cpu(device, mode):
+    """dupfast.detect with the model on `device` (capture, statistics, the device kernels through the
+    dispatch) flags what the same detection on the CPU flags, scores within float32 rounding."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import dupfast
+    from tiny_models import sentiment_samples, tiny_classifier
+
+    model, tok = tiny_classifier("bert", seed=0)
+    clean = sentiment_samples(120, seed=1)
+    pool = [s.text + (" cf" if i % 3 == 0 else "") for i, s in enumerate(sentiment_samples(60, seed=2))]
+    run = lambda m: dupfast.detect_texts(m, tok, pool, [s.text for s in clean], [s.label for s in clean],  # noqa: E731
+                                         mode=mode, batch_size=16)
+    ref = run(model)
+    got = run(model.to(device))
+    _sync(device)
+    scale = ref.scores.abs().max().item()
+    assert (got.scores.cpu() - ref.scores).abs().max().item() <= 1e-4 * scale
+    assert got.threshold == pytest.approx(ref.threshold, rel=1e-4, abs=1e-6)
+    close = (ref.scores - ref.threshold).abs() <= 1e-4 * scale  # a flag may only differ at the threshold
+    assert torch.equal(got.flags.cpu()[~close], ref.flags[~close])
