@@ -15,17 +15,20 @@
 #   build         the extension in place: CUDA (DUPFAST_REQUIRE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16);
 #                 the dry run builds the CPU extension (DUPFAST_FORCE_CPU=1)
 #                 (if that fails: build_cpu_fallback, the CPU extension, so the Triton and CPU paths still run)
-#   ext_check     which ops have a compiled kernel for the device (cuda: all three must)
+#   ext_check     which ops have a compiled kernel for the device (cuda: all four must: mahalanobis,
+#                 layer_transitions, kl_div_fused, linear_kl_div_fused)
 #   ops_device    tests/ops/test_ops_device.py: cuda + triton backends on CUDA tensors vs the reference and the
-#                 fp64 oracle, every shape plus the benchmark shapes, and detect on the GPU vs the CPU
+#                 fp64 oracle, every shape plus the benchmark shapes (mahalanobis, layer_transitions, kl_div,
+#                 linear_kl_div incl. SmolLM2's head R=4096 H=576 V=49152), and detect on the GPU vs the CPU
 #                 (DUPFAST_TEST_GPU=1: no Triton interpreter); dry run: DUPFAST_OPS_DEVICES=cpu, small shapes
-#   bench_kernels benchmarks/bench_{mahalanobis,transitions,kl}.py with DUPFAST_BENCH_DEVICE=cuda
+#   bench_kernels benchmarks/bench_{mahalanobis,transitions,kl,linear_kl}.py with DUPFAST_BENCH_DEVICE=cuda
 #   bench_detect  benchmarks/bench_detect.py (synthetic MiniLM-shaped model when none is installed)
 #   bench_scale   benchmarks/bench_detect_scale.py (peak RSS / CUDA memory over 1e3..1e5 pool inputs)
 #   torchrun      tests/test_detect_torchrun.py (2 gloo CPU ranks == 1 process)
 #   ops_compile   tests/ops/test_nvcc_compile.py + test_triton_aot.py (compile-only checks CI also runs)
 # The JSON: per step rc (124 = timed out), seconds, test counts (passed/failed/errors/skipped) from junit XML,
-# and the benchmarks' ratios (every extra_info key naming a ratio, speedup, fraction or percentage).
+# and the benchmarks' ratios (every extra_info key naming a ratio, speedup, fraction, percentage, relative
+# difference or error, or an "a_over_b").
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
@@ -44,7 +47,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=",$2,"; shift ;;
     --python) PY=$2; shift ;;
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -171,7 +174,7 @@ step ext_check 60 plain env GPU_CHECK_DRY=$DRY "$PY" - <<'EOF'
 import json, os, sys
 import dupfast
 from dupfast import _ext
-ops = ("mahalanobis", "layer_transitions", "kl_div_fused")
+ops = ("mahalanobis", "layer_transitions", "kl_div_fused", "linear_kl_div_fused")
 info = {"dupfast": dupfast.__file__, "load_error": str(_ext.load_error()) if _ext.load_error() else None,
         "cpu_ops": {o: _ext.has_op(o) for o in ops}, "cuda_ops": {o: _ext.has_cuda_op(o) for o in ops}}
 print("EXT " + json.dumps(info))
@@ -184,8 +187,8 @@ if [ "$DRY" = 1 ]; then
 else
   step ops_device 200 pytest env DUPFAST_TEST_GPU=1 "${PYTEST[@]}" tests/ops/test_ops_device.py
 fi
-step bench_kernels 150 bench "${PYTEST[@]}" -s benchmarks/bench_mahalanobis.py benchmarks/bench_transitions.py \
-  benchmarks/bench_kl.py "${BENCH_OPTS[@]}"
+step bench_kernels 210 bench "${PYTEST[@]}" -s benchmarks/bench_mahalanobis.py benchmarks/bench_transitions.py \
+  benchmarks/bench_kl.py benchmarks/bench_linear_kl.py "${BENCH_OPTS[@]}"
 step bench_detect 120 bench env DUPFAST_BENCH_DETECT_OUT="$LOGS/bench_detect.json" "${PYTEST[@]}" -s \
   benchmarks/bench_detect.py "${BENCH_OPTS[@]}" "${DETECT_K[@]}"
 if [ "$DRY" = 1 ]; then SCALE_NS=200,400; else SCALE_NS=1000,10000,100000; fi
@@ -200,7 +203,7 @@ import glob, json, os, re, sys, time
 import xml.etree.ElementTree as ET
 
 steps_file, logs, out, mode, budget, start = sys.argv[1:7]
-RATIO = re.compile(r"ratio|speedup|fraction|pct_|rel_diff|abs_diff|slope|us_per_input")
+RATIO = re.compile(r"ratio|speedup|fraction|pct_|rel_diff|rel_err|abs_diff|_over_|slope|us_per_input")
 
 
 def junit(path):

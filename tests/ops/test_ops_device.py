@@ -19,6 +19,8 @@ import torch
 from dupfast.ops import _dispatch, kl_div, layer_transitions, mahalanobis
 from dupfast.ops.transitions_reference import layer_transitions_reference
 from test_kl import DTYPES as KL_DTYPES, EPS32, REDUCTIONS, SHAPES as KL_SHAPES, assert_within_rule, make_inputs
+from test_linear_kl import DTYPES as LKL_DTYPES, SHAPES as LKL_SHAPES, TEACHERS as LKL_TEACHERS
+from test_linear_kl import check_against_oracle as lkl_check, make_problem as lkl_problem
 from test_mahalanobis import SHAPES as MAHA_SHAPES, TRITON_SHAPES as MAHA_SMALL, assert_rule as maha_rule
 from test_mahalanobis import make_problem, oracle as maha_oracle, reference_error
 from test_transitions import SHAPES as TRANS_SHAPES, TRITON_SHAPES as TRANS_SMALL, assert_rule as trans_rule
@@ -42,6 +44,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAHA_LARGE = [(8192, 13, 768, 1), (8192, 13, 768, 2), (4099, 7, 384, 3)]
 TRANS_LARGE = [(8192, 13, 768), (1025, 25, 1024)]
 KL_LARGE = [(4096, 32000), (7, 1023), (3, 1025), (2, 152_064), (600, 3), (257, 16), (300, 17), (16384, 2)]
+# linear_kl_div (R, H, V, chunk_rows): SmolLM2's head at the benchmark's R (default chunks: 4096 rows in 7 of
+# 592), and with chunks of 1000 rows (a 96-row last chunk)
+LKL_LARGE = [(4096, 576, 49152, None), (4096, 576, 49152, 1000)]
 
 
 def _backends(op, device):
@@ -88,7 +93,7 @@ def test_mahalanobis_on_device(device, backend, shape, dtype):
             maha_rule(out, exact, ref_err, f"{device} {backend} {dtype} {shape} {reduce} squared={squared}")
 
 
-@pytest.mark.parametrize("op", ["mahalanobis", "layer_transitions", "kl_div"])
+@pytest.mark.parametrize("op", ["mahalanobis", "layer_transitions", "kl_div", "linear_kl_div"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_picks_the_device_backend(op, device):
     """Without a forced backend, a tensor on `device` goes to its compiled kernel (cuda on a GPU, cpu on the
@@ -160,6 +165,66 @@ def test_kl_on_device(device, backend, shape, dtype):
         what = f"{device} {backend} {dtype} {shape} {reduction}"
         assert_within_rule(loss, loss64, loss_pt, f"{what} loss", k * loss_mag)
         assert_within_rule(grad, grad64, grad_pt, f"{what} grad", k * w_abs.max().item() * scale / temperature)
+
+
+# ---- fused LM head + KL -------------------------------------------------------------------------
+
+def _lkl_to(p, device):
+    """test_linear_kl.make_problem's dict with every tensor (the top-k cache's pair too) on `device`."""
+    return {k: (None if v is None else tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device))
+            for k, v in p.items()}
+
+
+def _lkl_cases():
+    """cuda + triton on a GPU: every shape of test_linear_kl.py plus LKL_LARGE (the large ones on a real GPU
+    only); on the CPU (cpu + the Triton interpreter) the first four (R = 1, V = 1 and 7, chunks of 2 and 4
+    rows that divide neither R = 3 nor 9, V = 1003)."""
+    for device in DEVICES:
+        for backend in _backends("linear_kl_div", device):
+            small = _small(device)
+            for shape in LKL_SHAPES[:4] if small else LKL_SHAPES:
+                yield pytest.param(device, backend, shape, id=f"{device}-{backend}-" + "x".join(map(str, shape[:3]))
+                                   + f"-c{shape[3]}")
+            if not small:
+                for shape in LKL_LARGE:
+                    yield pytest.param(device, backend, shape, id=f"{device}-{backend}-smollm2-" + "x".join(
+                        map(str, shape[:3])) + f"-c{shape[3]}", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                            not torch.cuda.is_available() or INTERPRETED, reason="the SmolLM2 shape: a real GPU only")])
+
+
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+@pytest.mark.parametrize("dtype", list(LKL_DTYPES))
+@pytest.mark.parametrize("device, backend, shape", list(_lkl_cases()))
+def test_linear_kl_on_device(device, backend, shape, dtype, head):
+    """linear_kl_div on `device` tensors against the fp64 oracle and plain PyTorch in the same dtype, both on
+    the same tensors (test_linear_kl.check_against_oracle: its 2x-PyTorch rule and atols), loss and the
+    gradients (hidden; + weight and bias with a trainable head); signed row weights with a masked row
+    (make_problem). Each reduction takes another teacher form (recomputed with the student's head, its own
+    head, cached logits, the top-k cache) and bias on/off; the Triton interpreter runs one reduction per
+    case (rotating), the SmolLM2 shape two (batchmean and none, the recomputed teacher)."""
+    rows, h, vocab, chunk = shape
+    large = shape in LKL_LARGE
+    reductions = list(enumerate(REDUCTIONS))
+    if large:  # batchmean (the training loss) and none (a trainable head reruns the chunks in backward)
+        reductions = [(0, "batchmean"), (3, "none")]
+    elif backend == "triton" and INTERPRETED:  # one reduction, rotating over the shapes, dtypes and heads
+        reductions = [reductions[(sum(shape[:3]) + list(LKL_DTYPES).index(dtype) + 2 * (head == "frozen")) % 4]]
+    train = ("hidden",) if head == "frozen" else ("hidden", "weight", "bias")
+    for k, reduction in reductions:
+        teacher = "hidden" if large else LKL_TEACHERS[k]
+        bias = (k + rows) % 2 == 0
+        p = lkl_problem(rows, h, vocab, LKL_DTYPES[dtype], seed=zlib.crc32(f"{shape}{reduction}{teacher}".encode()),
+                        bias=bias, teacher=teacher)
+        w = p["weights"]  # signed, row R // 2 masked (w = 0) when R > 1: make sure of an ascent row too
+        if rows > 2 and not (w < 0).any():
+            w[0] = -w[0]
+        p = _lkl_to(p, device)
+        what = f"{device} {backend} {dtype} {shape} {head} {reduction} teacher={teacher} bias={bias}"
+        try:
+            lkl_check(backend, p, 2.0, reduction, train=train, chunk_rows=chunk)
+        except AssertionError as e:
+            raise AssertionError(f"{what}: {e}") from e
+        _sync(device)
 
 
 # ---- the whole detection on the device -----------------------------------------------------------
