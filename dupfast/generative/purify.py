@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from ..purification.guard import ModelGuard
-from ..purification.lora import attach_lora, find_target_modules, merge, teacher_context, trainable_parameters
+from ..purification.lora import attach_student, find_target_modules, merge, teacher_context, trainable_parameters
 from ..purification.report import PurifyReport
 from ..purification.rows import match_detection, row_hash
 from ..purification.stopping import StoppingRule
@@ -106,12 +106,8 @@ def _purify(lm, flagged, clean_rows, cfg, guard, report, t_total):
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        if cfg.use_lora:
-            student, family, targets = attach_lora(model, cfg)
-        else:
-            student, family, targets = model, "full", []
-            for p in student.parameters():
-                p.requires_grad_(True)
+        student, family, targets = attach_student(model, cfg)
+        if not cfg.use_lora:
             lm.head.weight.requires_grad_(False)
         report.model = {"family": family, "target_modules": targets, "lora": cfg.use_lora,
                         "trainable_params": sum(p.numel() for _, p in trainable_parameters(student)),

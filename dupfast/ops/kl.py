@@ -79,16 +79,22 @@ def _validate(student, teacher, weights, temperature, reduction, teacher_log_pro
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(teacher_log_probs, bool):
         raise TypeError(f"teacher_log_probs must be a bool, got {type(teacher_log_probs).__name__}")
+    return check_row_weights(weights, student.shape[0], student.device, "student")
+
+
+def check_row_weights(weights, rows, device, against):
+    """The signed per-row weights of a KL op: None, or a constant floating [rows] tensor on `device`
+    (`against` names the tensor it must match); returned as contiguous float32."""
     if weights is None:
         return None
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"weights must be a tensor or None, got {type(weights).__name__}")
-    if weights.shape != student.shape[:1]:
-        raise ValueError(f"weights must have shape [R] = [{student.shape[0]}], got {tuple(weights.shape)}")
+    if tuple(weights.shape) != (rows,):
+        raise ValueError(f"weights must have shape [R] = [{rows}], got {tuple(weights.shape)}")
     if not weights.dtype.is_floating_point:
         raise TypeError(f"weights must be floating point, got {weights.dtype}")
-    if weights.device != student.device:
-        raise ValueError(f"weights are on {weights.device}, student on {student.device}")
+    if weights.device != device:
+        raise ValueError(f"weights are on {weights.device}, {against} on {device}")
     if weights.requires_grad:
         raise ValueError("weights must not require grad (they are per-row constants); pass weights.detach()")
     return weights.to(torch.float32).contiguous()

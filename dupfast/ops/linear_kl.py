@@ -52,7 +52,7 @@ import os
 import torch
 
 from ._dispatch import register_op, resolve
-from .kl import _check_device, _grad_scale, _triton_available
+from .kl import _check_device, _grad_scale, _triton_available, check_row_weights
 from .kl_reference import reduce_rows
 from .linear_kl_reference import linear_kl_div_reference
 
@@ -204,16 +204,7 @@ def _validate(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    if weights is not None:
-        if weights.shape != (rows,):
-            raise ValueError(f"weights must have shape [R] = [{rows}], got {_shape(weights)}")
-        if not weights.dtype.is_floating_point:
-            raise TypeError(f"weights must be floating point, got {weights.dtype}")
-        if weights.device != hidden.device:
-            raise ValueError(f"weights are on {weights.device}, hidden on {hidden.device}")
-        if weights.requires_grad:
-            raise ValueError("weights must not require grad (they are per-row constants); pass weights.detach()")
-        weights = weights.to(torch.float32).contiguous()
+    weights = check_row_weights(weights, rows, hidden.device, "hidden")
     return teacher_weight, teacher_bias, topk_idx, topk_val, weights
 
 

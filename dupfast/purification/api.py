@@ -21,7 +21,7 @@ from ..batches import model_device, model_num_labels
 from ..classifier import check_classifier, check_pad_token
 from .config import PurifyConfig
 from .guard import ModelGuard
-from .lora import attach_lora, find_target_modules, merge, trainable_parameters
+from .lora import attach_student, find_target_modules, merge, trainable_parameters
 from .report import PurifyReport
 from .rows import match_detection, read_rows, require_clean_rows, split_holdout
 from .teacher import check_detection_logits, probe, teacher_logits
@@ -116,12 +116,7 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
     # ---- adapters, training, merge ---------------------------------------------------------------------
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-        if cfg.use_lora:
-            student, family, targets = attach_lora(model, cfg)
-        else:
-            student, family, targets = model, "full", []
-            for p in student.parameters():
-                p.requires_grad_(True)
+        student, family, targets = attach_student(model, cfg)
         report.model = {"family": family, "target_modules": targets,
                         "trainable_params": sum(p.numel() for _, p in trainable_parameters(student)),
                         "total_params": sum(p.numel() for p in student.parameters()), "lora": cfg.use_lora}

@@ -60,6 +60,16 @@ def find_target_modules(model, requested=None):
     return best, [n for n in linears if n.rsplit(".", 1)[-1] in FAMILIES[best]]
 
 
+def attach_student(model, cfg):
+    """The model purification trains: LoRA adapters (attach_lora) or, with cfg.use_lora False, the model itself
+    with every parameter trainable. Returns (student, family, targets)."""
+    if cfg.use_lora:
+        return attach_lora(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, "full", []
+
+
 def attach_lora(model, cfg):
     """Wrap `model` (in place) with LoRA adapters + a trainable head. Returns (peft model, family, targets)."""
     import peft

@@ -120,13 +120,13 @@ def test_failure_while_attaching_adapters_restores_the_model(data, monkeypatch):
     pool, clean, labels = data
     model = _odd_state(tiny_classifier("bert"))
     snap = Snapshot(model)
-    real = api.attach_lora
+    real = api.attach_student
 
     def attach_then_fail(m, cfg):
         real(m, cfg)  # adapters injected, base weights frozen, peft_config set
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "attach_lora", attach_then_fail)
+    monkeypatch.setattr(api, "attach_student", attach_then_fail)
     with pytest.raises(KeyboardInterrupt):
         purify(model, batches(pool), clean=batches(clean, labels), detection=ALL, **SHORT)
     snap.check(model)
