@@ -71,15 +71,20 @@ def _validate(student, teacher, weights, temperature, reduction, teacher_log_pro
         raise ValueError(f"teacher is on {teacher.device}, student on {student.device}")
     if teacher.requires_grad:
         raise ValueError("teacher must not require grad (it is a fixed target); pass teacher.detach()")
+    check_temperature_and_reduction(temperature, reduction)
+    if not isinstance(teacher_log_probs, bool):
+        raise TypeError(f"teacher_log_probs must be a bool, got {type(teacher_log_probs).__name__}")
+    return check_row_weights(weights, student.shape[0], student.device, "student")
+
+
+def check_temperature_and_reduction(temperature, reduction):
+    """The KL ops' shared scalars: a finite temperature > 0 and one of the KLDivLoss reductions."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (0.0 < float(temperature) < float("inf")):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(teacher_log_probs, bool):
-        raise TypeError(f"teacher_log_probs must be a bool, got {type(teacher_log_probs).__name__}")
-    return check_row_weights(weights, student.shape[0], student.device, "student")
 
 
 def check_row_weights(weights, rows, device, against):

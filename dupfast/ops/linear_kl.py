@@ -52,12 +52,11 @@ import os
 import torch
 
 from ._dispatch import register_op, resolve
-from .kl import _check_device, _grad_scale, _triton_available, check_row_weights
+from .kl import _check_device, _grad_scale, _triton_available, check_row_weights, check_temperature_and_reduction
 from .kl_reference import reduce_rows
 from .linear_kl_reference import linear_kl_div_reference
 
 _OP = "linear_kl_div"
-_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMENTS = 1 << 25  # default bound on one chunk's logits: 128 MiB in fp32, 64 MiB in bf16
 
@@ -195,12 +194,7 @@ def _validate(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias
             raise TypeError(f"teacher_hidden ({teacher_hidden.dtype}) and its head ({teacher_weight.dtype}) must "
                             "share a dtype")
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (0.0 < float(temperature) < float("inf")):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_temperature_and_reduction(temperature, reduction)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
