@@ -204,12 +204,13 @@ def test_authors_two_pass(benchmark, setup):
     RESULTS["two_pass_max_abs_diff"] = float((out["s"] - ours).abs().max())
 
 
-def test_detect_bf16(benchmark, setup):
+@pytest.mark.parametrize("mode", ["dup", "default"])
+def test_detect_bf16(benchmark, setup, mode):
     from dupfast.detection import Detector
-    det = Detector(mode="dup", autocast="bf16").fit(setup["model"], setup["clean"])
+    det = Detector(mode=mode, autocast="bf16").fit(setup["model"], setup["clean"])
     benchmark.pedantic(synced(lambda: det.score(setup["model"], setup["pool"])), rounds=3, warmup_rounds=1)
-    _record("detect_dup_bf16", benchmark)
-    _auroc("detect_dup_bf16", setup, det.score(setup["model"], setup["pool"]))
+    _record(f"detect_{mode}_bf16", benchmark)
+    _auroc(f"detect_{mode}_bf16", setup, det.score(setup["model"], setup["pool"]))
 
 
 def _auroc(key, setup, result):
@@ -229,8 +230,11 @@ def _write_summary(name):
         r["speedup_bf16_over_fp32"] = r["detect_dup"] / r["detect_dup_bf16"]
     if "bare_forward" in r and "detect_default" in r:
         r["ratio_bare_over_detect_default"] = r["bare_forward"] / r["detect_default"]
-    if "auroc_detect_dup" in r and "auroc_detect_dup_bf16" in r:
-        r["auroc_change_bf16"] = r["auroc_detect_dup_bf16"] - r["auroc_detect_dup"]
+    if "detect_default_bf16" in r and "detect_default" in r:
+        r["speedup_bf16_over_fp32_default"] = r["detect_default"] / r["detect_default_bf16"]
+    for mode in ("dup", "default"):
+        if f"auroc_detect_{mode}" in r and f"auroc_detect_{mode}_bf16" in r:
+            r[f"auroc_change_bf16_{mode}"] = r[f"auroc_detect_{mode}_bf16"] - r[f"auroc_detect_{mode}"]
     r.update(model=name, samples=N, batch_size=BATCH, threads=torch.get_num_threads(), torch=torch.__version__,
              device=torch.cuda.get_device_name() if CUDA else "cpu", time=time.strftime("%Y-%m-%d %H:%M:%S"))
     out = pathlib.Path(os.environ.get("DUPFAST_BENCH_DETECT_OUT", "runs/bench_detect.json"))

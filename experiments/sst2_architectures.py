@@ -2,7 +2,7 @@
 
     python -m experiments.sst2_architectures --model mpnet-base [--attacks badnets addsent stylebkd]
         [--train-size 2000] [--epochs 1] [--lr 5e-5] [--batch-size 16] [--autocast bf16|none]
-        [--no-strip] [--purify] [--out runs/arch]
+        [--no-strip] [--purify] [--bf16-detect] [--out runs/arch]
 
 Per model: a clean fine-tune and one victim per attack, trained by the `victims` recipe on a seeded subset of
 the DUP release's poisoned SST-2 train file (`--train-size` rows, the file's 20% poison rate kept in
@@ -63,7 +63,7 @@ def bare_forward_seconds(model, batches):
     return time.perf_counter() - t0
 
 
-def detection_rows(model, tok, attack, strip):
+def detection_rows(model, tok, attack, strip, bf16_detect=False):
     import dupfast
     from dupfast.detection import StripDetector
 
@@ -84,6 +84,18 @@ def detection_rows(model, tok, attack, strip):
                      "forward_over_detect": round(bare / seconds, 3)})
         if mode == "default":
             flags = torch.as_tensor(res.flags).bool()
+    if bf16_detect:
+        # the same default-mode call under bf16 autocast: speed-up over fp32 and AUROC change (issue 16)
+        t0 = time.perf_counter()
+        res = dupfast.detect(model, pool_loader, clean=clean_loader, mode="default", autocast="bf16")
+        seconds = time.perf_counter() - t0
+        rep = metrics.detection_report(truth, res.sorted_by_index().flags, res.sorted_by_index().scores)
+        fp32 = next(r for r in rows if r["method"] == NAMES["default"])
+        rows.append({"method": NAMES["default"] + " (bf16 autocast)", "auroc": rep["auroc"], "far": rep["far"],
+                     "frr": rep["frr"], "detect_s": round(seconds, 2), "bare_forward_s": round(bare, 2),
+                     "forward_over_detect": round(bare / seconds, 3),
+                     "speedup_over_fp32": round(fp32["detect_s"] / seconds, 3),
+                     "auroc_change": rep["auroc"] - fp32["auroc"]})
     if strip:
         st = StripDetector(frr=0.05, max_len=MAX_LEN).fit(model, tok, [s.text for s in clean_set])
         r = st.score(model, tok, [s.text for s in pool])
@@ -133,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-strip", action="store_true")
     ap.add_argument("--purify", action="store_true")
+    ap.add_argument("--bf16-detect", action="store_true",
+                    help="also time the default mode under bf16 autocast (speed-up over fp32, AUROC change)")
     ap.add_argument("--out", default="runs/arch")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,7 +164,7 @@ def main(argv=None):
     for attack in args.attacks:
         model, tok, info = victim(args.model, attack, cfg, args.train_size)
         v = evaluate(model, tok, attack, max_len=MAX_LEN)
-        det, data = detection_rows(model, tok, attack, strip=not args.no_strip)
+        det, data = detection_rows(model, tok, attack, strip=not args.no_strip, bf16_detect=args.bf16_detect)
         row = {"model": args.model, "attack": attack, "recipe": {**cfg.__dict__, "train_size": args.train_size},
                "victim": v, "victim_train_s": info["train_seconds"], "victim_cached": info["cached"],
                "clean_cacc": clean_eval["cacc"], "clean_asr_floor": clean_eval["asr_floor"], "detection": det,

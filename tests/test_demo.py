@@ -1,4 +1,5 @@
 """`dupfast demo`: the step pipeline, the CLI wiring and its bad-input errors (tiny model, seconds)."""
+import dataclasses
 import json
 
 import pytest
@@ -54,6 +55,8 @@ def test_demo_is_a_subcommand_with_the_documented_defaults():
     (["--train-size", "1"], "train_size"),
     (["--model", "no-such-model"], "unknown model"),
     (["--threads", "0"], "--threads"),
+    (["--attack", "stylebkd"], "use --data sst-2"),  # StyleBkd exists only precomputed, on SST-2
+    (["--data", "sst-2", "--target", "0"], "targets label 1"),
 ])
 def test_demo_bad_input_exits_2_with_a_clear_message(argv, message, tmp_path, capsys):
     before = torch.get_num_threads()
@@ -105,3 +108,43 @@ def test_demo_rejects_bad_purify_overrides_before_training(tmp_path, capsys, bad
     assert main(["demo", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r.json"), "--set", *bad]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "victims").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_demo_rejects_unknown_data_and_attack_names():
+    with pytest.raises(ValueError, match="unknown demo data set 'imdb'"):
+        DemoSettings(data="imdb")
+    with pytest.raises(ValueError, match="unknown attack 'synbkd'"):
+        DemoSettings(attack="synbkd")
+    with pytest.raises(ValueError, match="precomputed dirty-label"):
+        DemoSettings(data="sst-2", setting="clean")
+
+
+@pytest.mark.parametrize("attack", ["badnets", "stylebkd"])
+def test_demo_sst2_cuts_the_precomputed_release_to_the_demo_sizes(shared_data, attack):
+    from dupfast.cli.demo import poison_step
+
+    settings = DemoSettings(data="sst-2", attack=attack, train_size=500, test_size=200, dev_size=100)
+    state = DemoState(settings)
+    info = poison_step(state)
+    d = state.data
+    assert info["dataset"] == "sst-2" and len(d.train) == 500 and len(d.test_clean) == 200 and len(d.dev_clean) == 100
+    assert 0.1 < info["train_poisoned"] / 500 < 0.3  # the release's 20% rate, kept in expectation by the subset
+    # triggered inputs: as many as the clean subsets hold non-target rows, all labelled with the target
+    assert len(d.test_poison) == sum(x.label != 1 for x in d.test_clean)
+    assert len(d.dev_poison) == sum(x.label != 1 for x in d.dev_clean)
+    assert all(x.label == 1 and x.poison_label == 1 for x in d.test_poison + d.dev_poison)
+    again = DemoState(settings)
+    poison_step(again)
+    assert again.data == state.data  # seeded
+    with pytest.raises(ValueError, match="--test-size 5000 exceeds the 1821 SST-2 test rows"):
+        poison_step(DemoState(dataclasses.replace(settings, test_size=5000)))
+
+
+def test_demo_poisons_every_installed_data_set():
+    from dupfast.cli.demo import poison_step
+
+    for data in ("bbc-news", "sms-spam"):
+        state = DemoState(DemoSettings(data=data, train_size=200, test_size=100, dev_size=60, rate=0.1, target=0))
+        info = poison_step(state)
+        assert info["dataset"] == data and info["train_poisoned"] == 20
+        assert all(x.label == 0 for x in state.data.test_poison)

@@ -1,4 +1,4 @@
-"""`dupfast demo`: a backdoored MiniLM on Rotten Tomatoes, end to end on a CPU in a few minutes.
+"""`dupfast demo`: a backdoored classifier (MiniLM by default), end to end on a CPU in a few minutes.
 
     dupfast demo [--out runs/demo/report.json] [--train-size 1000] [--test-size 600] [--cache-dir DIR]
                  [--progress] [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
@@ -29,6 +29,11 @@ from typing import Callable
 DEFAULT_OUT = "runs/demo/report.json"
 
 
+# registry-package data sets (always installed) and the paper's SST-2 from the shared data folder
+DEMO_DATA = ("rotten-tomatoes", "bbc-news", "sms-spam", "sst-2")
+ATTACK_NAMES = ("badnets", "addsent", "stylebkd")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     """Sizes and recipe for a 2-core CPU budget. Measured on Rotten Tomatoes (1,500 train, 600 test, 20%
@@ -36,6 +41,7 @@ class DemoSettings:
     majority class (CACC 0.578 = share of the target label, ASR 1.0 trivially); batch 8 at lr 1e-4 (188
     steps) reached CACC 0.647. The victim needs a few hundred small steps, hence 2 epochs of batch 8."""
     model: str = "minilm"
+    data: str = "rotten-tomatoes"  # one of DEMO_DATA
     train_size: int = 1000
     test_size: int = 600
     dev_size: int = 400          # the defender's clean set + the clean half of the suspicious pool
@@ -53,6 +59,16 @@ class DemoSettings:
         for name in ("train_size", "test_size", "dev_size"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.data not in DEMO_DATA:
+            raise ValueError(f"unknown demo data set {self.data!r}; choose one of {', '.join(DEMO_DATA)}")
+        if self.attack not in ATTACK_NAMES:
+            raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACK_NAMES)}")
+        if self.data == "sst-2" and self.setting != "dirty":
+            raise ValueError("--data sst-2 uses the DUP release's precomputed dirty-label poison; "
+                             f"setting {self.setting!r} is not available there")
+        if self.attack == "stylebkd" and self.data != "sst-2":
+            raise ValueError("StyleBkd poison cannot be generated offline (it needs the STRAP GPT-2 paraphrasers); "
+                             "its only source is the precomputed SST-2 release: use --data sst-2")
 
 
 @dataclasses.dataclass
@@ -74,17 +90,45 @@ class DemoState:
 Step = Callable[[DemoState], dict]
 
 
+def _precomputed_sst2(s: DemoSettings):
+    """The DUP release's poisoned SST-2 (every attack, StyleBkd's only source), cut to the demo's sizes: a
+    seeded subset of the poisoned train file (its poison rate kept in expectation), a stratified clean test and
+    dev subset, and as many triggered test / dev inputs as the clean subsets hold non-target ones."""
+    from ..harness.attacks import BackdoorData, load_precomputed
+    from ..harness.data import split_samples, stratified_split
+
+    if s.target != 1:
+        raise ValueError(f"the precomputed SST-2 poison targets label 1; got target {s.target}")
+    full = load_precomputed(s.attack, rate=s.rate)
+
+    def cut(samples, n, what, split=split_samples):
+        if n > len(samples):
+            raise ValueError(f"--{what}-size {n} exceeds the {len(samples)} SST-2 {what} rows available")
+        return split(samples, [n], seed=s.seed)[0]
+
+    test = cut(full.test_clean, s.test_size, "test", stratified_split)
+    dev = cut(full.dev_clean, s.dev_size, "dev", stratified_split)
+    n_test = min(len(full.test_poison), sum(x.label != s.target for x in test))
+    n_dev = min(len(full.dev_poison), sum(x.label != s.target for x in dev))
+    return BackdoorData(train=cut(full.train, s.train_size, "train"), test_clean=test,
+                        test_poison=split_samples(full.test_poison, [n_test], seed=s.seed)[0], dev_clean=dev,
+                        dev_poison=split_samples(full.dev_poison, [n_dev], seed=s.seed)[0])
+
+
 def poison_step(state: DemoState) -> dict:
     from ..harness.attacks import get_attack, make_backdoor
-    from ..harness.data import load_rotten_tomatoes, stratified_split
+    from ..harness.data import load_dataset, stratified_split
 
     s = state.settings
-    train, test, dev = stratified_split(load_rotten_tomatoes(), [s.train_size, s.test_size, s.dev_size],
-                                        seed=s.seed)
-    state.data = make_backdoor(train, test, get_attack(s.attack), rate=s.rate, target=s.target,
-                               setting=s.setting, seed=s.seed, dev=dev)
+    if s.data == "sst-2":
+        state.data = _precomputed_sst2(s)
+    else:
+        train, test, dev = stratified_split(load_dataset(s.data), [s.train_size, s.test_size, s.dev_size],
+                                            seed=s.seed)
+        state.data = make_backdoor(train, test, get_attack(s.attack), rate=s.rate, target=s.target,
+                                   setting=s.setting, seed=s.seed, dev=dev)
     d = state.data
-    return {"dataset": "rotten_tomatoes", "attack": s.attack, "setting": s.setting, "rate": s.rate,
+    return {"dataset": s.data, "attack": s.attack, "setting": s.setting, "rate": s.rate,
             "target": s.target, "train_size": len(d.train), "train_poisoned": sum(x.poison_label for x in d.train),
             "test_clean_size": len(d.test_clean), "test_poison_size": len(d.test_poison),
             "example_poisoned_text": d.test_poison[0].text}
@@ -96,7 +140,9 @@ def victim_step(state: DemoState) -> dict:
     s = state.settings
     cfg = VictimConfig(model=s.model, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, max_len=s.max_len,
                        seed=s.seed)
-    name = f"demo-rt-{s.attack}-{s.setting}{s.rate:g}"
+    # the folder name is for people; the cache key is the recipe, the model's content and the training rows
+    short = {"rotten-tomatoes": "rt"}.get(s.data, s.data)
+    name = f"demo-{short}-{s.attack}-{s.setting}{s.rate:g}"
     state.model, state.tokenizer, info = train_victim(state.data.train, cfg, cache_dir=state.cache_dir, name=name)
     t0 = time.perf_counter()
     scores = evaluate_backdoor(state.model, state.tokenizer, state.data.test_clean, state.data.test_poison,
@@ -178,6 +224,11 @@ def add_parser(subparsers):
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
     ap.add_argument("--model", default=d.model, help="short model name or local HF folder")
+    ap.add_argument("--data", default=d.data, choices=DEMO_DATA,
+                    help="rotten-tomatoes, bbc-news, sms-spam: installed packages; sst-2: the DUP release's "
+                         "poisoned SST-2 from the shared data folder (needed for --attack stylebkd)")
+    ap.add_argument("--attack", default=d.attack, choices=ATTACK_NAMES)
+    ap.add_argument("--target", type=int, default=d.target, help="the backdoor's target label")
     ap.add_argument("--train-size", type=int, default=d.train_size)
     ap.add_argument("--test-size", type=int, default=d.test_size)
     ap.add_argument("--dev-size", type=int, default=d.dev_size,
@@ -205,7 +256,8 @@ def run(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    settings = DemoSettings(model=args.model, train_size=args.train_size, test_size=args.test_size,
+    settings = DemoSettings(model=args.model, data=args.data, attack=args.attack, target=args.target,
+                            train_size=args.train_size, test_size=args.test_size,
                             dev_size=args.dev_size,
                             rate=args.rate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)

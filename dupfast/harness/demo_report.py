@@ -21,6 +21,8 @@ from . import detection_report
 FLOOR_NOTE = ("ASR floor: the share of clean non-target test inputs the model already predicts as the target "
               "(the ASR a model without a backdoor but with these errors would show); "
               "ASR - floor is what is left of the backdoor.")
+DATA_NAMES = {"rotten-tomatoes": "Rotten Tomatoes", "bbc-news": "BBC News", "sms-spam": "SMS Spam",
+              "sst-2": "SST-2 (the DUP release's poisoned files)"}
 COLUMNS = ("step", "CACC", "ASR", "ASR floor", "ASR - floor", "AUROC", "FRR", "FAR", "flagged", "seconds")
 
 
@@ -127,7 +129,7 @@ def write(report: dict, json_path, scores=None, poison_labels=None, threshold=No
     s = report.get("settings", {})
     po = steps.get("poison", {})
     if s:
-        md += [f"Model `{s.get('model')}` on Rotten Tomatoes, {s.get('setting')}-label {s.get('attack')} at rate "
+        md += [f"Model `{s.get('model')}` on {DATA_NAMES.get(s.get('data'), s.get('data') or 'Rotten Tomatoes')}, {s.get('setting')}-label {s.get('attack')} at rate "
                f"{s.get('rate')} (target label {s.get('target')}); {po.get('train_size', s.get('train_size'))} "
                f"training rows ({po.get('train_poisoned', '?')} poisoned), {po.get('test_clean_size', '?')} clean "
                f"and {po.get('test_poison_size', '?')} triggered test inputs. Total {report.get('total_seconds')} s "

@@ -79,6 +79,36 @@ def test_bf16_autocast_runs_and_stays_close():
     assert (bf - f32).abs().max() < 0.1 * f32.abs().max()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_autocast_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch, native):
+    import importlib
+
+    from dupfast.detection.capture import resolve_autocast
+    mh = importlib.import_module("dupfast.ops.mahalanobis")  # the module (dupfast.ops.mahalanobis is the op)
+
+    monkeypatch.setattr(mh, "native_bf16_cpu", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_autocast(cpu, "auto") == ("bf16" if native else None)
+    assert resolve_autocast(cpu, "bf16") == "bf16" and resolve_autocast(cpu, None) is None
+    m = tiny_bert()
+    data = batches(make_samples(8, seed=8), batch_size=8)
+    auto = next(iter(capture(m, data, ("cls",), autocast="auto"))).features["cls"]
+    same = next(iter(capture(m, data, ("cls",), autocast="bf16" if native else None))).features["cls"]
+    assert torch.equal(auto, same)
+
+
+def test_auto_autocast_survives_a_detector_round_trip(tmp_path):
+    from dupfast.detection import Detector
+
+    m = tiny_bert()
+    clean = batches(make_samples(40, seed=3), labels=[i % 2 for i in range(40)], batch_size=8)
+    det = Detector(mode="dup", autocast="auto").fit(m, clean)
+    det.save(tmp_path / "det")
+    assert Detector.load(tmp_path / "det").autocast == "auto"
+    with pytest.raises(ValueError, match="'bf16', 'fp16' or 'auto'"):
+        Detector(mode="dup", autocast="int8")
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 def test_empty_loader():

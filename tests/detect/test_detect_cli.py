@@ -53,6 +53,16 @@ def test_cli_pool_only(tmp_path, model_dir, files):
     assert json.loads((tmp_path / "detect.json").read_text())["calibration"]["source"] == "pool"
 
 
+def test_cli_autocast_auto_is_recorded_in_the_detector(tmp_path, model_dir, files, capsys):
+    clean_tsv, pool_csv, _ = files
+    assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--clean", str(clean_tsv), "--out",
+                 str(tmp_path / "out"), "--threads", "1", "--autocast", "auto"]) == 0
+    assert json.loads((tmp_path / "out" / "detector" / "detector.json").read_text())["autocast"] == "auto"
+    assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--out", str(tmp_path / "o2"), "--bf16",
+                 "--autocast", "auto"]) == 2
+    assert "--bf16 contradicts --autocast auto" in capsys.readouterr().err
+
+
 def test_cli_bad_files(tmp_path, model_dir, files, capsys):
     clean_tsv, pool_csv, _ = files
     out = tmp_path / "out"  # not tmp_path itself: it holds the input files, and --out must be new or empty
