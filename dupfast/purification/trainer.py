@@ -130,6 +130,14 @@ def make_batch(data: TrainData, targets, f_idx, c_idx, cfg, pad_id, device) -> B
                  on(data.teacher_clean_train, c_idx) if cfg.lambda_keep > 0 else None)
 
 
+def optimizer(params, cfg, total: int):
+    """(AdamW over `params`, its linear warm-up / decay schedule over `total` steps): what `step` steps with."""
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+
+
 def step(ddp, opt, sched, params, batch: Batch, cfg) -> BatchLoss:
     """One optimisation step. The loss sums are normalised by the global row counts / world size, since DDP
     averages gradients over ranks."""
@@ -275,16 +283,13 @@ class _Sums:
 
 def train(model, data: TrainData, cfg, pad_id, device, report):
     """Run the loop on `model` (a peft model, or a plain one for full fine-tuning) in place; fills `report`."""
-    from transformers import get_linear_schedule_with_warmup
-
     t_start = time.perf_counter()
     ft, ct = data.flag_train, data.clean_train
     p = plan(cfg, len(ft), len(ct))
     targets = ascent_targets(data.teacher_flag_train, cfg) if len(ft) else None
     named = trainable_parameters(model)
     params = [q for _, q in named]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * p.total), p.total)
+    opt, sched = optimizer(params, cfg, p.total)
     ddp = dist.wrap_ddp(model, device)
     flag_cycle, clean_cycle = _Cycle(len(ft), cfg.batch_size, cfg.seed), _Cycle(len(ct), cfg.batch_size, cfg.seed + 1)
 
