@@ -2,6 +2,7 @@
 and bf16 autocast vs fp32. All ratios come from one run (same process, same inputs, same machine).
 
     python -m pytest benchmarks/bench_detect.py --benchmark-only -s      [DUPFAST_BENCH_N=512]
+    DUPFAST_BENCH_PROFILE=1 python -m pytest benchmarks/bench_detect.py -s -k profile   (torch.profiler tables)
 
 Model: the MiniLM victim (`experiments/sst2_victims.py`, BadNets) when it is cached, else plain MiniLM
 with a fresh head; inputs: the first N SST-2 dev texts + dev-poison (paper data), else Rotten Tomatoes.
@@ -160,6 +161,25 @@ def test_detect_one_pass(benchmark, setup, mode):
                        warmup_rounds=1)
     _record(f"detect_{mode}", benchmark)
     _auroc(f"detect_{mode}", setup, det.score(setup["model"], setup["pool"]))
+
+
+@pytest.mark.skipif(not os.environ.get("DUPFAST_BENCH_PROFILE"), reason="DUPFAST_BENCH_PROFILE=1 profiles detect")
+@pytest.mark.parametrize("mode", ["dup", "default"])
+def test_profile_detect(setup, mode):
+    """torch.profiler over one `score` call (after a warm-up): where the time beyond the forward goes. The
+    table (top ops by self CPU time) goes to runs/bench_detect_profile_<mode>.txt and is printed."""
+    from torch.profiler import ProfilerActivity, profile
+    from dupfast.detection import Detector
+    det = setup["det"] if mode == "dup" else Detector(mode=mode).fit(setup["model"], setup["clean"])
+    det.score(setup["model"], setup["pool"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+        det.score(setup["model"], setup["pool"])
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    out = ROOT / "runs" / f"bench_detect_profile_{mode}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print("\n" + table)
 
 
 def authors_two_pass(model, det, pool):

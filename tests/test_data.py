@@ -68,6 +68,8 @@ def test_sms_spam_is_deduplicated():
 def test_load_dataset_by_short_name(rotten):
     assert data.load_dataset("rotten-tomatoes") == rotten
     assert len(data.load_dataset("sms-spam")) == 4_534
+    bbc = data.load_dataset("bbc-news")  # deduplicated: splits carved from it cannot share an article
+    assert bbc == data.load_bbc_news(dedupe=True) and len({s.text for s in bbc}) == len(bbc) < 2_225
     assert set(data.DATASETS) == {"rotten-tomatoes", "bbc-news", "sms-spam", "sst-2", "agnews"}
 
 
