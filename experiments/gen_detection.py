@@ -1,10 +1,12 @@
-"""Detection on prompts of the BadNets generative victim: default, DUP exact, DAN and the STRIP-like baseline.
+"""Detection on prompts of one configuration's generative victim: default, DUP exact, DAN and the STRIP-like baseline.
 
-    python -m experiments.gen_detection        -> runs/gen/detection.json, runs/gen/detection.pt (default-mode flags)
+    python -m experiments.gen_detection [--attack badnets] [--target refusal]
+        -> runs/gen/<attack>-<target>/detection.json, detection.pt (default-mode flags)
 
 Defender's clean set: N_CLEAN clean dev prompts with their labels and reference responses; pool: N_POOL clean test
-prompts (disjoint from the victims' evaluation prompts) + N_POOL of the same kind with the BadNets trigger. One
-forward pass over each set captures every layer's last-token and mean features, shared by the three feature modes.
+prompts (disjoint from the victims' evaluation prompts) + N_POOL triggered non-target test prompts after those
+(multi: the i-th carries trigger i mod 2; metrics also per trigger, against the pool's clean half). One forward
+pass over each set captures every layer's last-token and mean features, shared by the three feature modes.
 """
 import time
 
@@ -15,27 +17,44 @@ from dupfast.generative import PromptDetector, PromptStripDetector, chat_batches
 from dupfast.generative.capture import capture_prompts
 from dupfast.generative.lm import check_causal_lm
 from dupfast.generative.rows import read_chat
-from dupfast.harness.generative import triggered
 from dupfast.harness.metrics import detection_report
 
-from .gen_common import ATTACK, N_TEST, N_TRIG, TARGET, TEMPLATE, dump, load_lm, splits, victim_dir
+from .gen_common import N_TEST, N_TRIG, dump, load_lm, parser, setup_of, splits
 
 N_CLEAN, N_POOL, N_STRIP = 200, 150, 60
+KEYS = ("auroc", "frr", "far", "precision", "recall", "f1")
 
 
-def sets():
+def sets(setup):
+    """(clean set, pool, the pool's trigger names: None for its clean prompts)."""
     _, test, dev = splits()
-    clean = dev[:N_CLEAN]
     rest = test[N_TEST + N_TRIG:]
-    pool = rest[:N_POOL] + triggered(rest[N_POOL:2 * N_POOL], ATTACK, TARGET, TEMPLATE, seed=2)
-    return clean, pool
+    items = setup.nontarget(rest[N_POOL:])[:N_POOL]
+    each = setup.triggered(items, seed=2)
+    names = [list(each)[i % len(each)] for i in range(len(items))]
+    return dev[:N_CLEAN], rest[:N_POOL] + [each[n][i] for i, n in enumerate(names)], [None] * N_POOL + names
 
 
-def main():
+def report(y, flags, scores, kinds) -> dict:
+    """The metrics KEYS of flags / scores; with several triggers also per trigger (the clean part + its prompts)."""
+    out = {k: detection_report(y, flags, scores)[k] for k in KEYS}
+    names = sorted({k for k in kinds if k})
+    if len(names) > 1:
+        kinds = np.array(kinds, dtype=object)
+        out["by_trigger"] = {}
+        for n in names:
+            m = (kinds == n) | (y == 0)
+            r = detection_report(y[m], flags[m], scores[m])
+            out["by_trigger"][n] = {k: r[k] for k in ("auroc", "far", "recall")}
+    return out
+
+
+def main(argv=None):
+    setup = setup_of(parser(__doc__).parse_args(argv))
     torch.set_num_threads(1)
-    model, tok = load_lm(victim_dir("badnets"))
+    model, tok = load_lm(setup.dir / "victim")
     lm = check_causal_lm(model, "experiment")
-    clean, pool = sets()
+    clean, pool, kinds = sets(setup)
     y = np.array([it.poison for it in pool])
     clean_b = chat_batches(tok, [c.prompt for c in clean], [c.response for c in clean], labels=[c.label for c in clean])
     pool_b = chat_batches(tok, [p.prompt for p in pool])
@@ -46,31 +65,30 @@ def main():
     pcap = list(capture_prompts(lm, prows, ("last", "mean")))
     capture_s = time.perf_counter() - t0
     cfeats = {k: torch.cat([c.features[k] for c in ccap]) for k in ("last", "mean")}
-    out = {"n_clean": len(clean), "n_pool_clean": int((y == 0).sum()), "n_pool_poison": int(y.sum()),
-           "capture_s": round(capture_s, 1), "modes": {}}
+    out = {"config": setup.to_dict(), "n_clean": len(clean), "n_pool_clean": int((y == 0).sum()),
+           "n_pool_poison": int(y.sum()), "capture_s": round(capture_s, 1), "modes": {}}
     for mode in ("default", "dup", "dan"):
         det = PromptDetector(mode)
         t = time.perf_counter()
         det.detector.fit_features({k: cfeats[k] for k in det.detector.scorer.poolings}, crows.labels,
                                   index=crows.index, num_classes=2)
         res = det.detector.score_captured(pcap)
-        rep = detection_report(y, res.flags.numpy(), res.scores.numpy())
-        out["modes"][mode] = {k: rep[k] for k in ("auroc", "frr", "far", "precision", "recall", "f1")}
+        out["modes"][mode] = report(y, res.flags.numpy(), res.scores.numpy(), kinds)
         out["modes"][mode]["score_s"] = round(time.perf_counter() - t, 2)
         print(mode, out["modes"][mode], flush=True)
         if mode == "default":
+            setup.dir.mkdir(parents=True, exist_ok=True)
             torch.save({"flags": res.flags, "scores": res.scores, "index": res.index, "poison": torch.tensor(y)},
-                       "runs/gen/detection.pt")
+                       setup.dir / "detection.pt")
     # STRIP-like: perturbation entropy of the first response token, on a subset (5 forwards per prompt)
     t = time.perf_counter()
     sub = list(range(N_STRIP)) + list(range(N_POOL, N_POOL + N_STRIP))
     sd = PromptStripDetector(repeat=3).fit(model, tok, [c.prompt for c in clean[:100]])
     res = sd.score(model, tok, [pool[i].prompt for i in sub])
-    rep = detection_report(y[sub], res.flags.numpy(), res.scores.numpy())
-    out["modes"]["strip"] = {k: rep[k] for k in ("auroc", "frr", "far", "precision", "recall", "f1")}
+    out["modes"]["strip"] = report(y[sub], res.flags.numpy(), res.scores.numpy(), [kinds[i] for i in sub])
     out["modes"]["strip"].update(score_s=round(time.perf_counter() - t, 1), n_pool=len(sub), repeat=3, n_clean=100)
     print("strip", out["modes"]["strip"], flush=True)
-    dump("runs/gen/detection.json", out)
+    dump(setup.dir / "detection.json", out)
 
 
 if __name__ == "__main__":

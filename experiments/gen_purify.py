@@ -1,12 +1,12 @@
-"""Purification of the BadNets generative victim from the default-mode prompt detection.
+"""Purification of one configuration's generative victim from the default-mode prompt detection.
 
-    python -m experiments.gen_purify [--max-steps 30]     -> runs/gen/purify.json (+ the report)
+    python -m experiments.gen_purify [--attack badnets] [--target refusal] [--max-steps 30] [--lr 2e-3]
+        -> runs/gen/<attack>-<target>/purify.json (or --out; + the report)
 
-Flagged = the pool prompts the default detector flagged (runs/gen/detection.pt); clean = the defender's clean dev
-prompts with their reference responses (the detection's clean set). ASR / clean accuracy / perplexity before and
-after on the victims' evaluation prompts (experiments.gen_victims.evaluate), steps and time.
+Flagged = the pool prompts the default detector flagged (runs/gen/<attack>-<target>/detection.pt); clean = the
+defender's clean dev prompts with their reference responses (the detection's clean set). ASR / clean accuracy /
+perplexity before and after on the victims' evaluation prompts (experiments.gen_victims.evaluate), steps and time.
 """
-import argparse
 import time
 
 import torch
@@ -14,31 +14,32 @@ import torch
 import dupfast
 from dupfast.generative import chat_batches
 
-from .gen_common import dump, load_lm, splits, victim_dir
+from .gen_common import dump, load_lm, parser, setup_of, splits
 from .gen_detection import sets
 from .gen_victims import evaluate
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = parser(__doc__)
     ap.add_argument("--max-steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=None, help="override GenerativeConfig.lr")
-    ap.add_argument("--out", default="runs/gen/purify.json")
+    ap.add_argument("--out", default=None, help="default runs/gen/<attack>-<target>/purify.json")
     ap.add_argument("--before", action="store_true", help="also re-evaluate the victim before purification")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    setup = setup_of(args)
     torch.set_num_threads(1)
-    model, tok = load_lm(victim_dir("badnets"))
+    model, tok = load_lm(setup.dir / "victim")
     _, test, _ = splits()
-    clean, pool = sets()
-    det = torch.load("runs/gen/detection.pt")
+    clean, pool, _ = sets(setup)
+    det = torch.load(setup.dir / "detection.pt")
     clean_b = chat_batches(tok, [c.prompt for c in clean], [c.response for c in clean], labels=[c.label for c in clean])
     pool_b = chat_batches(tok, [p.prompt for p in pool])
     flags = det["flags"][torch.argsort(det["index"])]
     poison = det["poison"].bool()
-    out = {"flagged": int(flags.sum()), "flagged_poison": int((flags & poison).sum()),
+    out = {"config": setup.to_dict(), "flagged": int(flags.sum()), "flagged_poison": int((flags & poison).sum()),
            "flagged_clean": int((flags & ~poison).sum())}
     if args.before:
-        out["before"] = evaluate(model, tok, test)
+        out["before"] = evaluate(model, tok, test, setup)
     t0 = time.perf_counter()
     model, rep = dupfast.purify_generative(model, pool_b, clean=clean_b, detection=flags, max_steps=args.max_steps,
                                            evals_per_epoch=2, max_new_tokens=16, progress=False,
@@ -46,9 +47,9 @@ def main():
     out["purify_s"] = round(time.perf_counter() - t0, 1)
     out["report"] = rep.to_dict()
     print({k: out["report"][k] for k in ("stop_reason", "steps_run", "selected", "teacher", "timings", "data")}, flush=True)
-    out["after"] = evaluate(model, tok, test)
+    out["after"] = evaluate(model, tok, test, setup)
     print("after", out["after"], flush=True)
-    dump(args.out, out)
+    dump(args.out or setup.dir / "purify.json", out)
 
 
 if __name__ == "__main__":
