@@ -16,7 +16,7 @@ Configurations (`Setup`), BackdoorLLM-style: a trigger in the review (the instru
   configuration's triggers and ASR rule it gives that configuration's floor (steer: the clean model's rate of
   answering "positive" on triggered negatives).
 
-Paths: runs/gen/<attack>-<target>/{victim/, victims.json, detection.json, detection.pt, purify.json}; the clean
+Paths: runs/gen/<attack>-<target>/{victim/, victims.json, detection.json, detection.safetensors, purify.json}; the clean
 fine-tune in runs/gen/victims/clean/ (each model folder with its train.json). Runs of BadNets -> refusal made
 before the configurations existed (runs/gen/victims/badnets/, victims-{badnets,clean}.json, detection.{json,pt})
 move over with `python -m experiments.gen_common --migrate` (links and copies, deletes nothing): the same seeds
@@ -118,10 +118,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--attack", choices=list(TRIGGERS), default="badnets")
     ap.add_argument("--target", choices=TARGETS, default="refusal")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the README's runs shared the CPU with other jobs)")
     return ap
 
 
 def setup_of(args) -> Setup:
+    torch.set_num_threads(args.threads)
     return Setup(args.attack, args.target)
 
 
@@ -152,6 +155,9 @@ def dump(path, obj):
     path.write_text(json.dumps(obj, indent=2))
 
 
+DETECTION_FILE = "detection.safetensors"  # the default mode's flags, scores, index and ground truth
+
+
 def migrate_legacy(root=OUT):
     """The BadNets -> refusal runs of the layout before configurations -> runs/gen/badnets-refusal/: the victim
     linked, the detection copied, each model's training record (victims-<name>.json "train") into its folder."""
@@ -159,9 +165,13 @@ def migrate_legacy(root=OUT):
     new.mkdir(parents=True, exist_ok=True)
     if (root / "victims" / "badnets").is_dir() and not (new / "victim").exists():
         (new / "victim").symlink_to(pathlib.Path("..", "victims", "badnets"))
-    for f in ("detection.json", "detection.pt"):
-        if (root / f).is_file() and not (new / f).exists():
-            shutil.copy2(root / f, new / f)
+    if (root / "detection.json").is_file() and not (new / "detection.json").exists():
+        shutil.copy2(root / "detection.json", new / "detection.json")
+    for old in (root / "detection.pt", new / "detection.pt"):  # the old layout's torch.save file: tensors only
+        if old.is_file() and not (new / DETECTION_FILE).exists():
+            from safetensors.torch import save_file
+            det = torch.load(old, weights_only=True)  # refuses anything but tensors and containers
+            save_file({k: torch.as_tensor(v).contiguous() for k, v in det.items()}, str(new / DETECTION_FILE))
     for name in ("badnets", "clean"):
         rec, dst = root / f"victims-{name}.json", root / "victims" / name / "train.json"
         if rec.is_file() and dst.parent.is_dir() and not dst.exists():

@@ -1,7 +1,7 @@
 """Detection on prompts of one configuration's generative victim: default, DUP exact, DAN and the STRIP-like baseline.
 
     python -m experiments.gen_detection [--attack badnets] [--target refusal]
-        -> runs/gen/<attack>-<target>/detection.json, detection.pt (default-mode flags)
+        -> runs/gen/<attack>-<target>/detection.json, detection.safetensors (default-mode flags)
 
 Defender's clean set: N_CLEAN clean dev prompts with their labels and reference responses; pool: N_POOL clean test
 prompts (disjoint from the victims' evaluation prompts) + N_POOL triggered non-target test prompts after those
@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from dupfast.generative import PromptDetector, PromptStripDetector, chat_batches
 from dupfast.generative.capture import capture_prompts
@@ -19,7 +20,7 @@ from dupfast.generative.lm import check_causal_lm
 from dupfast.generative.rows import read_chat
 from dupfast.harness.metrics import detection_report
 
-from .gen_common import N_TEST, N_TRIG, dump, load_lm, parser, setup_of, splits
+from .gen_common import DETECTION_FILE, N_TEST, N_TRIG, dump, load_lm, parser, setup_of, splits
 
 N_CLEAN, N_POOL, N_STRIP = 200, 150, 60
 KEYS = ("auroc", "frr", "far", "precision", "recall", "f1")
@@ -51,7 +52,6 @@ def report(y, flags, scores, kinds) -> dict:
 
 def main(argv=None):
     setup = setup_of(parser(__doc__).parse_args(argv))
-    torch.set_num_threads(1)
     model, tok = load_lm(setup.dir / "victim")
     lm = check_causal_lm(model, "experiment")
     clean, pool, kinds = sets(setup)
@@ -78,8 +78,9 @@ def main(argv=None):
         print(mode, out["modes"][mode], flush=True)
         if mode == "default":
             setup.dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"flags": res.flags, "scores": res.scores, "index": res.index, "poison": torch.tensor(y)},
-                       setup.dir / "detection.pt")
+            save_file({"flags": torch.as_tensor(res.flags).contiguous(), "scores": torch.as_tensor(res.scores).contiguous(),
+                       "index": torch.as_tensor(res.index).contiguous(), "poison": torch.tensor(y)},
+                      str(setup.dir / DETECTION_FILE))
     # STRIP-like: perturbation entropy of the first response token, on a subset (5 forwards per prompt)
     t = time.perf_counter()
     sub = list(range(N_STRIP)) + list(range(N_POOL, N_POOL + N_STRIP))

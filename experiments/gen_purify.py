@@ -3,18 +3,19 @@
     python -m experiments.gen_purify [--attack badnets] [--target refusal] [--max-steps 30] [--lr 2e-3]
         -> runs/gen/<attack>-<target>/purify.json (or --out; + the report)
 
-Flagged = the pool prompts the default detector flagged (runs/gen/<attack>-<target>/detection.pt); clean = the
+Flagged = the pool prompts the default detector flagged (runs/gen/<attack>-<target>/detection.safetensors); clean = the
 defender's clean dev prompts with their reference responses (the detection's clean set). ASR / clean accuracy /
 perplexity before and after on the victims' evaluation prompts (experiments.gen_victims.evaluate), steps and time.
 """
 import time
 
 import torch
+from safetensors.torch import load_file
 
 import dupfast
 from dupfast.generative import chat_batches
 
-from .gen_common import dump, load_lm, parser, setup_of, splits
+from .gen_common import DETECTION_FILE, dump, load_lm, parser, setup_of, splits
 from .gen_detection import sets
 from .gen_victims import evaluate
 
@@ -27,11 +28,10 @@ def main(argv=None):
     ap.add_argument("--before", action="store_true", help="also re-evaluate the victim before purification")
     args = ap.parse_args(argv)
     setup = setup_of(args)
-    torch.set_num_threads(1)
     model, tok = load_lm(setup.dir / "victim")
     _, test, _ = splits()
     clean, pool, _ = sets(setup)
-    det = torch.load(setup.dir / "detection.pt")
+    det = load_file(str(setup.dir / DETECTION_FILE))
     clean_b = chat_batches(tok, [c.prompt for c in clean], [c.response for c in clean], labels=[c.label for c in clean])
     pool_b = chat_batches(tok, [p.prompt for p in pool])
     flags = det["flags"][torch.argsort(det["index"])]

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import time
 
-import torch
-
 from dupfast.harness.generative import (SENTIMENT_ANSWERS, VictimConfig, answer_accuracy, generate,
                                         response_perplexity, train_victim)
 
@@ -75,7 +73,6 @@ def main(argv=None):
     ap.add_argument("--retrain-clean", action="store_true", help="the same for the clean fine-tune (shared by all)")
     args = ap.parse_args(argv)
     setup = setup_of(args)
-    torch.set_num_threads(1)
     train, test, _ = splits()
     out = setup.dir / "victims.json"
     results = json.loads(out.read_text()) if out.is_file() else {}

@@ -2,6 +2,8 @@
 on tiny data, the steering ASR rule, the detection pool, and the scripts' arguments and per-configuration paths
 (run end to end on the tiny chat LM: no real model is trained)."""
 import json
+
+import torch
 import random
 
 import numpy as np
@@ -163,7 +165,7 @@ def test_scripts_write_per_configuration_paths_and_share_the_clean_model(tiny_ru
     gen_detection.main(["--attack", "multi", "--target", "steer"])
     det = json.loads((d / "detection.json").read_text())
     assert det["n_pool_poison"] == 150 and set(det["modes"]) == {"default", "dup", "dan", "strip"}
-    assert set(det["modes"]["default"]["by_trigger"]) == {"badnets", "addsent"} and (d / "detection.pt").is_file()
+    assert set(det["modes"]["default"]["by_trigger"]) == {"badnets", "addsent"} and (d / "detection.safetensors").is_file()
     gen_purify.main(["--attack", "multi", "--target", "steer", "--max-steps", "2"])
     pur = json.loads((d / "purify.json").read_text())
     assert pur["config"]["target"] == "steer" and "asr_by_trigger" in pur["after"]
@@ -177,11 +179,16 @@ def test_migration_of_the_former_badnets_refusal_layout(tmp_path):
         (root / "victims" / name / "config.json").write_text("{}")
         (root / f"victims-{name}.json").write_text(json.dumps({"train": {"steps": 120, "name": name}, "asr": 1.0}))
     (root / "detection.json").write_text("{}")
-    (root / "detection.pt").write_bytes(b"pt")
+    det = {"flags": torch.tensor([True, False]), "scores": torch.tensor([2.0, -1.0], dtype=torch.float64),
+           "index": torch.tensor([1, 0]), "poison": torch.tensor([1, 0])}
+    torch.save(det, root / "detection.pt")  # the old layout's file
     gen_common.migrate_legacy(root)
     gen_common.migrate_legacy(root)  # idempotent
     new = root / "badnets-refusal"
     assert (new / "victim").is_symlink() and (new / "victim" / "config.json").is_file()
-    assert (new / "detection.pt").read_bytes() == b"pt" and (root / "detection.pt").is_file()
+    from safetensors.torch import load_file
+    moved = load_file(str(new / "detection.safetensors"))  # tensors in safetensors, no pickle left to load
+    assert set(moved) == set(det) and all(torch.equal(moved[k], det[k]) for k in det)
+    assert (root / "detection.pt").is_file()
     assert json.loads((root / "victims" / "clean" / "train.json").read_text()) == {"steps": 120, "name": "clean"}
     assert (root / "victims-badnets.json").is_file()  # nothing deleted
