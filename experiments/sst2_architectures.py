@@ -38,13 +38,36 @@ def subset(samples, n, seed=SPLIT_SEED):
     return samples if n >= len(samples) else split_samples(samples, [n], seed=seed)[0]
 
 
+def victim_config(model_name, epochs=1, lr=5e-5, batch_size=16, autocast="bf16") -> VictimConfig:
+    """The per-architecture victim recipe (the defaults are this script's); other experiments build it here
+    to hit the same cached victims."""
+    return VictimConfig(model=model_name, epochs=epochs, lr=lr, batch_size=batch_size, max_len=MAX_LEN,
+                        seed=SPLIT_SEED, autocast=autocast)
+
+
+def victim_train(attack, n):
+    """The victim's training set: a seeded n-row subset of the 20%-dirty file (attack None: the clean split)."""
+    return subset(load_sst2("train") if attack is None else load_sst2_poison(attack, "train", 0.2), n)
+
+
+def victim_name(model_name, attack, n):
+    """Cache folder name: the short name (or a model folder's last part), the attack and the subset size."""
+    tag = pathlib.Path(str(model_name)).name
+    return f"sst2-{tag}-clean-n{n}" if attack is None else f"sst2-{tag}-{attack}-dirty0.2-n{n}"
+
+
+def victim_cached(model_name, attack, cfg, n) -> bool:
+    """Whether `victim` would load from the cache rather than train."""
+    from dupfast.harness.victims import cache_key, default_cache_dir
+
+    train = victim_train(attack, n)
+    folder = default_cache_dir() / "victims" / f"{victim_name(model_name, attack, n)}-{cache_key(cfg, train, 2)}"
+    return (folder / "dupfast_victim.json").is_file()
+
+
 def victim(model_name, attack, cfg, n):
     """(model, tokenizer, info) of the victim (attack) or the clean fine-tune (attack None)."""
-    if attack is None:
-        train = subset(load_sst2("train"), n)
-        return train_victim(train, cfg, name=f"sst2-{model_name}-clean-n{n}")
-    train = subset(load_sst2_poison(attack, "train", 0.2), n)
-    return train_victim(train, cfg, name=f"sst2-{model_name}-{attack}-dirty0.2-n{n}")
+    return train_victim(victim_train(attack, n), cfg, name=victim_name(model_name, attack, n))
 
 
 def loaders(tok, clean_set, pool):
@@ -150,8 +173,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/arch")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = VictimConfig(model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       max_len=MAX_LEN, seed=SPLIT_SEED, autocast=None if args.autocast == "none" else "bf16")
+    cfg = victim_config(args.model, args.epochs, args.lr, args.batch_size, None if args.autocast == "none" else "bf16")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"{args.model}.jsonl"

@@ -16,10 +16,13 @@ Protocol:
 - No leakage: the clean-tune set is SST-2 dev (872), CACC is measured on SST-2 test (1,821) and ASR on the
   test-poison set. The authors' code tunes on test and evaluates on dev; here test is never trained on.
 One JSON line per configuration is appended to --out as soon as it finishes; finished ones are skipped.
+The same steps run per architecture (MPNet, SmolLM2, MiniLM on the architecture victims) in
+experiments/sst2_btu_architectures.py, through `exposure_summary` and `defend`.
 """
 import argparse
 import copy
 import json
+import math
 import pathlib
 import sys
 import time
@@ -31,7 +34,7 @@ from dupfast import btu
 from dupfast.harness.attacks import AddSent, BadNets, make_backdoor
 from dupfast.harness.data import load_sst2, load_sst2_poison
 from dupfast.harness.models import load_model
-from dupfast.finetune import fit
+from dupfast.finetune import FinetuneConfig, fit
 from dupfast.harness.victims import cache_key, default_cache_dir, evaluate_backdoor, train_victim
 from experiments.sst2_victims import SST2_VICTIM, victim_for
 
@@ -75,42 +78,54 @@ def victim(attack, setting, train, wait_minutes: float):
     return train_victim(train, SST2_VICTIM, name=f"sst2-{attack}-mix0.1")
 
 
-def make_evaluator(test, ptest):
+def make_evaluator(test, ptest, max_len=EVAL_MAX_LEN):
     """CACC on clean test, ASR on triggered test, and the ASR floor (see `victims.evaluate_backdoor`)."""
 
     def evaluate(model, tok):
         t0 = time.perf_counter()
-        res = evaluate_backdoor(model, tok, test, ptest, TARGET, max_len=EVAL_MAX_LEN)
+        res = evaluate_backdoor(model, tok, test, ptest, TARGET, max_len=max_len)
         return {**{k: round(res[k], 4) for k in ("cacc", "asr", "asr_floor")},
                 "eval_seconds": round(time.perf_counter() - t0, 1)}
     return evaluate
 
 
-def trigger_ranks(ex, tok, phrases):
-    ids = sorted({i for p in phrases for i in tok(p, add_special_tokens=False)["input_ids"]})
-    suspects = set(ex.token_ids)
-    return [{"id": i, "token": tok.convert_ids_to_tokens(i), "in_suspects": i in suspects,
-             "ranks": {r.name: ex.rank(i, r.name) for r in ex.rounds}} for i in ids]
+def trigger_ranks(ex, tok, phrases, train):
+    """Every token id the trigger phrases produce in the training texts (in context: on a byte-level BPE the
+    'Ġ' form mid-sentence and the bare form at the start of a text, and the pieces of a split word), with its
+    rank in each round and whether it is in the suspicious set (see dupfast.btu.triggers)."""
+    return btu.trigger_ranks(ex, tok, phrases, [s.text for s in train])
+
+
+def fresh_model(model_name, train, seed):
+    """The pretrained model with a fresh head seeded as BTU's exposure rounds are."""
+    return load_model(model_name, num_labels=max(max(s.label for s in train) + 1, 2), seed=seed)
 
 
 def fresh_minilm(train, seed):
     """MiniLM with a fresh head seeded as BTU's exposure rounds are (what btu.expose("minilm") loaded)."""
-    return load_model("minilm", num_labels=max(max(s.label for s in train) + 1, 2), seed=seed)
+    return fresh_model("minilm", train, seed)
 
 
-def exposure_summary(attack, setting, train, cache_dir: pathlib.Path):
+def exposure_summary(attack, setting, train, cache_dir: pathlib.Path, model_name="minilm", config=None,
+                     name=None):
     """Run the three exposure rounds once per configuration and keep what later steps need (each round's
-    top-k ids, trigger ranks, timings) in a JSON file, so a rerun does not repeat the R3 round."""
-    path = cache_dir / f"{attack}-{setting}.json"
+    top-k ids, trigger ranks, timings) in a JSON file <cache_dir>/<name>.json (name: "<attack>-<setting>"),
+    so a rerun does not repeat the R3 round."""
+    path = cache_dir / f"{name or f'{attack}-{setting}'}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    config = btu.ExposureConfig() if config is None else config
     t0 = time.perf_counter()
-    model, tok = fresh_minilm(train, btu.ExposureConfig().shallow.seed)
-    ex = btu.expose(model, train, tokenizer=tok)
+    model, tok = fresh_model(model_name, train, config.shallow.seed)
+    ex = btu.expose(model, train, tokenizer=tok, config=config)
+    phrases = TRIGGERS[attack][setting]
     summary = {"expose_seconds": round(time.perf_counter() - t0, 1),
                "round_seconds": {r.name: round(r.seconds, 1) for r in ex.rounds},
+               "round_steps": {r.name: r.steps for r in ex.rounds},
                "k": ex.k, "vocab_size": ex.vocab_size, "tops": {r.name: r.top for r in ex.rounds},
-               "triggers": trigger_ranks(ex, tok, TRIGGERS[attack][setting]),
+               "embedding": btu.embedding_info(model, tok),
+               "trigger_forms": {p: btu.trigger_forms(tok, p) for p in phrases},
+               "triggers": trigger_ranks(ex, tok, phrases, train),
                "suspects": [{"id": s.token_id, "token": s.token, "score": s.score, "ranks": s.ranks}
                             for s in ex.suspects]}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -134,33 +149,45 @@ def run_one(attack, setting, tune, test, data_dir=None, wait_minutes=0.0, cache_
     model, vtok, info = victim(attack, setting, train, wait_minutes)
     row["victim"] = {"train_seconds": info["train_seconds"], "cached": info["cached"], "path": info["path"],
                      "load_seconds": round(time.perf_counter() - t0, 1)}
+    row.update(defend(model, vtok, "minilm", train, tune, evaluate, ex))
+    return row
+
+
+def defend(model, vtok, model_name, train, tune, evaluate, ex, clean_tune: FinetuneConfig | None = None) -> dict:
+    """BTU on a fine-tuned victim (`model`, unlearned in place) from an exposure summary `ex`: the union of the
+    rounds unlearned, then the clean-tune epoch; the R3-only variant; the clean-tune-only control. Returns the
+    result fields of a row (CACC / ASR / floor per variant, unlearning details, step times and steps)."""
+    clean_tune = btu.BTUConfig().clean_tune if clean_tune is None else clean_tune
     r3_only, control = copy.deepcopy(model), copy.deepcopy(model)
+    row = {}
 
     # BTU as specified: union of the three rounds, unlearn, then the clean-tune epoch
     union = [s["id"] for s in ex["suspects"]]
-    pre, tok = fresh_minilm(train, btu.BTUConfig().exposure.shallow.seed)
+    pre, tok = fresh_model(model_name, train, btu.BTUConfig().exposure.shallow.seed)
+    pretrained = btu.input_embeddings(pre).weight.detach().clone()
     _, report = btu.train(pre, train, clean_tune=tune, tokenizer=tok, suspects=union, finetuned=model,
-                          evaluate=evaluate)
+                          config=btu.BTUConfig(clean_tune=clean_tune), evaluate=evaluate)
     steps = {s["step"]: s for s in report.steps}
     row["no_defence"] = steps["finetune"]["eval"]
     row["btu"] = steps["unlearn"]["eval"]
     row["btu_clean_tune"] = steps["clean_tune"]["eval"]
     row["unlearn"] = {k: steps["unlearn"][k] for k in ("threshold", "replace_token", "dims", "dims_replaced")}
     row["step_seconds"] = {"unlearn": steps["unlearn"]["seconds"], "clean_tune": steps["clean_tune"]["seconds"]}
+    row["clean_tune_steps"] = math.ceil(len(tune) / clean_tune.batch_size) * clean_tune.epochs
+    del pre
 
     # Variant: only R3's top-k (the full-model round), fewer clean tokens reset
-    pre_model, _ = load_model("minilm")
-    pretrained = btu.input_embeddings(pre_model).weight.detach().clone()
     btu.unlearn_tokens(r3_only, pretrained, ex["tops"]["R3"], btu.replacement_id(vtok), ex["vocab_size"])
     row["btu_r3_only"] = evaluate(r3_only, vtok)
-    fit(r3_only, vtok, tune, btu.BTUConfig().clean_tune, desc="R3-only clean-tune")
+    fit(r3_only, vtok, tune, clean_tune, desc="R3-only clean-tune")
     row["btu_r3_only_clean_tune"] = evaluate(r3_only, vtok)
+    del r3_only
 
     # Control: the same clean-tune epoch on the undefended victim (does the tune alone remove the backdoor?)
     t0 = time.perf_counter()
-    fit(control, vtok, tune, btu.BTUConfig().clean_tune, desc="control clean-tune")
-    row["clean_tune_only"] = evaluate(control, vtok)
-    row["clean_tune_only"]["tune_seconds"] = round(time.perf_counter() - t0 - row["clean_tune_only"]["eval_seconds"], 1)
+    fit(control, vtok, tune, clean_tune, desc="control clean-tune")
+    tune_seconds = round(time.perf_counter() - t0, 1)
+    row["clean_tune_only"] = {**evaluate(control, vtok), "tune_seconds": tune_seconds}
     return row
 
 

@@ -8,13 +8,14 @@ resets the suspicious tokens' moved dimensions to the pretrained pad embedding.
     model, report = dupfast.btu.train("minilm", poisoned_train, clean_tune=clean)   # defended model, BTUReport
     dupfast.btu.expose(model, loader, tokenizer=tok)                  # or a loader of labelled batches
 """
-from .embeddings import embedding_block, input_embeddings, replacement_id, vocab_size
+from .embeddings import embedding_block, embedding_info, input_embeddings, replacement_id, vocab_size
 from .expose import Exposure, ExposureConfig, Round, Suspect, expose
 from .report import BTUReport
 from .shallow import ShallowClassifier
 from .train import BTUConfig, train
+from .triggers import trigger_forms, trigger_ranks, trigger_tokens
 from .unlearn import unlearn_tokens
 
 __all__ = ["BTUConfig", "BTUReport", "Exposure", "ExposureConfig", "Round", "ShallowClassifier", "Suspect",
-           "embedding_block", "expose", "input_embeddings", "replacement_id", "train", "unlearn_tokens",
-           "vocab_size"]
+           "embedding_block", "embedding_info", "expose", "input_embeddings", "replacement_id", "train",
+           "trigger_forms", "trigger_ranks", "trigger_tokens", "unlearn_tokens", "vocab_size"]

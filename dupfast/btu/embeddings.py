@@ -1,7 +1,15 @@
 """Where a model keeps its input word embeddings, which of their rows BTU may rank, and how far rows moved.
 
 Works on any Hugging Face model through `get_input_embeddings()`: BERT-like encoders (word embeddings inside
-an `embeddings` block with positions, token types and LayerNorm) and decoder LMs (a bare token embedding).
+an `embeddings` block with positions, token types and LayerNorm: MiniLM's `bert.embeddings.word_embeddings`,
+MPNet's `mpnet.embeddings.word_embeddings`) and decoder LMs (a bare token embedding: SmolLM2's
+`model.embed_tokens`, 49,152 x 576).
+
+Tied weights: a decoder checkpoint with `tie_word_embeddings` (SmolLM2) ties its LM head to the input matrix,
+but its sequence classifier (`LlamaForSequenceClassification`) has no LM head, only a `score` layer, so the
+matrix BTU ranks and edits is shared with nothing. On a model that does share it (a `*ForCausalLM`), editing
+a row edits the output row too; `embedding_info` lists such parameters under "tied_with".
+Pad: decoder tokenizers borrow pad from eos (SmolLM2: <|im_end|>); see `replacement_id`.
 """
 from typing import Iterable
 
@@ -91,6 +99,20 @@ def replacement_id(tokenizer) -> int:
         return int(unk)
     raise ValueError("the tokenizer has neither a pad nor an unk token: pass replace_with= (a token id or "
                      "string) to choose the embedding that replaces moved dimensions")
+
+
+def embedding_info(model, tokenizer) -> dict:
+    """Where BTU reads and edits the embeddings of `model` and with which tokens, as plain data for a report."""
+    word = input_embeddings(model)
+    name = submodule_name(model, word)
+    own = f"{name}.weight" if name else "weight"
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False)
+            if n != own and (p is word.weight or p.data_ptr() == word.weight.data_ptr())]
+    rep = replacement_id(tokenizer)
+    return {"module": name, "block": submodule_name(model, embedding_block(model)), "rows": int(word.weight.shape[0]),
+            "dim": int(word.weight.shape[1]), "vocab": vocab_size(model, tokenizer), "tied_with": tied,
+            "pad": tokenizer.pad_token, "replacement": tokenizer.convert_ids_to_tokens(rep),
+            "specials": list(tokenizer.all_special_tokens), "tokenizer": type(tokenizer).__name__}
 
 
 def row_change(before: torch.Tensor, after: torch.Tensor, vocab: int) -> torch.Tensor:

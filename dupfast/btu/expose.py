@@ -14,6 +14,13 @@ The suspicious set is the union of the three top-k lists. Only tokens that occur
 ranked: a row no input reaches still moves (AdamW's weight decay shrinks every row), and a token absent from
 the data cannot be its trigger; data with no rankable token at all (empty texts, only special tokens) is an
 error.
+
+Everything here works on token ids, so WordPiece and byte-level BPE vocabularies are handled alike: the
+rounds rank, and R2 deletes, whatever ids the tokenizer produced. What differs is how a trigger word maps to
+ids: on byte-level BPE (SmolLM2) one word is a 'Ġ'-marked token mid-sentence and a bare one at the start of a
+text, and a rare word may be split into frequent pieces ('Ġt' + 'q'); each of those ids must be exposed on
+its own to be unlearned. `dupfast.btu.triggers` maps a trigger to the ids it produces in the data, to
+evaluate an exposure.
 """
 import copy
 import dataclasses
@@ -68,6 +75,7 @@ class Round:
     seconds: float
     train_size: int
     final_loss: float | None
+    steps: int | None = None          # optimizer steps the round took
 
 
 @dataclasses.dataclass
@@ -121,7 +129,7 @@ class Exposure:
         return {
             "k": self.k, "vocab_size": self.vocab_size,
             "rounds": [{"name": r.name, "description": r.description, "seconds": round(r.seconds, 2),
-                        "train_size": r.train_size, "final_loss": r.final_loss,
+                        "train_size": r.train_size, "final_loss": r.final_loss, "steps": r.steps,
                         "top": [{"id": t, "token": self.tokens[t], "score": float(r.scores[t])} for t in r.top]}
                        for r in self.rounds],
             "suspects": [dataclasses.asdict(s) for s in self.suspects],
@@ -155,7 +163,7 @@ def _shallow_round(name, model, tok, train, num_labels, cfg, pretrained, vocab):
     shallow = ShallowClassifier.from_model(model, num_labels)
     losses = fit(shallow, tok, train, cfg, desc=f"BTU {name} shallow")
     scores = row_change(pretrained, shallow.word_embeddings.weight, vocab)
-    return scores, time.perf_counter() - t0, (losses[-1] if losses else None)
+    return scores, time.perf_counter() - t0, (losses[-1] if losses else None), len(losses)
 
 
 def _full_round(name, model, tok, train, cfg, pretrained, vocab):
@@ -168,7 +176,7 @@ def _full_round(name, model, tok, train, cfg, pretrained, vocab):
     losses = fit(full, tok, train, cfg, desc=f"BTU {name} word embeddings")
     scores = row_change(pretrained, word.weight, vocab)
     del full
-    return scores, time.perf_counter() - t0, (losses[-1] if losses else None)
+    return scores, time.perf_counter() - t0, (losses[-1] if losses else None), len(losses)
 
 
 def expose(model, train_data, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
@@ -210,19 +218,21 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) ->
     tokens = tok.convert_ids_to_tokens(list(range(vocab)))
 
     rounds = []
-    s1, sec, loss = _shallow_round("R1", model, tok, train, num_labels, config.shallow, pretrained, vocab)
-    rounds.append(Round("R1", "shallow model on the poisoned data", s1, top_k(s1, eligible, k), sec, len(train), loss))
+    s1, sec, loss, steps = _shallow_round("R1", model, tok, train, num_labels, config.shallow, pretrained, vocab)
+    rounds.append(Round("R1", "shallow model on the poisoned data", s1, top_k(s1, eligible, k), sec, len(train), loss,
+                        steps))
 
     dropped = rounds[0].top
     if isinstance(train, Rows):  # token rows from a loader: delete the ids from the rows themselves
         r2_tok, r2_train = tok, train.without_tokens(dropped)
     else:
         r2_tok, r2_train = _DropTokens(tok, dropped), train
-    s2, sec, loss = _shallow_round("R2", model, r2_tok, r2_train, num_labels, config.shallow, pretrained, vocab)
+    s2, sec, loss, steps = _shallow_round("R2", model, r2_tok, r2_train, num_labels, config.shallow, pretrained,
+                                          vocab)
     rounds.append(Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input",
-                        s2, top_k(s2, eligible, k), sec, len(train), loss))
+                        s2, top_k(s2, eligible, k), sec, len(train), loss, steps))
 
-    s3, sec, loss = _full_round("R3", model, tok, train, config.full, pretrained, vocab)
+    s3, sec, loss, steps = _full_round("R3", model, tok, train, config.full, pretrained, vocab)
     rounds.append(Round("R3", "full model, only the word embeddings trainable", s3, top_k(s3, eligible, k),
-                        sec, len(train), loss))
+                        sec, len(train), loss, steps))
     return Exposure(rounds, k, vocab, eligible, tokens)

@@ -80,3 +80,30 @@ def tiny_llama(tok, seed=0):
     return LlamaForSequenceClassification(cfg).eval()
 
 
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_bpe_tokenizer(texts, vocab_size=400):
+    """A GPT-2-style byte-level BPE, SmolLM2's kind, trained on `texts`: the space before a word is part of
+    its token ('Ġcf' mid-sentence, 'cf' at the start of a text), words the merges never saw are split into
+    bytes ('Ġ', 't', 'q'); pad borrowed from eos (<|im_end|>), unk = <|endoftext|>, as SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=BPE_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+
+
+def tiny_mpnet(tok, seed=0):
+    """A 2-layer MPNet classifier (MPNet's position ids start after the pad id, as in all-mpnet-base-v2)."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=80, num_labels=2, pad_token_id=tok.pad_token_id,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return MPNetForSequenceClassification(cfg).eval()

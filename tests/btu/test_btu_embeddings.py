@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from dupfast.btu.embeddings import (embedding_block, excluded_ids, input_embeddings, replacement_id, row_change,
-                                    token_ids, vocab_size)
+from dupfast.btu.embeddings import (embedding_block, embedding_info, excluded_ids, input_embeddings, replacement_id,
+                                    row_change, token_ids, vocab_size)
 
 
 def test_bert_block_is_the_embeddings_module(bert):
@@ -12,6 +12,31 @@ def test_bert_block_is_the_embeddings_module(bert):
     assert input_embeddings(model) is model.bert.embeddings.word_embeddings
     # position + type + LayerNorm come along for BERT-like encoders
     assert embedding_block(model) is model.bert.embeddings
+
+
+def test_mpnet_block_is_the_embeddings_module(mpnet):
+    model, tok = mpnet
+    assert input_embeddings(model) is model.mpnet.embeddings.word_embeddings
+    assert embedding_block(model) is model.mpnet.embeddings
+    info = embedding_info(model, tok)
+    assert (info["module"], info["block"], info["replacement"]) == ("mpnet.embeddings.word_embeddings",
+                                                                    "mpnet.embeddings", "[PAD]")
+
+
+def test_embedding_info_names_tied_parameters(llama):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, tok = llama
+    model.config.tie_word_embeddings = True  # a classifier has no LM head: nothing to tie
+    info = embedding_info(model, tok)
+    assert info["module"] == "model.embed_tokens" and info["tied_with"] == []
+    assert (info["pad"], info["replacement"], info["vocab"]) == ("<eos>", "<unk>", len(tok))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id)
+    assert embedding_info(LlamaForCausalLM(cfg), tok)["tied_with"] == ["lm_head.weight"]
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        embedding_info(nn.Linear(3, 2), tok)
 
 
 def test_decoder_block_is_the_token_embedding(llama):

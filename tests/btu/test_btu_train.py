@@ -26,7 +26,7 @@ def evaluator(test, poison):
     return evaluate
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "mpnet", "llama"])
 def test_btu_removes_the_backdoor(family, request, task):
     model, tok = request.getfixturevalue(family)
     poisoned, test, poison = task
@@ -42,7 +42,7 @@ def test_btu_removes_the_backdoor(family, request, task):
     assert steps["unlearn"]["eval"]["asr"] <= 0.2             # ... and unlearning removes it
     assert steps["unlearn"]["eval"]["cacc"] >= 0.8
     assert steps["clean_tune"]["size"] == 100 and steps["clean_tune"]["eval"]["asr"] <= 0.2
-    assert steps["unlearn"]["replace_token"] == ("[PAD]" if family == "bert" else "<unk>")
+    assert steps["unlearn"]["replace_token"] == ("<unk>" if family == "llama" else "[PAD]")
     assert defended is not model
     json.dumps(report.to_dict())
     assert report.step("unlearn") is steps["unlearn"] and "model" not in report.config["finetune"]
