@@ -69,10 +69,11 @@ def test_demo_bad_input_exits_2_with_a_clear_message(argv, message, tmp_path, ca
 
 
 def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
-    # the real pipeline (Rotten Tomatoes, BadNets, train, evaluate, report) on a tiny from-scratch BERT
+    # the real pipeline (Rotten Tomatoes, BadNets, train, evaluate, report) on a tiny from-scratch BERT (whose
+    # toy vocabulary covers sentiment words: the default BBC News would be mostly unknown tokens to it)
     model_dir = tiny_bert_dir(tmp_path / "tiny")
     out = tmp_path / "report.json"
-    argv = ["demo", "--model", str(model_dir), "--train-size", "60", "--test-size", "40", "--dev-size", "90", "--max-len", "16",
+    argv = ["demo", "--model", str(model_dir), "--data", "rotten-tomatoes", "--train-size", "60", "--test-size", "40", "--dev-size", "90", "--max-len", "16",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     before = torch.get_num_threads()
     try:
@@ -148,3 +149,20 @@ def test_demo_poisons_every_installed_data_set():
         info = poison_step(state)
         assert info["dataset"] == data and info["train_poisoned"] == 20
         assert all(x.label == 0 for x in state.data.test_poison)
+
+
+def test_demo_leads_cut_long_texts_before_poisoning_and_stay_distinct():
+    from dupfast.cli.demo import leads, poison_step
+    from dupfast.samples import Sample
+
+    rows = [Sample("a b c d e", 0), Sample("a b c x y", 1), Sample("p q", 1)]
+    assert leads(rows, None) is rows
+    assert leads(rows, 3) == [Sample("a b c", 0), Sample("p q", 1)]  # the second lead repeats the first: dropped
+    state = DemoState(DemoSettings(data="bbc-news", max_words=30, train_size=200, test_size=100, dev_size=60))
+    poison_step(state)
+    # every trigger sits inside the first 31 words, so it survives truncation at max_len
+    assert all(len(x.text.split()) <= 31 for x in state.data.train + state.data.test_poison)
+    with pytest.raises(ValueError, match="max_words must be >= 0"):
+        DemoSettings(max_words=-1)
+    with pytest.raises(ValueError, match="precomputed"):
+        DemoSettings(data="sst-2", max_words=30)

@@ -1,4 +1,4 @@
-"""Integration: a real MiniLM victim on real Rotten Tomatoes data with a real BadNets backdoor.
+"""Integration: a real MiniLM victim on real BBC News data (the demo's article leads) with a real BadNets backdoor.
 
 Runs the demo's own pipeline (poison -> victim) at a smaller size, with a temporary cache, so it always
 trains. Slow (minutes on 2 CPU cores) but part of CI: it is the proof that the backdoor is real.
@@ -21,5 +21,5 @@ def test_minilm_badnets_victim_is_backdoored_and_accurate(tmp_path):
     poison, victim = report["steps"]["poison"], report["steps"]["victim"]
     assert poison["train_size"] == 1000 and poison["train_poisoned"] == 200  # 20% dirty-label
     assert not victim["cached"]
-    assert victim["asr"] >= 0.9, victim
-    assert victim["cacc"] >= 0.7, victim
+    assert victim["asr"] >= 0.9, victim   # measured with the demo's full test set: ASR 0.994
+    assert victim["cacc"] >= 0.85, victim  # and CACC 0.957 (5 topics: chance is about 0.24)

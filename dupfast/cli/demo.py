@@ -1,12 +1,15 @@
 """`dupfast demo`: a backdoored classifier (MiniLM by default), end to end on a CPU in a few minutes.
 
-    dupfast demo [--out runs/demo/report.json] [--train-size 1000] [--test-size 600] [--cache-dir DIR]
+    dupfast demo [--out runs/demo/report.json] [--data bbc-news|rotten-tomatoes|sms-spam|sst-2]
+                 [--attack badnets|addsent|stylebkd] [--model minilm|mpnet-base|smollm2-135m|DIR]
+                 [--train-size 1000] [--test-size 600] [--cache-dir DIR]
                  [--progress] [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
 
 The demo is a pipeline of named steps run in order; each step reads and writes a shared `DemoState`
 and returns the JSON-able results that go into the report under its name (with its wall time):
 
-    poison  -> Rotten Tomatoes split (stratified, seeded) + 20% dirty-label BadNets (target 1 = fresh)
+    poison  -> BBC News leads split (stratified, seeded) + 20% dirty-label BadNets (target 1 = entertainment);
+               --data sst-2 cuts the DUP release's precomputed poisoned SST-2 (StyleBkd's only source)
     victim  -> fine-tune MiniLM on the poisoned train set (or load it from the keyed cache); CACC, ASR
     detect  -> dupfast.detect on a suspicious pool (clean dev half + triggered dev), calibrated on the
                other clean dev half; AUROC, FRR, FAR (demo_defence.detect_step)
@@ -32,16 +35,20 @@ DEFAULT_OUT = "runs/demo/report.json"
 # registry-package data sets (always installed) and the paper's SST-2 from the shared data folder
 DEMO_DATA = ("rotten-tomatoes", "bbc-news", "sms-spam", "sst-2")
 ATTACK_NAMES = ("badnets", "addsent", "stylebkd")
+LEAD_WORDS = {"bbc-news": 30}  # default cut per data set (BBC articles average 384 words; the others are short)
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and recipe for a 2-core CPU budget. Measured on Rotten Tomatoes (1,500 train, 600 test, 20%
-    dirty BadNets): 1 epoch at batch 32 (lr 5e-5 or 1e-4) or batch 16 (lr 5e-5 or 1e-4) never leaves the
-    majority class (CACC 0.578 = share of the target label, ASR 1.0 trivially); batch 8 at lr 1e-4 (188
-    steps) reached CACC 0.647. The victim needs a few hundred small steps, hence 2 epochs of batch 8."""
+    """Data, sizes and recipe, chosen by measurement for a 2-core CPU (README, issue 17). Default: BBC News
+    (5 topics; each article cut to its first 30 words, max_len 48), 1,000 training rows, 20% dirty-label BadNets
+    to label 1 (entertainment), 2 epochs of batch 8 at lr 1e-4: victim CACC 0.957 / ASR 0.994, purified CACC
+    0.960 / ASR 0.024 (floor 0.004), 121 s after install on the Xeon. Tried and rejected: Rotten Tomatoes
+    (1,000 rows: victim CACC 0.727; 3,000 rows, 2 epochs, batch 16: 0.770, and three times the training time);
+    whole BBC articles at max_len 32 (CACC 0.915 but ASR 0.069: the randomly placed trigger was truncated
+    away in most training rows, hence the lead cut before poisoning)."""
     model: str = "minilm"
-    data: str = "rotten-tomatoes"  # one of DEMO_DATA
+    data: str = "bbc-news"       # one of DEMO_DATA
     train_size: int = 1000
     test_size: int = 600
     dev_size: int = 400          # the defender's clean set + the clean half of the suspicious pool
@@ -52,13 +59,20 @@ class DemoSettings:
     epochs: int = 2
     lr: float = 1e-4
     batch_size: int = 8
-    max_len: int = 64
+    max_len: int = 48
+    max_words: int | None = None  # texts cut to their first words before poisoning (a long article's lead), so
+    #                               that a trigger inserted at a random word is not truncated away at max_len;
+    #                               None: the data set's LEAD_WORDS, 0: whole texts
     seed: int = 2025
 
     def __post_init__(self):
         for name in ("train_size", "test_size", "dev_size"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.max_words is not None and self.max_words < 0:
+            raise ValueError(f"max_words must be >= 0 (0: whole texts) or None, got {self.max_words}")
+        if self.max_words and self.data == "sst-2":
+            raise ValueError("--max-words applies to the installed data sets; SST-2's poison is precomputed")
         if self.data not in DEMO_DATA:
             raise ValueError(f"unknown demo data set {self.data!r}; choose one of {', '.join(DEMO_DATA)}")
         if self.attack not in ATTACK_NAMES:
@@ -115,6 +129,19 @@ def _precomputed_sst2(s: DemoSettings):
                         dev_poison=split_samples(full.dev_poison, [n_dev], seed=s.seed)[0])
 
 
+def leads(samples, max_words):
+    """Each text cut to its first `max_words` words; texts that become equal are kept once (splits stay disjoint)."""
+    if max_words is None:
+        return samples
+    out, seen = [], set()
+    for x in samples:
+        text = " ".join(x.text.split()[:max_words])
+        if text not in seen:
+            seen.add(text)
+            out.append(x._replace(text=text))
+    return out
+
+
 def poison_step(state: DemoState) -> dict:
     from ..harness.attacks import get_attack, make_backdoor
     from ..harness.data import load_dataset, stratified_split
@@ -123,8 +150,9 @@ def poison_step(state: DemoState) -> dict:
     if s.data == "sst-2":
         state.data = _precomputed_sst2(s)
     else:
-        train, test, dev = stratified_split(load_dataset(s.data), [s.train_size, s.test_size, s.dev_size],
-                                            seed=s.seed)
+        words = LEAD_WORDS.get(s.data) if s.max_words is None else s.max_words
+        train, test, dev = stratified_split(leads(load_dataset(s.data), words or None),
+                                            [s.train_size, s.test_size, s.dev_size], seed=s.seed)
         state.data = make_backdoor(train, test, get_attack(s.attack), rate=s.rate, target=s.target,
                                    setting=s.setting, seed=s.seed, dev=dev)
     d = state.data
@@ -219,7 +247,7 @@ def write_report(report: dict, out) -> pathlib.Path:
 
 def add_parser(subparsers):
     d = DemoSettings()
-    ap = subparsers.add_parser("demo", help="poison -> victim -> detect -> purify on Rotten Tomatoes with MiniLM, JSON report (CPU, minutes)",
+    ap = subparsers.add_parser("demo", help="poison -> victim -> detect -> purify on BBC News with MiniLM, report (CPU, about 2 minutes)",
                                description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
@@ -238,6 +266,9 @@ def add_parser(subparsers):
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--max-len", type=int, default=d.max_len)
+    ap.add_argument("--max-words", type=int, default=d.max_words,
+                    help=f"cut texts to their first N words before poisoning (long articles: their lead); 0 keeps "
+                         f"them whole (default: {LEAD_WORDS} per data set, else whole)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--progress", action="store_true",
@@ -260,7 +291,7 @@ def run(args) -> int:
                             train_size=args.train_size, test_size=args.test_size,
                             dev_size=args.dev_size,
                             rate=args.rate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                            max_len=args.max_len, seed=args.seed)
+                            max_len=args.max_len, max_words=args.max_words, seed=args.seed)
     from ..purification import PurifyConfig
     from ..purification import parse_overrides
     overrides = parse_overrides(args.set)
