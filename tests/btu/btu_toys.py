@@ -62,22 +62,24 @@ def decoder_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
-def tiny_bert(tok, seed=0):
-    from transformers import BertConfig, BertForSequenceClassification
+def _tiny(family, tok, seed, **config):
+    """A seeded 2-layer, 32-wide sequence classifier of a transformers family over `tok`'s vocabulary."""
+    import transformers
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2, pad_token_id=tok.pad_token_id,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg).eval()
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=2, pad_token_id=tok.pad_token_id, **config)
+    return getattr(transformers, f"{family}ForSequenceClassification")(cfg).eval()
+
+
+def tiny_bert(tok, seed=0):
+    return _tiny("Bert", tok, seed, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
 
 
 def tiny_llama(tok, seed=0):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, num_labels=2,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForSequenceClassification(cfg).eval()
+    return _tiny("Llama", tok, seed, num_key_value_heads=1, max_position_embeddings=64,
+                 eos_token_id=tok.eos_token_id)
 
 
 BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -101,9 +103,5 @@ def byte_bpe_tokenizer(texts, vocab_size=400):
 
 def tiny_mpnet(tok, seed=0):
     """A 2-layer MPNet classifier (MPNet's position ids start after the pad id, as in all-mpnet-base-v2)."""
-    from transformers import MPNetConfig, MPNetForSequenceClassification
-    torch.manual_seed(seed)
-    cfg = MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=80, num_labels=2, pad_token_id=tok.pad_token_id,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return MPNetForSequenceClassification(cfg).eval()
+    return _tiny("MPNet", tok, seed, max_position_embeddings=80, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
