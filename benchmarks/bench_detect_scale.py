@@ -15,10 +15,12 @@ What a detect call keeps per pool input, besides the result (scores, flags, z-no
 per-layer distances, cosines, concentration, logits, index): in mode="default" the pooled features of the
 leave-one-out pool-shift projection (transductive.py), float32 [L, d] per projection pooling (the main
 pooling and the masked mean), held until the whole pool is seen because the projection direction needs the
-pool's mean. glibc's dynamic mmap threshold adds heap fragmentation that also grows with N (per-batch
-feature buffers of a few MiB land on the heap between small long-lived result tensors); run with
-MALLOC_MMAP_THRESHOLD_=131072 to take it out of the measurement. `retained_feature_bytes_per_input` counts those bytes from the shapes; the RSS slope (bytes per input
-between the smallest and the largest N) is measured. mode="dup" keeps no features.
+pool's mean: in memory up to `projection_memory` (default 1 GiB, $DUPFAST_PROJECTION_MEMORY, all poolings
+together), beyond it in an unnamed temporary file, so the peak is bounded by that budget, not by N. Between
+batches detect hands freed heap pages back to the OS (dupfast/heap.py): without it glibc kept every batch's
+freed temporaries resident below the small tensors kept per batch, and RSS grew with N although live memory
+did not. `retained_feature_bytes_per_input` counts the projection features from the shapes; the RSS slope
+(bytes per input between the smallest and the largest N) is measured. mode="dup" keeps no features.
 Results land in runs/bench_detect_scale.json (or $DUPFAST_BENCH_OUT).
 """
 import argparse

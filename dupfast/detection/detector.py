@@ -21,9 +21,11 @@ from .pool import fit_pool
 from .result import DetectionResult
 from .scorers import check_options, make_scorer
 from .scorers.base import Dims
-from .scoring import assemble, score_batch
+from .scoring import assemble, score_batch, stream_scores
+from .transductive import memory_budget
 
-OWN_OPTIONS = ("mode", "frr", "seed", "calibration_fraction", "autocast", "pool_trim", "pool_iterations")
+OWN_OPTIONS = ("mode", "frr", "seed", "calibration_fraction", "autocast", "pool_trim", "pool_iterations",
+               "projection_memory")
 
 
 def _fraction(name, value):
@@ -36,11 +38,14 @@ def _fraction(name, value):
 class Detector:
     """DUP detection. mode="dup" is the authors' algorithm exactly; mode="default" is dupfast's measured
     improvement (scorers/default.py); mode="dan" the DAN baseline. `options` are the mode's scorer options
-    (e.g. pooling, top_k, alpha for "dup"; signals for "default"); any other is a TypeError."""
+    (e.g. pooling, top_k, alpha for "dup"; signals for "default"); any other is a TypeError.
+    projection_memory: bytes of pool features mode="default" keeps in memory while scoring (its projection
+    needs the whole pool; the budget is shared by its projection poolings); beyond them they go to a temporary file (default $DUPFAST_PROJECTION_MEMORY or
+    1 GiB; a run-time choice like `autocast`, not saved with the detector)."""
 
     def __init__(self, mode: str = "default", frr: float = 0.05, *, seed: int = 2025,
                  calibration_fraction: float = 0.5, autocast=None, pool_trim: float = 0.5,
-                 pool_iterations: int = 10, **options):
+                 pool_iterations: int = 10, projection_memory: Optional[int] = None, **options):
         check_options(mode, options, others=OWN_OPTIONS)
         self.mode, self.frr = mode, _fraction("frr", frr)
         self.calibration_fraction = _fraction("calibration_fraction", calibration_fraction)
@@ -50,6 +55,7 @@ class Detector:
             raise ValueError(f"pool_iterations must be an int >= 1, got {pool_iterations!r}")
         self.seed, self.pool_trim, self.pool_iterations = seed, _fraction("pool_trim", pool_trim), pool_iterations
         self.autocast = autocast
+        self.projection_memory = projection_memory
         self.options = dict(options)
         self.scorer = make_scorer(mode, **options)
         self.fitted_calibration: Optional[Calibration] = None
@@ -59,6 +65,8 @@ class Detector:
     # the forward passes' autocast is a run-time choice (also for a loaded detector), so it may be reassigned
     autocast = property(lambda self: self._autocast,
                         lambda self, value: setattr(self, "_autocast", autocast_name(value)))
+    projection_memory = property(lambda self: self._projection_memory,
+                                 lambda self, value: setattr(self, "_projection_memory", memory_budget(value)))
     threshold = property(lambda self: None if self.fitted_calibration is None else self.fitted_calibration.threshold)
     znorm = property(lambda self: None if self.fitted_calibration is None else self.fitted_calibration.znorm)
     val_z = property(lambda self: None if self.fitted_calibration is None else self.fitted_calibration.val_z)
@@ -131,10 +139,8 @@ class Detector:
         """Score captured batches (anything with `features`, `logits`, `index`: `capture`'s CapturedBatch) batch
         by batch, as they come: the extension point for other captures (dupfast.generative's prompt capture)."""
         self._need_fit()
-        parts = [self._score_batch(cb.features, cb.logits, cb.index) for cb in batches]
-        if not parts:
-            raise ValueError("no batches to score (empty data set)")
-        return assemble(parts, self.scorer, self.fitted_calibration)
+        return stream_scores(batches, lambda cb: self._score_batch(cb.features, cb.logits, cb.index), self.scorer,
+                             self.fitted_calibration, self.projection_memory)
 
     def score_features(self, features: dict, logits=None, index=None) -> DetectionResult:
         self._need_fit()

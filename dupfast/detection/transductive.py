@@ -10,23 +10,124 @@ with S = Σ_j x_j over the pool. Leaving i out matters: in d dimensions ‖z_i�
 every pool sample (clean ones too) above the clean validation samples and break the FRR calibration.
 S and N are all-reduced, so sharded pools give the single-process result; ‖z_i‖² comes from the
 dispatched Mahalanobis op (squared class-agnostic distance), so only a mat-vec per layer is done here.
+
+The direction needs the whole pool, so each input's pooled features wait until the pool has been seen:
+`PoolFeatures` keeps them in memory up to a byte budget and beyond it in an unnamed temporary file, and the
+projection reads them back in chunks (float64 only a chunk at a time), so memory stays flat in N.
 """
+import os
+import tempfile
+from typing import Iterator, Optional, Union
+
 import torch
 
 from .. import distributed as D
 
+CHUNK_ROWS = 1024
+DEFAULT_MEMORY = 1 << 30   # bytes of pool features kept in memory before spilling to disk
+MEMORY_ENV = "DUPFAST_PROJECTION_MEMORY"
+
+
+def memory_budget(value: Optional[int] = None) -> int:
+    """Bytes of pool features kept in memory: `value`, else $DUPFAST_PROJECTION_MEMORY, else 1 GiB."""
+    source = "projection_memory"
+    if value is None:
+        raw = os.environ.get(MEMORY_ENV)
+        if raw is None:
+            return DEFAULT_MEMORY
+        source = f"${MEMORY_ENV}"
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{source} must be a whole number of bytes, got {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{source} must be a whole number of bytes >= 0 (0: always spill to disk), got {value!r}")
+    return value
+
+
+class PoolFeatures:
+    """Float32 rows [*, L, d] appended batch by batch: in memory while the total fits `memory_bytes`, then all
+    of them in one unnamed temporary file (`directory`, default the system's temp dir; removed when closed or
+    collected, also after a crash), read back by `chunks`."""
+
+    def __init__(self, memory_bytes: int = DEFAULT_MEMORY, directory: Optional[str] = None):
+        self.memory_bytes, self.directory = memory_bytes, directory
+        self.rows, self.shape = 0, None
+        self._parts, self._file = [], None
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        if self.shape is None:
+            self.shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"pool features of shape {tuple(x.shape[1:])} after {self.shape}")
+        self.rows += x.shape[0]
+        if self._file is None and self.rows * x[0].numel() * 4 > self.memory_bytes:
+            self._file = tempfile.TemporaryFile(dir=self.directory)
+            for part in self._parts:
+                self._write(part)
+            self._parts = []
+        if self._file is None:
+            self._parts.append(x)
+        else:
+            self._write(x)
+
+    def _write(self, x):
+        self._file.write(memoryview(x.numpy()).cast("B"))
+
+    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+        """The rows in order, `rows` at a time (the in-memory batches as they are)."""
+        if self._file is None:
+            yield from self._parts
+            return
+        self._file.flush()
+        self._file.seek(0)
+        row_bytes = 4 * int(torch.Size(self.shape).numel())
+        for start in range(0, self.rows, rows):
+            chunk = torch.empty((min(rows, self.rows - start),) + self.shape, dtype=torch.float32)
+            view = memoryview(chunk.numpy()).cast("B")
+            if self._file.readinto(view) != chunk.shape[0] * row_bytes:
+                raise OSError("the spilled pool features file was truncated")
+            yield chunk
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._parts = None, []
+
+
+def _chunks(x: Union[torch.Tensor, PoolFeatures]) -> Iterator[torch.Tensor]:
+    if isinstance(x, PoolFeatures):
+        yield from x.chunks()
+    else:
+        yield from x.split(CHUNK_ROWS)
+
+
+def _rows(x) -> int:
+    return x.rows if isinstance(x, PoolFeatures) else x.shape[0]
+
 
 def loo_projections(x_pool, q_pool, x_val, means, whiteners):
-    """x_pool [N, L, d] (this rank's share), q_pool [N, L] = ‖z‖², x_val [n, L, d], means [L, 1, d],
-    whiteners [L, d, d] -> (pool projections [N, L], validation projections [n, L]), float64."""
+    """x_pool [N, L, d] (this rank's share; a tensor or `PoolFeatures`), q_pool [N, L] = ‖z‖², x_val [n, L, d],
+    means [L, 1, d], whiteners [L, d, d] -> (pool projections [N, L], validation projections [n, L]), float64.
+    Two passes over x_pool in chunks: the pool sum, then each sample's dot with the direction."""
     mu = means[:, 0].double()
-    xp = x_pool.double() - mu
-    n_pool = D.all_reduce_sum(torch.tensor(float(x_pool.shape[0]), dtype=torch.float64))
+    n_pool = D.all_reduce_sum(torch.tensor(float(_rows(x_pool)), dtype=torch.float64))
     if n_pool < 2:
         raise ValueError("the pool projection needs at least 2 pool samples")
-    total = D.all_reduce_sum(xp.sum(0))                              # Σ_j (x_j - μ) = S - Nμ, [L, d]
+    local = torch.zeros_like(mu)
+    for c in _chunks(x_pool):
+        local += c.double().sum(0)
+    total = D.all_reduce_sum(local - _rows(x_pool) * mu)             # Σ_j (x_j - μ) = S - Nμ, [L, d]
     W = whiteners.double()
     v = torch.einsum("lde,le->ld", W, torch.einsum("ld,lde->le", total, W))   # P (S - Nμ), per layer
-    pool = (torch.einsum("nld,ld->nl", xp, v) - q_pool.double()) / (n_pool - 1)
+    offset = (mu * v).sum(-1)                                        # μ · v, per layer
+    dots = [torch.einsum("nld,ld->nl", c.double(), v) for c in _chunks(x_pool)]
+    dots = (torch.cat(dots) if dots else torch.zeros(0, mu.shape[0], dtype=torch.float64)) - offset
+    pool = (dots - q_pool.double()) / (n_pool - 1)
     val = torch.einsum("nld,ld->nl", x_val.double() - mu, v) / n_pool
     return pool, val
