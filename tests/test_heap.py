@@ -41,22 +41,24 @@ def test_trim_gives_back_holes_pinned_by_small_survivors():
     assert before - after > 150 * 1024, (before, after)  # of the 187.5 MiB freed, most goes back (KiB)
 
 
-def test_trimmer_spends_at_most_its_share_of_the_time(monkeypatch):
+@pytest.mark.parametrize("cost, interval, gap", [(0.005, 10.0, 10.0), (0.5, 10.0, 50.0), (0.005, 0.0, 0.5)])
+def test_trimmer_waits_its_interval_and_spends_at_most_its_share(monkeypatch, cost, interval, gap):
     from dupfast import heap
     now = [0.0]
     calls = []
 
-    def trim():  # each trim takes 5 ms of the fake clock
+    def trim():  # each trim takes `cost` seconds of the fake clock
         calls.append(now[0])
-        now[0] += 0.005
+        now[0] += cost
     monkeypatch.setattr(heap, "release_free_memory", trim)
-    t = heap.Trimmer(share=0.01, clock=lambda: now[0])
-    for _ in range(1000):  # batches of 10 ms
+    t = heap.Trimmer(share=0.01, min_interval=interval, clock=lambda: now[0])
+    for _ in range(20000):  # batches of 10 ms: 200 s
         t()
         now[0] += 0.010
     assert t.trims == len(calls) and calls[0] == 0.0
-    assert all(b - a >= 0.5 for a, b in zip(calls, calls[1:]))  # 5 ms / 1% = 0.5 s between trims
-    assert 0.005 * len(calls) <= 0.01 * now[0] + 0.005 and len(calls) >= 15
+    assert all(b - a >= gap for a, b in zip(calls, calls[1:]))  # max(interval, cost / share) between trims
+    assert len(calls) >= int(200 / (gap + 0.02)) - 1
+    assert cost * len(calls) <= 0.01 * now[0] + cost
 
 
 def test_detect_trims_while_scoring_the_pool(monkeypatch):
@@ -72,4 +74,4 @@ def test_detect_trims_while_scoring_the_pool(monkeypatch):
     pool = sentiment_samples(50, seed=2)
     dupfast.detect(model, text_loader(tok, [s.text for s in pool], None, 8, 16),
                    clean=text_loader(tok, [s.text for s in clean], [s.label for s in clean], 16, 16))
-    assert 1 <= len(calls) <= 7  # the first batch always, then at most once per batch of the 7
+    assert len(calls) == 1  # the first batch; the next trim waits 10 s

@@ -48,45 +48,67 @@ def memory_budget(value: Optional[int] = None) -> int:
 class PoolFeatures:
     """Float32 rows [*, L, d] appended batch by batch: in memory while the total fits `memory_bytes`, then all
     of them in one unnamed temporary file (`directory`, default the system's temp dir; removed when closed or
-    collected, also after a crash), read back by `chunks`."""
+    collected, also after a crash), read back by `chunks`.
+
+    In memory the rows are copied into slabs of SLAB_BYTES, not kept as the batches' own tensors: a slab is one
+    allocation above glibc's largest mmap threshold (32 MiB), so it lives outside the heap, where thousands of
+    batch-sized survivors would pin the freed temporaries of every forward pass between them (heap.py)."""
+
+    SLAB_BYTES = 64 << 20
 
     def __init__(self, memory_bytes: int = DEFAULT_MEMORY, directory: Optional[str] = None):
         self.memory_bytes, self.directory = memory_bytes, directory
         self.rows, self.shape = 0, None
-        self._parts, self._file = [], None
+        self._slabs, self._file = [], None   # in memory: [slab tensor, rows filled]
 
     @property
     def spilled(self) -> bool:
         return self._file is not None
 
     def append(self, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", torch.float32).contiguous()
+        x = x.detach()
         if self.shape is None:
             self.shape = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"pool features of shape {tuple(x.shape[1:])} after {self.shape}")
         self.rows += x.shape[0]
-        if self._file is None and self.rows * x[0].numel() * 4 > self.memory_bytes:
+        if self._file is None and self.rows * self._row_bytes() > self.memory_bytes:
             self._file = tempfile.TemporaryFile(dir=self.directory)
-            for part in self._parts:
-                self._write(part)
-            self._parts = []
+            for slab, filled in self._slabs:
+                self._write(slab[:filled])
+            self._slabs = []
         if self._file is None:
-            self._parts.append(x)
+            self._copy_in(x)
         else:
-            self._write(x)
+            self._write(x.to("cpu", torch.float32).contiguous())
+
+    def _row_bytes(self) -> int:
+        return 4 * int(torch.Size(self.shape).numel())
+
+    def _copy_in(self, x):
+        start = 0
+        while start < x.shape[0]:
+            if not self._slabs or self._slabs[-1][1] == self._slabs[-1][0].shape[0]:
+                rows = max(1, min(self.SLAB_BYTES, max(self.memory_bytes, 1)) // self._row_bytes())
+                self._slabs.append([torch.empty((rows,) + self.shape, dtype=torch.float32), 0])
+            slab = self._slabs[-1]
+            n = min(x.shape[0] - start, slab[0].shape[0] - slab[1])
+            slab[0][slab[1]:slab[1] + n].copy_(x[start:start + n])
+            slab[1] += n
+            start += n
 
     def _write(self, x):
         self._file.write(memoryview(x.numpy()).cast("B"))
 
     def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
-        """The rows in order, `rows` at a time (the in-memory batches as they are)."""
+        """The rows in order, `rows` at a time (in memory: views of the slabs, `rows` at a time)."""
         if self._file is None:
-            yield from self._parts
+            for slab, filled in self._slabs:
+                yield from slab[:filled].split(rows)
             return
         self._file.flush()
         self._file.seek(0)
-        row_bytes = 4 * int(torch.Size(self.shape).numel())
+        row_bytes = self._row_bytes()
         for start in range(0, self.rows, rows):
             chunk = torch.empty((min(rows, self.rows - start),) + self.shape, dtype=torch.float32)
             view = memoryview(chunk.numpy()).cast("B")
@@ -97,7 +119,7 @@ class PoolFeatures:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self._file, self._parts = None, []
+        self._file, self._slabs = None, []
 
 
 def _chunks(x: Union[torch.Tensor, PoolFeatures]) -> Iterator[torch.Tensor]:

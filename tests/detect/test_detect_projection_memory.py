@@ -179,3 +179,24 @@ def test_the_budget_bounds_all_projection_poolings_together(bert, clean_and_pool
     det.score(bert, pool)
     assert len(stores) == 2 and all(s.memory_bytes == int(1.5 * per_pooling) // 2 for s in stores)
     assert all(spilled[id(s)] for s in stores)  # each share (0.75x its pooling's features) was exceeded
+
+
+def test_in_memory_rows_live_in_a_few_slabs_not_in_the_batches_tensors(monkeypatch):
+    monkeypatch.setattr(PoolFeatures, "SLAB_BYTES", 40 * 15 * 4)  # 40 rows of [3, 5] a slab
+    x, parts = _batches(203, (3, 5), [7, 1, 13])
+    store = PoolFeatures(10 ** 9)
+    for p in parts:
+        store.append(p)
+    assert not store.spilled and len(store._slabs) == 6  # ceil(203 / 40)
+    assert all(s.data_ptr() != p.data_ptr() for s, _ in store._slabs for p in parts)
+    assert torch.equal(torch.cat(list(store.chunks(rows=17))), x)
+    assert {c.shape[0] for c in store.chunks(rows=17)} <= {17, 40 - 34, 3}
+
+
+def test_a_budget_below_one_slab_makes_slabs_of_the_budget(monkeypatch):
+    store = PoolFeatures(4 * 15 * 4)  # room for 4 rows of [3, 5]
+    store.append(torch.randn(3, 3, 5))
+    assert store._slabs[0][0].shape == (4, 3, 5) and not store.spilled
+    store.append(torch.randn(2, 3, 5))
+    assert store.spilled and store.rows == 5
+    store.close()
