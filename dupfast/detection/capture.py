@@ -61,8 +61,10 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """hidden [B, T, d], mask [B, T] -> [B, d] float32."""
     if how == "mean":
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float()
+        # [B, 1, T] @ [B, T, d]: the masked sum without a [B, T, d] product in memory; the count in fp32
+        # (bf16 holds integers exactly only up to 256)
+        total = torch.bmm(mask.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1).float()
+        return total / mask.sum(1, keepdim=True).clamp_min(1).float()
     pos = first_token_index(mask) if how == "cls" else last_token_index(mask)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos].float()
 
