@@ -1,7 +1,8 @@
 """BTU per architecture on SST-2 (20% dirty label): MPNet-base, SmolLM2-135M (a decoder, byte-level BPE), MiniLM.
 
     python -m experiments.sst2_btu_architectures --model mpnet-base|smollm2-135m|minilm
-        [--attacks badnets addsent] [--train-size 2000] [--exposure-autocast bf16|none] [--cached-only]
+        [--attacks badnets addsent] [--train-size 2000] [--exposure-autocast bf16|none]
+        [--victim-autocast bf16|none] [--cached-only]
         [--threads 2] [--out runs/btu_arch] [--table]
 
 The victims are exactly those of experiments/sst2_architectures.py (its `victim` and `victim_config`: a
@@ -67,8 +68,8 @@ def ratios(row, epoch_s):
     return {k: round(v / epoch_s, 3) for k, v in parts.items()}
 
 
-def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False):
-    cfg = victim_config(model_name)
+def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False, victim_autocast="bf16"):
+    cfg = victim_config(model_name, autocast=victim_autocast)
     if cached_only and not victim_cached(model_name, attack, cfg, n):
         raise RuntimeError(f"the {model_name} {attack} victim (n={n}) is not cached; run experiments/"
                            f"sst2_architectures.py --model {model_name} --attacks {attack} first, or drop --cached-only")
@@ -129,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--exposure-autocast", choices=["bf16", "none"], default="bf16",
                     help="precision of the exposure rounds and the clean-tune epoch (none = fp32)")
+    ap.add_argument("--victim-autocast", choices=["bf16", "none"], default="bf16",
+                    help="the victim recipe's precision (sst2_architectures.py --autocast): bf16 as the README's "
+                         "victims; none (fp32) on a CPU without native bf16, where bf16 is emulated and slow")
     ap.add_argument("--cached-only", action="store_true", help="fail instead of training a victim not cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/btu_arch")
@@ -143,14 +147,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     autocast = None if args.exposure_autocast == "none" else "bf16"
-    done = {(r["attack"], r["train_size"], r["exposure_autocast"]) for r in rows}
+    victim_autocast = None if args.victim_autocast == "none" else "bf16"
+    done = {(r["attack"], r["train_size"], r["exposure_autocast"], r["victim_recipe"].get("autocast")) for r in rows}
     tune, test = load_sst2("dev"), load_sst2("test")
     for attack in args.attacks:
-        if (attack, args.train_size, autocast) in done:
+        if (attack, args.train_size, autocast, victim_autocast) in done:
             print(f"skip {args.model} {attack}: already in {log}", flush=True)
             continue
         t0 = time.perf_counter()
-        row = run_one(args.model, attack, args.train_size, autocast, tune, test, out, args.cached_only)
+        row = run_one(args.model, attack, args.train_size, autocast, tune, test, out, args.cached_only,
+                      victim_autocast)
         row["total_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         with log.open("a") as fh:
