@@ -6,7 +6,9 @@ and bf16 autocast vs fp32. All ratios come from one run (same process, same inpu
 
 Model: the MiniLM victim (`experiments/sst2_victims.py`, BadNets) when it is cached, else plain MiniLM
 with a fresh head; inputs: the first N SST-2 dev texts + dev-poison (paper data), else Rotten Tomatoes.
-The ratios and AUROCs land in runs/bench_detect.json and are printed at the end. The bf16 autocast rows run
+`test_interleaved_ratios` times bare / dup / default back to back in DUPFAST_BENCH_ROUNDS (default 7) rounds of
+random order and reports the median per-round ratio: the figure to quote on a shared machine, whose speed drifts
+between the per-variant blocks. The ratios and AUROCs land in runs/bench_detect.json and are printed at the end. The bf16 autocast rows run
 where the device computes bf16 natively (DUPFAST_BENCH_BF16=1: everywhere).
 
 Where neither model nor data is installed (a bare GPU image), or with DUPFAST_BENCH_MODEL=synthetic, the model
@@ -162,6 +164,46 @@ def test_detect_one_pass(benchmark, setup, mode):
                        warmup_rounds=1)
     _record(f"detect_{mode}", benchmark)
     _auroc(f"detect_{mode}", setup, det.score(setup["model"], setup["pool"]))
+
+
+ROUNDS = int(os.environ.get("DUPFAST_BENCH_ROUNDS", "2" if TINY else "7"))
+
+
+def test_interleaved_ratios(benchmark, setup):
+    """The detect / bare-forward ratios from rounds that run bare, dup and default back to back, each round
+    in a fresh order: a drift of the machine's speed (shared 2-vCPU hosts drift by 10-20% over minutes) then
+    hits all three alike, where the per-test blocks above time each variant minutes apart. Reports the median
+    over rounds of each round's own ratio (`interleaved_*` in runs/bench_detect.json)."""
+    import random
+    from dupfast.detection import Detector
+    m, pool = setup["model"], setup["pool"]
+    bare_pool = [{k: b[k].to(DEVICE) for k in ("input_ids", "attention_mask")} for b in pool]
+    dets = {"dup": setup["det"], "default": Detector(mode="default").fit(m, setup["clean"])}
+
+    def bare():
+        with torch.inference_mode():
+            for b in bare_pool:
+                m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    runs = {"bare": synced(bare), **{k: synced(lambda d=d: d.score(m, pool)) for k, d in dets.items()}}
+    for fn in runs.values():
+        fn()  # warm-up
+    rng, times = random.Random(0), {k: [] for k in runs}
+
+    def all_rounds():
+        for _ in range(ROUNDS):
+            order = list(runs)
+            rng.shuffle(order)
+            for k in order:
+                t0 = time.perf_counter()
+                runs[k]()
+                times[k].append(time.perf_counter() - t0)
+    benchmark.pedantic(all_rounds, rounds=1, iterations=1)
+    for mode in dets:
+        per_round = [b / d for b, d in zip(times["bare"], times[mode])]
+        RESULTS[f"interleaved_bare_over_detect_{mode}"] = float(np.median(per_round))
+        RESULTS[f"interleaved_bare_over_detect_{mode}_range"] = [float(min(per_round)), float(max(per_round))]
+    RESULTS["interleaved_rounds"] = ROUNDS
+    RESULTS["interleaved_seconds_median"] = {k: float(np.median(v)) for k, v in times.items()}
 
 
 @pytest.mark.skipif(not os.environ.get("DUPFAST_BENCH_PROFILE"), reason="DUPFAST_BENCH_PROFILE=1 profiles detect")
