@@ -99,6 +99,9 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     assert purify["history"][0]["step"] == 0 and purify["selected"] in purify["history"]
     assert purify["steps_run"] == purify["history"][-1]["step"]
     assert again["steps"]["purify"]["steps_run"] == 4 and again["steps"]["purify"]["overrides"]["max_steps"] == 4
+    # the demo's own purify setting, under the --set ones, reaches the purifier
+    assert again["steps"]["purify"]["overrides"]["agree_bound"] == 0.05
+    assert again["steps"]["purify"]["config"]["agree_bound"] == 0.05
     printed = capsys.readouterr().out
     assert "CACC" in printed and "ASR" in printed and str(out) in printed
     assert f"report: {out.with_suffix('.md')}" in printed and out.with_suffix(".md").exists()  # tests/test_demo_report.py

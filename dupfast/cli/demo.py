@@ -36,6 +36,12 @@ DEFAULT_OUT = "runs/demo/report.json"
 DEMO_DATA = ("rotten-tomatoes", "bbc-news", "sms-spam", "sst-2")
 ATTACK_NAMES = ("badnets", "addsent", "stylebkd")
 LEAD_WORDS = {"bbc-news": 30}  # default cut per data set (BBC articles average 384 words; the others are short)
+# the demo's purify settings, under any --set: stop at <= 5% held-out flagged agreement instead of PurifyConfig's
+# 10%. Measured on the demo victims (AVX2 EPYC, 2026-12-06): BadNets ASR 0.008 (floor 0.006) in 24 steps, where
+# the 10% bound stopped after 18 with 0.024 (Xeon, the same victim to the digit); AddSent ASR 0.050 (floor 0.010,
+# 32 steps) -> 0.000 (floor 0.006, 34 steps); CACC unchanged (+0.3 / +0.5 points over the victim).
+# The library default stays 10%: the SST-2 victims' ASR floors (13-17%) keep the agreement above 5%.
+DEMO_PURIFY = {"agree_bound": 0.05}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +49,8 @@ class DemoSettings:
     """Data, sizes and recipe, chosen by measurement for a 2-core CPU (README, issue 17). Default: BBC News
     (5 topics; each article cut to its first 30 words, max_len 48), 1,000 training rows, 20% dirty-label BadNets
     to label 1 (entertainment), 2 epochs of batch 8 at lr 1e-4: victim CACC 0.957 / ASR 0.994, purified CACC
-    0.960 / ASR 0.024 (floor 0.004), 121 s after install on the Xeon. Tried and rejected: Rotten Tomatoes
+    0.960 / ASR 0.008 (floor 0.006) with DEMO_PURIFY, 195 s after install on the AVX2 EPYC (121 s on the Xeon
+    with the 10% bound: ASR 0.024). Tried and rejected: Rotten Tomatoes
     (1,000 rows: victim CACC 0.727; 3,000 rows, 2 epochs, batch 16: 0.770, and three times the training time);
     whole BBC articles at max_len 32 (CACC 0.915 but ASR 0.069: the randomly placed trigger was truncated
     away in most training rows, hence the lead cut before poisoning)."""
@@ -260,9 +267,10 @@ def add_parser(subparsers):
                     help="rotten-tomatoes, bbc-news, sms-spam: installed packages; sst-2: the DUP release's "
                          "poisoned SST-2 from the shared data folder (needed for --attack stylebkd)")
     ap.add_argument("--attack", default=d.attack, choices=ATTACK_NAMES,
-                    help="measured with minilm: badnets (default) 121 s, victim 0.957 / ASR 0.994, purified ASR "
-                         "0.024 (floor 0.004); addsent 137 s, victim 0.958 / 0.986, purified ASR 0.050 (floor "
-                         "0.010); stylebkd (with --data sst-2) 105 s, a weak victim (CACC 0.777 / ASR 0.860, "
+                    help="measured with minilm after install (AVX2 EPYC, 2 threads, 2026-12-06): badnets (default) "
+                         "195 s, victim 0.957 / ASR 0.994, purified 0.960 / ASR 0.008 (floor 0.006); addsent 218 s, "
+                         "victim 0.958 / 0.986, purified 0.963 / ASR 0.000 (floor 0.006); stylebkd (with --data "
+                         "sst-2; Xeon, before the 5%% stopping bound) 105 s, a weak victim (CACC 0.777 / ASR 0.860, "
                          "floor 0.357) that purification leaves at ASR 0.853")
     ap.add_argument("--target", type=int, default=d.target, help="the backdoor's target label")
     ap.add_argument("--train-size", type=int, default=d.train_size)
@@ -282,7 +290,8 @@ def add_parser(subparsers):
     ap.add_argument("--progress", action="store_true",
                     help="show progress bars (default: one line per step and the summary table)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="PurifyConfig overrides for the purify step, e.g. --set epochs=8 min_steps=0")
+                    help=f"PurifyConfig overrides for the purify step, e.g. --set epochs=8 min_steps=0 (the demo "
+                         f"sets {DEMO_PURIFY} unless given)")
     ap.set_defaults(func=run)
 
 
@@ -302,7 +311,7 @@ def run(args) -> int:
                             max_len=args.max_len, max_words=args.max_words, seed=args.seed)
     from ..purification import PurifyConfig
     from ..purification import parse_overrides
-    overrides = parse_overrides(args.set)
+    overrides = {**DEMO_PURIFY, **parse_overrides(args.set)}
     PurifyConfig(**overrides)  # bad keys or values fail here, before any training
     state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None,
                       purify_overrides=overrides, progress=args.progress)
