@@ -259,10 +259,11 @@ def add_parser(subparsers):
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
     ap.add_argument("--model", default=d.model,
-                    help="short model name or local HF folder. Measured (Xeon with AMX, 2 threads, after install): "
-                         "minilm (the default) 121 s in all. mpnet-base (optional wheels) and smollm2-135m: not timed "
-                         "as demos; on SST-2 their 2,000-row victim epochs took 120 s and 228 s under bf16 autocast "
-                         "(README, issue 14)")
+                    help="short model name or local HF folder. Measured after install, 2 threads, idle: minilm (the "
+                         "default) 195 s (AVX2 EPYC; 121 s on the AMX Xeon); smollm2-135m 996 s (Zen 4 EPYC: victim "
+                         "0.958 / ASR 0.952 in 584 s, AUROC 0.966, purified 0.953 / ASR 0.014, floor 0.002). "
+                         "mpnet-base (optional wheels): not timed as a demo; its 2,000-row SST-2 victim epoch took "
+                         "120 s under bf16 autocast (README, issue 14)")
     ap.add_argument("--data", default=d.data, choices=DEMO_DATA,
                     help="rotten-tomatoes, bbc-news, sms-spam: installed packages; sst-2: the DUP release's "
                          "poisoned SST-2 from the shared data folder (needed for --attack stylebkd)")
