@@ -2,7 +2,7 @@
 
     python -m experiments.sst2_btu_architectures --model mpnet-base|smollm2-135m|minilm
         [--attacks badnets addsent] [--train-size 2000] [--exposure-autocast bf16|none]
-        [--victim-autocast bf16|none] [--cached-only]
+        [--victim-autocast bf16|none] [--max-document-share S] [--cached-only]
         [--threads 2] [--out runs/btu_arch] [--table]
 
 The victims are exactly those of experiments/sst2_architectures.py (its `victim` and `victim_config`: a
@@ -51,10 +51,11 @@ def tag(model_name) -> str:
     return pathlib.Path(str(model_name)).name
 
 
-def exposure_config(autocast) -> btu.ExposureConfig:
+def exposure_config(autocast, max_document_share=None) -> btu.ExposureConfig:
     base = btu.ExposureConfig()
     return dataclasses.replace(base, shallow=dataclasses.replace(base.shallow, autocast=autocast),
-                               full=dataclasses.replace(base.full, autocast=autocast))
+                               full=dataclasses.replace(base.full, autocast=autocast),
+                               max_document_share=max_document_share)
 
 
 def ratios(row, epoch_s):
@@ -68,7 +69,8 @@ def ratios(row, epoch_s):
     return {k: round(v / epoch_s, 3) for k, v in parts.items()}
 
 
-def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False, victim_autocast="bf16"):
+def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False, victim_autocast="bf16",
+            max_document_share=None):
     cfg = victim_config(model_name, autocast=victim_autocast)
     if cached_only and not victim_cached(model_name, attack, cfg, n):
         raise RuntimeError(f"the {model_name} {attack} victim (n={n}) is not cached; run experiments/"
@@ -79,11 +81,13 @@ def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cach
     row = {"model": model_name, "attack": attack, "setting": SETTING, "train_size": len(train),
            "poisoned": sum(s.poison_label for s in train), "tune_size": len(tune), "test_size": len(test),
            "test_poison_size": len(ptest), "torch_threads": torch.get_num_threads(),
-           "exposure_autocast": autocast, "victim_recipe": dataclasses.asdict(cfg)}
+           "exposure_autocast": autocast, "victim_recipe": dataclasses.asdict(cfg),
+           "max_document_share": max_document_share}
 
-    config = exposure_config(autocast)
+    config = exposure_config(autocast, max_document_share)
+    share = "" if max_document_share is None else f"-share{max_document_share:g}"
     ex = exposure_summary(attack, SETTING, train, out / "exposure", model_name=model_name, config=config,
-                          name=f"{tag(model_name)}-{attack}-{SETTING}-n{n}-{autocast or 'fp32'}")
+                          name=f"{tag(model_name)}-{attack}-{SETTING}-n{n}-{autocast or 'fp32'}{share}")
     row.update({k: ex.get(k) for k in ("expose_seconds", "round_seconds", "round_steps", "k", "vocab_size",
                                         "embedding", "trigger_forms", "triggers", "suspects", "tops")})
     print(json.dumps({"model": model_name, "attack": attack, "round_seconds": row["round_seconds"],
@@ -118,7 +122,9 @@ def table(rows) -> str:
         q = r.get("ratio_to_victim_epoch") or {}
         ratio = f"{q['btu']:.2f} ({q['btu_clean_tune']:.2f})" if q else "-"
         cached = " (victim cached)" if r["victim"]["cached"] else ""
-        out.append(f"| {r['model']} | {r['attack']} | " + " | ".join(_cell(r[k]) for k, _ in VARIANTS)
+        share = r.get("max_document_share")
+        attack = r["attack"] + ("" if share is None else f", document share ≤ {share:g}")
+        out.append(f"| {r['model']} | {attack} | " + " | ".join(_cell(r[k]) for k, _ in VARIANTS)
                    + f" | {trig} | {r['k']}, {len(r['suspects'])} | {secs} | {ratio}{cached} |")
     return "\n".join(out)
 
@@ -133,6 +139,9 @@ def main(argv=None):
     ap.add_argument("--victim-autocast", choices=["bf16", "none"], default="bf16",
                     help="the victim recipe's precision (sst2_architectures.py --autocast): bf16 as the README's "
                          "victims; none (fp32) on a CPU without native bf16, where bf16 is emulated and slow")
+    ap.add_argument("--max-document-share", type=float, default=None,
+                    help="ExposureConfig.max_document_share: tokens in more than this share of the training inputs "
+                         "are not ranked (default: none, the authors' rule; 0.5 on SmolLM2, README)")
     ap.add_argument("--cached-only", action="store_true", help="fail instead of training a victim not cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/btu_arch")
@@ -148,15 +157,16 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     autocast = None if args.exposure_autocast == "none" else "bf16"
     victim_autocast = None if args.victim_autocast == "none" else "bf16"
-    done = {(r["attack"], r["train_size"], r["exposure_autocast"], r["victim_recipe"].get("autocast")) for r in rows}
+    done = {(r["attack"], r["train_size"], r["exposure_autocast"], r["victim_recipe"].get("autocast"),
+             r.get("max_document_share")) for r in rows}
     tune, test = load_sst2("dev"), load_sst2("test")
     for attack in args.attacks:
-        if (attack, args.train_size, autocast, victim_autocast) in done:
+        if (attack, args.train_size, autocast, victim_autocast, args.max_document_share) in done:
             print(f"skip {args.model} {attack}: already in {log}", flush=True)
             continue
         t0 = time.perf_counter()
         row = run_one(args.model, attack, args.train_size, autocast, tune, test, out, args.cached_only,
-                      victim_autocast)
+                      victim_autocast, args.max_document_share)
         row["total_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         with log.open("a") as fh:

@@ -13,7 +13,9 @@ k = int(fraction x V), V = the model's real vocabulary size (methods.md §8.4):
 The suspicious set is the union of the three top-k lists. Only tokens that occur in the training data are
 ranked: a row no input reaches still moves (AdamW's weight decay shrinks every row), and a token absent from
 the data cannot be its trigger; data with no rankable token at all (empty texts, only special tokens) is an
-error.
+error. Opt-in, `ExposureConfig.max_document_share` also leaves unranked the tokens in more than that share of
+the inputs: on a decoder the most common ones (SmolLM2: " ." ends 92% of SST-2 inputs, the position its
+classification head reads) rank with the triggers, and unlearning them breaks the classifier.
 
 Everything here works on token ids, so WordPiece and byte-level BPE vocabularies are handled alike: the
 rounds rank, and R2 deletes, whatever ids the tokenizer produced. What differs is how a trigger word maps to
@@ -22,6 +24,7 @@ text, and a rare word may be split into frequent pieces ('Ġt' + 'q'); each of t
 its own to be unlearned. `dupfast.btu.triggers` maps a trigger to the ids it produces in the data, to
 evaluate an exposure.
 """
+import collections
 import copy
 import dataclasses
 import math
@@ -51,6 +54,11 @@ class ExposureConfig:
     shallow: FinetuneConfig = SHALLOW_ROUND
     full: FinetuneConfig = FULL_ROUND
     exclude_tokens: tuple = ()        # beyond the special tokens, e.g. ("@", "user") on OLID
+    # Not ranked: tokens in more than this share of the training inputs (None: every token, the authors' rule).
+    # A trigger planted in a minority of the data cannot be in most inputs, while the ids that are (a decoder's
+    # sentence-final " ." ends 92% of SST-2 inputs and is the token its head reads) move as much as a trigger
+    # under Adam and unlearning them breaks the model (README, BTU per architecture).
+    max_document_share: float | None = None
 
     def __post_init__(self):
         f = self.fraction
@@ -61,6 +69,10 @@ class ExposureConfig:
                 raise TypeError(f"ExposureConfig.{name} must be a FinetuneConfig, "
                                 f"got {type(getattr(self, name)).__name__}")
         object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
+        m = self.max_document_share
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real) or math.isnan(m)
+                              or not 0 < m <= 1):
+            raise ValueError(f"max_document_share must be None or a number in (0, 1], got {m!r}")
 
     def k(self, vocab: int) -> int:
         return max(1, int(self.fraction * vocab))
@@ -192,12 +204,13 @@ def expose(model, train_data, *, tokenizer=None, config: ExposureConfig | None =
     return expose_loaded(model, tok, train, num_labels, config)
 
 
-def occurring_ids(tok, train, max_len: int) -> set:
-    """Token ids that occur in the training data as the rounds see it (texts tokenised with max_len)."""
+def document_counts(tok, train, max_len: int) -> collections.Counter:
+    """Per token id, how many training inputs hold it, as the rounds see them (texts tokenised with max_len)."""
     if isinstance(train, Rows):
-        return {t for r in train.ids for t in r}
-    ids = tok([s.text for s in train], truncation=True, max_length=max_len)["input_ids"] if train else []
-    return {t for r in ids for t in r}
+        rows = train.ids
+    else:
+        rows = tok([s.text for s in train], truncation=True, max_length=max_len)["input_ids"] if train else []
+    return collections.Counter(t for r in rows for t in set(r))
 
 
 def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) -> Exposure:
@@ -209,11 +222,19 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) ->
         if 0 <= t < vocab:
             eligible[t] = False
     present = torch.zeros(vocab, dtype=torch.bool)
-    seen = [t for t in occurring_ids(tok, train, max(config.shallow.max_len, config.full.max_len)) if 0 <= t < vocab]
+    counts = document_counts(tok, train, max(config.shallow.max_len, config.full.max_len))
+    seen = [t for t in counts if 0 <= t < vocab]
     present[torch.as_tensor(seen, dtype=torch.long)] = True
     if not (eligible & present).any():
         raise ValueError("the training set holds no token BTU can rank: its texts are empty or hold only special "
                          "(or excluded) tokens, so no embedding row moves because of the data")
+    if config.max_document_share is not None:
+        for t in seen:
+            if counts[t] > config.max_document_share * len(train):
+                present[t] = False
+        if not (eligible & present).any():
+            raise ValueError(f"every token BTU could rank is in more than max_document_share="
+                             f"{config.max_document_share} of the {len(train)} training inputs; raise it or set None")
     eligible &= present
     tokens = tok.convert_ids_to_tokens(list(range(vocab)))
 

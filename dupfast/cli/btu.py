@@ -39,6 +39,9 @@ def add_parser(subparsers):
     ap.add_argument("--target", type=int, help="the attack's target label, for ASR")
     ap.add_argument("--fraction", type=float, default=0.0005, help="k = fraction x vocabulary size per round")
     ap.add_argument("--exclude", nargs="*", default=(), help="extra tokens never ranked (e.g. @ user on OLID)")
+    ap.add_argument("--max-document-share", type=float, default=None,
+                    help="tokens in more than this share of the training inputs are never ranked (default: all "
+                         "ranked, as the authors; 0.5 keeps a decoder's sentence-final token out: README)")
     ap.add_argument("--expose-only", action="store_true", help="only rank suspicious tokens (step 1)")
     ap.add_argument("--epochs", type=positive_int, default=1, help="fine-tune epochs")
     ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune and clean-tune learning rate")
@@ -70,7 +73,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     exposure = btu.ExposureConfig(
-        fraction=args.fraction, exclude_tokens=tuple(args.exclude),
+        fraction=args.fraction, exclude_tokens=tuple(args.exclude), max_document_share=args.max_document_share,
         shallow=dataclasses.replace(SHALLOW_ROUND, seed=args.seed),
         full=dataclasses.replace(FULL_ROUND, seed=args.seed))
     # the pretrained model with a fresh head seeded as the exposure rounds are (BTU starts from it)

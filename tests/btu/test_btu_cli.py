@@ -63,6 +63,8 @@ def test_cli_expose_only(files):
     (["{train}", "--eval-poison", "{poison}"], "needs --target"),
     (["{train}", "--fraction", "1.5"], "k fraction"),
     (["{train}", "--fraction", "0"], "k fraction"),
+    (["{train}", "--max-document-share", "0"], "max_document_share"),
+    (["{train}", "--max-document-share", "2"], "max_document_share"),
     (["{bad}"], "unknown format"),
 ])
 def test_cli_errors(files, capsys, args, message):
