@@ -229,9 +229,8 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) ->
         raise ValueError("the training set holds no token BTU can rank: its texts are empty or hold only special "
                          "(or excluded) tokens, so no embedding row moves because of the data")
     if config.max_document_share is not None:
-        for t in seen:
-            if counts[t] > config.max_document_share * len(train):
-                present[t] = False
+        common = [t for t in seen if counts[t] > config.max_document_share * len(train)]
+        present[torch.as_tensor(common, dtype=torch.long)] = False
         if not (eligible & present).any():
             raise ValueError(f"every token BTU could rank is in more than max_document_share="
                              f"{config.max_document_share} of the {len(train)} training inputs; raise it or set None")

@@ -110,12 +110,11 @@ def test_k_uses_the_real_vocabulary(bert):
     assert ExposureConfig(fraction=1e-6).k(100) == 1
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_max_document_share_leaves_common_tokens_unranked(family, task):
+def test_max_document_share_leaves_common_tokens_unranked(exposed, task):
     """Tokens in more than the share of the training inputs are not ranked (nor unlearned); the trigger, in a
-    minority of them, still is. Shares counted by hand on the same tokenised texts."""
-    tok = bert_tokenizer() if family == "bert" else decoder_tokenizer()
-    model = tiny_bert(tok) if family == "bert" else tiny_llama(tok)
+    minority of them, still is. Shares counted by hand on the same tokenised texts; the uncapped exposure of the
+    same model (the fixture) ranks those tokens."""
+    model, tok, _, plain = exposed
     train = task[0]
     rows = tok([t[0] for t in train], truncation=True, max_length=ROUND.max_len)["input_ids"]
     share = {}
@@ -125,16 +124,14 @@ def test_max_document_share_leaves_common_tokens_unranked(family, task):
     trigger = tok.convert_tokens_to_ids("cf")
     cap = share[trigger] + 1e-9  # the trigger's own share: every more common token drops out
     common = [t for t, s in share.items() if s > cap and t not in tok.all_special_ids]
-    assert common, "the toy task must hold tokens in most inputs for this test to mean anything"
+    assert common, "the toy task must hold tokens more common than the trigger for this test to mean anything"
+    assert all(plain.rank(t, "R3") is not None for t in common)
 
     ex = expose(model, train, tokenizer=tok, config=dataclasses.replace(FAST, max_document_share=cap))
     for t in common:
         assert all(ex.rank(t, r.name) is None for r in ex.rounds)
         assert t not in ex.token_ids
     assert ex.rank(trigger, "R3") is not None and trigger in ex.token_ids
-    # without the cap the same common tokens are ranked
-    plain = expose(model, train, tokenizer=tok, config=FAST)
-    assert all(plain.rank(t, "R3") is not None for t in common)
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True, "0.5"])
