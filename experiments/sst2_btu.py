@@ -120,7 +120,8 @@ def exposure_summary(attack, setting, train, cache_dir: pathlib.Path, model_name
     ex = btu.expose(model, train, tokenizer=tok, config=config)
     phrases = TRIGGERS[attack][setting]
     summary = {"expose_seconds": round(time.perf_counter() - t0, 1),
-               "round_seconds": {r.name: round(r.seconds, 1) for r in ex.rounds},
+               # ms resolution: tiny test models finish a round in under 0.05 s, and the time ratios divide these
+               "round_seconds": {r.name: round(r.seconds, 3) for r in ex.rounds},
                "round_steps": {r.name: r.steps for r in ex.rounds},
                "k": ex.k, "vocab_size": ex.vocab_size, "tops": {r.name: r.top for r in ex.rounds},
                "embedding": btu.embedding_info(model, tok),
@@ -205,7 +206,7 @@ def table(rows) -> str:
                  for k in ("no_defence", "btu", "btu_clean_tune", "clean_tune_only")]
         trig = "; ".join(f"{t['token']} {t['ranks']['R1']}/{t['ranks']['R2']}/{t['ranks']['R3']}"
                          f" ({'yes' if t['in_suspects'] else 'no'})" for t in r["triggers"])
-        secs = " / ".join(str(r["round_seconds"][n]) for n in ("R1", "R2", "R3"))
+        secs = " / ".join(f"{r['round_seconds'][n]:.1f}" for n in ("R1", "R2", "R3"))
         out.append(f"| {r['attack']} | {r['setting']} | " + " | ".join(cells)
                    + f" | {trig} | {len(r['suspects'])} | {secs} |")
     return "\n".join(out)

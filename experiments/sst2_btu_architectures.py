@@ -66,7 +66,7 @@ def ratios(row, epoch_s):
     expose = sum(r.values())
     parts = {**{n: r[n] for n in r}, "expose": expose, "unlearn": s["unlearn"], "clean_tune": s["clean_tune"],
              "btu": expose + s["unlearn"], "btu_clean_tune": expose + s["unlearn"] + s["clean_tune"]}
-    return {k: round(v / epoch_s, 3) for k, v in parts.items()}
+    return {k: float(f"{v / epoch_s:.4g}") for k, v in parts.items()}  # 4 significant digits, never a false 0
 
 
 def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False, victim_autocast="bf16",
@@ -118,7 +118,7 @@ def table(rows) -> str:
     for r in rows:
         trig = "; ".join(f"{t['token']}×{t['count']} {t['ranks']['R1']}/{t['ranks']['R2']}/{t['ranks']['R3']}"
                          f" ({'yes' if t['in_suspects'] else 'no'})" for t in r["triggers"])
-        secs = " / ".join(str(r["round_seconds"][n]) for n in ("R1", "R2", "R3"))
+        secs = " / ".join(f"{r['round_seconds'][n]:.1f}" for n in ("R1", "R2", "R3"))
         q = r.get("ratio_to_victim_epoch") or {}
         ratio = f"{q['btu']:.2f} ({q['btu_clean_tune']:.2f})" if q else "-"
         cached = " (victim cached)" if r["victim"]["cached"] else ""
