@@ -9,8 +9,8 @@ with a fresh head; inputs: the first N SST-2 dev texts + dev-poison (paper data)
 `test_interleaved_ratios` times bare / dup / default / the authors' two-pass pipeline (and, where bf16 is native,
 dup / default under bf16 autocast) back to back in DUPFAST_BENCH_ROUNDS (default 7) rounds of random order and
 reports the median per-round ratio: the figure to quote on a shared machine, whose speed drifts between the
-per-variant blocks. The ratios and AUROCs land in runs/bench_detect.json and are printed at the end. The bf16 autocast rows run
-where the device computes bf16 natively (DUPFAST_BENCH_BF16=1: everywhere).
+per-variant blocks. The ratios and AUROCs land in runs/bench_detect.json and are printed at the end. The bf16
+autocast rows run where the device computes bf16 natively (DUPFAST_BENCH_BF16=1: everywhere).
 
 Where neither model nor data is installed (a bare GPU image), or with DUPFAST_BENCH_MODEL=synthetic, the model
 is a randomly initialised BERT of MiniLM's shape (6 layers, 384 wide, 12 heads) over the word vocabulary of

@@ -101,7 +101,7 @@ def main(argv=None):
                 rc = 0 if diff["same"] else 1
         if D.initialized():
             # tear down together: a rank that destroyed its gloo group while rank 0 was still writing and
-            # comparing aborted at exit ("terminate called without an active exception", seen once in a make test on the Zen 4)
+            # comparing aborted at exit ("terminate called without an active exception"; once, in a make test)
             import torch.distributed as dist
             dist.barrier()
     finally:

@@ -69,8 +69,8 @@ def ratios(row, epoch_s):
     return {k: float(f"{v / epoch_s:.4g}") for k, v in parts.items()}  # 4 significant digits, never a false 0
 
 
-def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False, victim_autocast="bf16",
-            max_document_share=None):
+def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False,
+            victim_autocast="bf16", max_document_share=None):
     cfg = victim_config(model_name, autocast=victim_autocast)
     if cached_only and not victim_cached(model_name, attack, cfg, n):
         raise RuntimeError(f"the {model_name} {attack} victim (n={n}) is not cached; run experiments/"
