@@ -157,7 +157,7 @@ def table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="short model name (dupfast.harness.models): mpnet-base, "
-                                                    "smollm2-135m, minilm")
+                                                    "smollm2-135m, gemma3-270m, minilm")
     ap.add_argument("--attacks", nargs="+", default=["badnets", "addsent", "stylebkd"])
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=1)

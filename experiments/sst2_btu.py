@@ -107,7 +107,7 @@ def fresh_minilm(train, seed):
 
 
 def exposure_summary(attack, setting, train, cache_dir: pathlib.Path, model_name="minilm", config=None,
-                     name=None):
+                     name=None, reference=None):
     """Run the three exposure rounds once per configuration and keep what later steps need (each round's
     top-k ids, trigger ranks, timings) in a JSON file <cache_dir>/<name>.json (name: "<attack>-<setting>"),
     so a rerun does not repeat the R3 round."""
@@ -117,12 +117,14 @@ def exposure_summary(attack, setting, train, cache_dir: pathlib.Path, model_name
     config = btu.ExposureConfig() if config is None else config
     t0 = time.perf_counter()
     model, tok = fresh_model(model_name, train, config.shallow.seed)
-    ex = btu.expose(model, train, tokenizer=tok, config=config)
+    ex = btu.expose(model, train, tokenizer=tok, config=config, reference=reference)
     phrases = TRIGGERS[attack][setting]
     summary = {"expose_seconds": round(time.perf_counter() - t0, 1),
                # ms resolution: tiny test models finish a round in under 0.05 s, and the time ratios divide these
                "round_seconds": {r.name: round(r.seconds, 3) for r in ex.rounds},
                "round_steps": {r.name: r.steps for r in ex.rounds},
+               "reference_scale": {r.name: r.reference_scale for r in ex.rounds},
+               "reference_seconds": {r.name: r.reference_seconds for r in ex.rounds},
                "k": ex.k, "vocab_size": ex.vocab_size, "tops": {r.name: r.top for r in ex.rounds},
                "embedding": btu.embedding_info(model, tok),
                "trigger_forms": {p: btu.trigger_forms(tok, p) for p in phrases},

@@ -2,7 +2,7 @@
 
     python -m experiments.sst2_btu_architectures --model mpnet-base|smollm2-135m|minilm
         [--attacks badnets addsent] [--train-size 2000] [--exposure-autocast bf16|none]
-        [--victim-autocast bf16|none] [--max-document-share S] [--cached-only]
+        [--victim-autocast bf16|none] [--max-document-share S] [--against-clean-tune] [--cached-only]
         [--threads 2] [--out runs/btu_arch] [--table]
 
 The victims are exactly those of experiments/sst2_architectures.py (its `victim` and `victim_config`: a
@@ -25,6 +25,9 @@ batch 64 / max_len 64) under `--exposure-autocast` (default bf16, the victims' p
 compares like with like; `none` = fp32 as in the authors' code); the clean-tune epoch (SST-2 dev) likewise.
 Evaluation: CACC on SST-2 test, ASR / floor on the attack's test-poison file, max_len 64 as the victims'.
 The exposure rounds are cached in <out>/exposure/ (a rerun does not repeat R3); finished rows are skipped.
+`--against-clean-tune`: every round is ranked by its movement in excess of the same round on the clean-tune set
+(SST-2 dev, the clean data BTU + tune already holds; `btu.expose(..., reference=)`); the rounds' times include
+their reference rounds.
 """
 import argparse
 import dataclasses
@@ -70,7 +73,7 @@ def ratios(row, epoch_s):
 
 
 def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cached_only=False,
-            victim_autocast="bf16", max_document_share=None):
+            victim_autocast="bf16", max_document_share=None, against_clean_tune=False):
     cfg = victim_config(model_name, autocast=victim_autocast)
     if cached_only and not victim_cached(model_name, attack, cfg, n):
         raise RuntimeError(f"the {model_name} {attack} victim (n={n}) is not cached; run experiments/"
@@ -82,14 +85,19 @@ def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cach
            "poisoned": sum(s.poison_label for s in train), "tune_size": len(tune), "test_size": len(test),
            "test_poison_size": len(ptest), "torch_threads": torch.get_num_threads(),
            "exposure_autocast": autocast, "victim_recipe": dataclasses.asdict(cfg),
-           "max_document_share": max_document_share}
+           "max_document_share": max_document_share, "against_clean_tune": against_clean_tune}
 
     config = exposure_config(autocast, max_document_share)
     share = "" if max_document_share is None else f"-share{max_document_share:g}"
+    share += "-vs-clean-tune" if against_clean_tune else ""
     ex = exposure_summary(attack, SETTING, train, out / "exposure", model_name=model_name, config=config,
-                          name=f"{tag(model_name)}-{attack}-{SETTING}-n{n}-{autocast or 'fp32'}{share}")
+                          name=f"{tag(model_name)}-{attack}-{SETTING}-n{n}-{autocast or 'fp32'}{share}",
+                          reference=tune if against_clean_tune else None)
+    if against_clean_tune:  # a round's time includes its reference round: BTU pays for both
+        ex["round_seconds"] = {n: s + (ex["reference_seconds"][n] or 0) for n, s in ex["round_seconds"].items()}
     row.update({k: ex.get(k) for k in ("expose_seconds", "round_seconds", "round_steps", "k", "vocab_size",
-                                        "embedding", "trigger_forms", "triggers", "suspects", "tops")})
+                                        "embedding", "trigger_forms", "triggers", "suspects", "tops",
+                                        "reference_scale")})
     print(json.dumps({"model": model_name, "attack": attack, "round_seconds": row["round_seconds"],
                       "triggers": [(t["token"], t["ranks"], t["in_suspects"]) for t in row["triggers"]]}),
           flush=True)
@@ -124,6 +132,7 @@ def table(rows) -> str:
         cached = " (victim cached)" if r["victim"]["cached"] else ""
         share = r.get("max_document_share")
         attack = r["attack"] + ("" if share is None else f", document share ≤ {share:g}")
+        attack += ", vs clean-tune rounds" if r.get("against_clean_tune") else ""
         out.append(f"| {r['model']} | {attack} | " + " | ".join(_cell(r[k]) for k, _ in VARIANTS)
                    + f" | {trig} | {r['k']}, {len(r['suspects'])} | {secs} | {ratio}{cached} |")
     return "\n".join(out)
@@ -131,7 +140,7 @@ def table(rows) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="short model name: mpnet-base, smollm2-135m, minilm")
+    ap.add_argument("--model", required=True, help="short model name: mpnet-base, smollm2-135m, gemma3-270m, minilm")
     ap.add_argument("--attacks", nargs="+", default=["badnets", "addsent"], choices=sorted(TRIGGERS))
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--exposure-autocast", choices=["bf16", "none"], default="bf16",
@@ -142,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--max-document-share", type=float, default=None,
                     help="ExposureConfig.max_document_share: tokens in more than this share of the training inputs "
                          "are not ranked (default: none, the authors' rule; 0.5 on SmolLM2, README)")
+    ap.add_argument("--against-clean-tune", action="store_true",
+                    help="rank each exposure round by its movement in excess of the same round on the clean-tune set")
     ap.add_argument("--cached-only", action="store_true", help="fail instead of training a victim not cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/btu_arch")
@@ -158,15 +169,16 @@ def main(argv=None):
     autocast = None if args.exposure_autocast == "none" else "bf16"
     victim_autocast = None if args.victim_autocast == "none" else "bf16"
     done = {(r["attack"], r["train_size"], r["exposure_autocast"], r["victim_recipe"].get("autocast"),
-             r.get("max_document_share")) for r in rows}
+             r.get("max_document_share"), r.get("against_clean_tune", False)) for r in rows}
     tune, test = load_sst2("dev"), load_sst2("test")
     for attack in args.attacks:
-        if (attack, args.train_size, autocast, victim_autocast, args.max_document_share) in done:
+        if (attack, args.train_size, autocast, victim_autocast, args.max_document_share,
+                args.against_clean_tune) in done:
             print(f"skip {args.model} {attack}: already in {log}", flush=True)
             continue
         t0 = time.perf_counter()
         row = run_one(args.model, attack, args.train_size, autocast, tune, test, out, args.cached_only,
-                      victim_autocast, args.max_document_share)
+                      victim_autocast, args.max_document_share, args.against_clean_tune)
         row["total_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         with log.open("a") as fh:

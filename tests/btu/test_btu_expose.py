@@ -145,3 +145,62 @@ def test_max_document_share_that_leaves_nothing_is_an_error(bert):
     train = [("the film", i % 2, 0) for i in range(8)]
     with pytest.raises(ValueError, match="max_document_share"):
         expose(model, train, tokenizer=tok, config=dataclasses.replace(FAST, max_document_share=0.5))
+
+
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def exposed_with_reference(request, task):
+    """Exposure of the same toy task ranked against a clean reference set (no trigger in it)."""
+    from btu_toys import poisoned_task
+
+    tok = bert_tokenizer() if request.param == "bert" else decoder_tokenizer()
+    model = tiny_bert(tok) if request.param == "bert" else tiny_llama(tok)
+    clean = poisoned_task(n=160, rate=0.0, seed=7)[0]
+    return tok, expose(model, task[0], tokenizer=tok, config=FAST, reference=clean)
+
+
+def test_reference_ranks_by_excess_movement(exposed_with_reference, task):
+    """Each round's score is its movement minus a x the same round's movement on the clean set, a the median
+    ratio over tokens both sets hold; the filler words (in both sets) fall, the trigger (only in the poisoned
+    set) stays on top of R3."""
+    tok, ex = exposed_with_reference
+    trigger = tok.convert_tokens_to_ids("cf")
+    fillers = tok.convert_tokens_to_ids(["the", "a", "movie", "film", "is", "plot", "acting", "good", "bad"])
+    for r in ex.rounds:
+        assert r.raw_scores is not None and r.reference_scores is not None and r.reference_seconds > 0
+        assert r.reference_scale > 0
+        expect = (r.raw_scores - r.reference_scale * r.reference_scores).clamp_min(0.0)
+        assert torch.allclose(r.scores, expect)
+        assert set(r.top) <= set(torch.nonzero(r.scores > 0).flatten().tolist())
+    r3 = ex.rounds[2]
+    assert r3.top[0] == trigger
+    # the trigger keeps (almost) all its movement; the words both sets hold lose most of theirs (median share)
+    assert float(r3.scores[trigger]) > 0.8 * float(r3.raw_scores[trigger])
+    kept = torch.tensor([float(r3.scores[f] / r3.raw_scores[f]) for f in fillers])
+    assert float(kept.median()) < 0.5
+    d = ex.to_dict()
+    assert all(x["reference_scale"] == r.reference_scale for x, r in zip(d["rounds"], ex.rounds))
+    json.dumps(d)
+
+
+def test_reference_scale_is_the_median_ratio_over_shared_tokens():
+    from dupfast.btu.expose import reference_scale
+
+    s = torch.tensor([4.0, 6.0, 9.0, 5.0, 1.0])
+    r = torch.tensor([2.0, 2.0, 3.0, 0.0, 1.0])
+    shared = torch.tensor([True, True, True, True, False])
+    assert reference_scale(s, r, shared) == 3.0            # ratios 2, 3, 3 (token 3 unmoved, token 4 not shared)
+    assert reference_scale(s, r, torch.zeros(5, dtype=torch.bool)) == 0.0
+
+
+def test_reference_bad_inputs(bert, task):
+    model, tok = bert
+    with pytest.raises(ValueError, match="reference set has labels"):
+        expose(model, task[0], tokenizer=tok, config=FAST, reference=[("the film", 5, 0), ("a film", 0, 0)])
+    with pytest.raises(ValueError, match="reference set is empty|reference set"):
+        expose(model, task[0], tokenizer=tok, config=FAST, reference=[])
+    loader = [{"input_ids": torch.tensor([[2, 10, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+               "labels": torch.tensor([0])},
+              {"input_ids": torch.tensor([[2, 11, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+               "labels": torch.tensor([1])}]
+    with pytest.raises(TypeError, match="reference set must come in the training set's form"):
+        expose(model, task[0], tokenizer=tok, config=FAST, reference=loader)

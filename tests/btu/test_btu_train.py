@@ -1,5 +1,6 @@
 """BTU end to end on tiny models: the fine-tuned backdoor is removed by unlearning the exposed tokens."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -89,3 +90,5 @@ def test_bad_inputs(bert, task):
         BTUConfig(exposure=ExposureConfig(fraction=2.0))
     with pytest.raises(TypeError, match="BTUConfig"):
         train(model, poisoned, tokenizer=tok, config=ExposureConfig())
+    with pytest.raises(ValueError, match="expose_against_clean_tune .* pass clean_tune="):
+        train(model, poisoned, tokenizer=tok, config=dataclasses.replace(CONFIG, expose_against_clean_tune=True))
