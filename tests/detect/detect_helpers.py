@@ -20,6 +20,16 @@ def tiny_llama(layers=2, hidden=32, vocab=120, seed=0):
     return LlamaForSequenceClassification(cfg).eval()
 
 
+def tiny_gemma3(layers=2, hidden=32, vocab=120, seed=0):
+    """Gemma-3's text decoder (sliding-window and global layers, embeddings scaled by sqrt(hidden))."""
+    from transformers import Gemma3TextConfig, Gemma3TextForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, intermediate_size=2 * hidden, sliding_window=8,
+                           max_position_embeddings=64, pad_token_id=0, num_labels=2)
+    return Gemma3TextForSequenceClassification(cfg).eval()
+
+
 def make_samples(n, seed, lo=10, hi=60, trigger=None, min_len=4, max_len=12):
     """Random token sequences; `trigger` (a list of token ids) is inserted at a random position."""
     g = torch.Generator().manual_seed(seed)

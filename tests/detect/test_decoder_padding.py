@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import dupfast
-from detect_helpers import batches, make_samples, tiny_bert, tiny_llama
+from detect_helpers import batches, make_samples, tiny_bert, tiny_gemma3, tiny_llama
+
+# seed 1: a random 2-layer Gemma-3 whose default-mode threshold flags part of the pool (seed 0 flags none)
+DECODERS = {"llama": tiny_llama, "gemma3": lambda: tiny_gemma3(seed=1)}
 from dupfast.detection import Detector
 from dupfast.detection.capture import capture, collect
 
@@ -51,10 +54,11 @@ def _forwards(model):
     return calls
 
 
+@pytest.mark.parametrize("family", sorted(DECODERS))
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_last_token_pooling_reads_the_last_real_token(data, side):
+def test_last_token_pooling_reads_the_last_real_token(data, side, family):
     _, _, pool = data
-    lm = tiny_llama()
+    lm = DECODERS[family]()
     bs = batches(pool, batch_size=12, pad_side=side)
     assert any((b["attention_mask"] == 0).any() for b in bs)  # there is padding on that side
     feats, logits, _, _ = collect(capture(lm, bs, ("last",)))
@@ -65,10 +69,11 @@ def test_last_token_pooling_reads_the_last_real_token(data, side):
     torch.testing.assert_close(logits, alone_logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", sorted(DECODERS))
 @pytest.mark.parametrize("mode", ["default", "dup"])
-def test_detection_is_the_same_under_either_padding(data, mode):
+def test_detection_is_the_same_under_either_padding(data, mode, family):
     clean, labels, pool = data
-    lm = tiny_llama()
+    lm = DECODERS[family]()
     res = {}
     for clean_side, pool_side in [("right", "right"), ("left", "left"), ("right", "left")]:
         res[clean_side, pool_side] = dupfast.detect(lm, batches(pool, batch_size=12, pad_side=pool_side),

@@ -23,6 +23,11 @@ def tiny_classifier(arch: str = "bert", seed: int = 0, dropout: float = 0.1, hid
     elif arch == "llama":
         model = LlamaForSequenceClassification(LlamaConfig(num_key_value_heads=1, max_position_embeddings=64,
                                                            attention_dropout=dropout, **common))
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig, Gemma3TextForSequenceClassification
+        model = Gemma3TextForSequenceClassification(Gemma3TextConfig(
+            num_key_value_heads=1, head_dim=hidden // 2, sliding_window=8, max_position_embeddings=64,
+            attention_dropout=dropout, **common))
     else:
         raise ValueError(arch)
     return model.eval()

@@ -65,14 +65,14 @@ def test_clean_lora_finetuning_keeps_the_toy_backdoor(backdoor):
     assert rep.tie.get("ascent_grad_norm_train") is None  # no ascent term at all
 
 
-@pytest.mark.parametrize("arch", ["mpnet", "llama"])
-def test_other_architectures_run_end_to_end(backdoor, arch):
+@pytest.mark.parametrize("arch, family", [("mpnet", "mpnet"), ("llama", "llama"), ("gemma3", "llama")])
+def test_other_architectures_run_end_to_end(backdoor, arch, family):
     model = tiny_classifier(arch)
     out, rep = purify(model, batches(backdoor["pool"][:32]),
                       clean=batches(backdoor["clean"][:32], backdoor["labels"][:32]),
                       detection=backdoor["flags"][:32] | True, epochs=1, batch_size=16, progress=False)
     assert type(out).__name__.endswith("ForSequenceClassification") and out is model
-    assert rep.model["family"] == arch and rep.steps_run >= 1
+    assert rep.model["family"] == family and rep.steps_run >= 1
     assert not any("lora" in k for k in out.state_dict())
 
 
