@@ -149,8 +149,8 @@ def table(rows):
         for m in r["detection"]:
             ratio = f"{m['forward_over_detect']:.2f}" if "forward_over_detect" in m else "-"
             lines.append(f"| {r['model']} | {r['attack']} | {v['cacc']:.3f} / {v['asr']:.3f} ({v['asr_floor']:.3f}) | "
-                         f"{r['clean_cacc']:.3f} | {m['method']} | {m['auroc']:.4f} | {m['far']:.3f} | {m['frr']:.3f} | "
-                         f"{ratio} |")
+                         f"{r['clean_cacc']:.3f} | {m['method']} | {m['auroc']:.4f} | {m['far']:.3f} | "
+                         f"{m['frr']:.3f} | {ratio} |")
     return "\n".join(lines)
 
 

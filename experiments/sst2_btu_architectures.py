@@ -77,7 +77,8 @@ def run_one(model_name, attack, n, autocast, tune, test, out: pathlib.Path, cach
     cfg = victim_config(model_name, autocast=victim_autocast)
     if cached_only and not victim_cached(model_name, attack, cfg, n):
         raise RuntimeError(f"the {model_name} {attack} victim (n={n}) is not cached; run experiments/"
-                           f"sst2_architectures.py --model {model_name} --attacks {attack} first, or drop --cached-only")
+                           f"sst2_architectures.py --model {model_name} --attacks {attack} first, "
+                           "or drop --cached-only")
     train = victim_train(attack, n)
     ptest = load_sst2_poison(attack, "test")
     evaluate = make_evaluator(test, ptest, max_len=MAX_LEN)

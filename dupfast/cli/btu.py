@@ -26,7 +26,8 @@ def read_samples(path, args, role):
 def add_parser(subparsers):
     ap = subparsers.add_parser("btu", help="defended fine-tuning: Backdoor Token Unlearning",
                                description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m, gemma3-270m) or a local HF model folder")
+    ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m, gemma3-270m) or a local HF "
+                                  "model folder")
     ap.add_argument("train", help="training file, possibly poisoned (.csv, .tsv or .jsonl)")
     ap.add_argument("--text-column", help="the text column's name in every file (default: inferred)")
     ap.add_argument("--label-column", help="the label column's name in every file (default: inferred)")

@@ -52,7 +52,8 @@ def test_cli_writes_report_and_model(files, capsys):
 
 def test_cli_expose_only(files):
     out = files["dir"] / "exp"
-    assert main(["btu", files["model"], files["train"], "--out", str(out), "--expose-only", "--fraction", "0.05", *FAST]) == 0
+    assert main(["btu", files["model"], files["train"], "--out", str(out), "--expose-only", "--fraction", "0.05",
+                 *FAST]) == 0
     report = json.loads((out / "btu_report.json").read_text())
     assert [r["name"] for r in report["exposure"]["rounds"]] == ["R1", "R2", "R3"]
     assert not (out / "model").exists()

@@ -112,7 +112,8 @@ def test_right_padding_with_another_id_than_the_pad_token_is_refused(data):
         dupfast.detect(lm, bs, clean=batches(clean, labels, pad_side="right"))
     assert len(calls) == n  # refused before the first forward
     # left padding with that id still gives the head the last real token: accepted, and correct
-    res = dupfast.detect(lm, batches(pool, batch_size=12, pad_side="left"), clean=batches(clean, labels, pad_side="left"))
+    res = dupfast.detect(lm, batches(pool, batch_size=12, pad_side="left"),
+                         clean=batches(clean, labels, pad_side="left"))
     torch.testing.assert_close(res.logits, _alone(lm, pool)[1], rtol=1e-4, atol=1e-5)
 
 
