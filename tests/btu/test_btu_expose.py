@@ -196,7 +196,7 @@ def test_reference_bad_inputs(bert, task):
     model, tok = bert
     with pytest.raises(ValueError, match="reference set has labels"):
         expose(model, task[0], tokenizer=tok, config=FAST, reference=[("the film", 5, 0), ("a film", 0, 0)])
-    with pytest.raises(ValueError, match="reference set is empty|reference set"):
+    with pytest.raises(ValueError, match="reference set is empty"):
         expose(model, task[0], tokenizer=tok, config=FAST, reference=[])
     loader = [{"input_ids": torch.tensor([[2, 10, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
                "labels": torch.tensor([0])},

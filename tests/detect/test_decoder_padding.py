@@ -10,11 +10,11 @@ import torch
 
 import dupfast
 from detect_helpers import batches, make_samples, tiny_bert, tiny_gemma3, tiny_llama
+from dupfast.detection import Detector
+from dupfast.detection.capture import capture, collect
 
 # seed 1: a random 2-layer Gemma-3 whose default-mode threshold flags part of the pool (seed 0 flags none)
 DECODERS = {"llama": tiny_llama, "gemma3": lambda: tiny_gemma3(seed=1)}
-from dupfast.detection import Detector
-from dupfast.detection.capture import capture, collect
 
 
 @pytest.fixture(scope="module")
