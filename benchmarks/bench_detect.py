@@ -12,15 +12,18 @@ reports the median per-round ratio: the figure to quote on a shared machine, who
 per-variant blocks. The ratios and AUROCs land in runs/bench_detect.json and are printed at the end. The bf16
 autocast rows run where the device computes bf16 natively (DUPFAST_BENCH_BF16=1: everywhere).
 
-Where neither model nor data is installed (a bare GPU image), or with DUPFAST_BENCH_MODEL=synthetic, the model
-is a randomly initialised BERT of MiniLM's shape (6 layers, 384 wide, 12 heads) over the word vocabulary of
-tests/tiny_models.py and the texts are that file's toy sentiment samples, a trigger word in half the pool
-(timings are realistic for the shape, AUROCs are not). DUPFAST_BENCH_MODEL=tiny (or DUPFAST_BENCH_TINY=1):
-the 2-layer, 16-wide test BERT. DUPFAST_BENCH_DEVICE=cuda: the model on the GPU, device-synchronised timings.
+Where neither model nor data is installed (a bare GPU image: dupfast's loaders raise FileNotFoundError; any other
+error fails the benchmark; the fallback is printed and listed under "fallback" in the JSON), or with
+DUPFAST_BENCH_MODEL=synthetic, the model is a randomly initialised BERT of MiniLM's shape (6 layers, 384 wide,
+12 heads) over the word vocabulary of tests/tiny_models.py and the texts are that file's toy sentiment samples,
+a trigger word in half the pool (timings are realistic for the shape, AUROCs are not). DUPFAST_BENCH_MODEL=tiny
+(or DUPFAST_BENCH_TINY=1): the 2-layer, 16-wide test BERT. DUPFAST_BENCH_DEVICE=cuda: the model on the GPU,
+device-synchronised timings.
 """
 import json
 import os
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -70,34 +73,54 @@ def _synthetic_texts():
     return [s.text for s in cal], [s.label for s in cal], pool, y
 
 
+def _fallback(what, exc, instead):
+    """A missing asset (dupfast's loaders raise FileNotFoundError for a package or data file that is not
+    installed): say so loudly, and record it in the JSON, before timing a stand-in. Any other error fails."""
+    msg = f"bench_detect: FALLBACK: no installed {what} ({type(exc).__name__}: {exc}); using {instead}"
+    bar = "!" * min(len(msg), 120)
+    print(f"\n{bar}\n{msg}\n{bar}", file=sys.stderr, flush=True)
+    print(f"\n{msg}", flush=True)  # also on stdout, where -s shows the results
+    RESULTS.setdefault("fallback", []).append(msg)
+
+
 def _victim():
     """(model, tokenizer, name): the cached BadNets victim if it exists (never trains one here), else MiniLM
-    with a fresh head, else (not installed) the synthetic model."""
+    with a fresh head, else (its package not installed) the synthetic model."""
     if MODEL != "auto":
         return _synthetic(MODEL == "tiny")
     try:
         return _victim_installed()
-    except Exception as exc:  # noqa: BLE001 - a bare image lacks the model packages: time the same shape
-        print(f"\nbench_detect: no installed model ({type(exc).__name__}: {exc}); using the synthetic one")
+    except FileNotFoundError as exc:  # a bare image lacks the model packages: time the same shape
+        _fallback("model", exc, "a random MiniLM-shaped BERT (timings only: its AUROCs mean nothing)")
         return _synthetic(False)
 
 
 def _victim_installed():
     from dupfast.harness.models import load_model
-    try:
-        from experiments.sst2_victims import SST2_VICTIM
-        from dupfast.harness.data import load_sst2_poison
-        from dupfast.harness.victims import cache_key, default_cache_dir, load_tokenizer
-        from transformers import AutoModelForSequenceClassification
-        train = load_sst2_poison("badnets", "train", 0.2)
-        folder = default_cache_dir() / "victims" / f"sst2-badnets-dirty0.2-{cache_key(SST2_VICTIM, train, 2)}"
-        if (folder / "dupfast_victim.json").is_file():
-            m = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
-            return m.eval(), load_tokenizer(folder), "minilm-sst2-badnets"
-    except (FileNotFoundError, ImportError):
-        pass
+    cached = _cached_victim()
+    if cached is not None:
+        return cached
     m, tok = load_model("minilm", num_labels=2)
     return m.eval(), tok, "minilm (fresh head)"
+
+
+def _cached_victim():
+    """The BadNets victim experiments/sst2_victims.py trains, if it is in the cache (never trained here)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # experiments/ is a folder of the repository, not an installed package
+    from experiments.sst2_victims import SST2_VICTIM
+    from dupfast.harness.data import load_sst2_poison
+    from dupfast.harness.victims import cache_key, default_cache_dir, load_tokenizer
+    from transformers import AutoModelForSequenceClassification
+    try:
+        train = load_sst2_poison("badnets", "train", 0.2)
+    except FileNotFoundError:  # no paper data: no victim can have been trained on it
+        return None
+    folder = default_cache_dir() / "victims" / f"sst2-badnets-dirty0.2-{cache_key(SST2_VICTIM, train, 2)}"
+    if not (folder / "dupfast_victim.json").is_file():
+        return None
+    m = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
+    return m.eval(), load_tokenizer(folder), "minilm-sst2-badnets"
 
 
 def _texts(name):
@@ -106,8 +129,8 @@ def _texts(name):
         return _synthetic_texts()
     try:
         return _texts_installed()
-    except Exception as exc:  # noqa: BLE001 - no data package on a bare image: the toy texts
-        print(f"\nbench_detect: no installed data ({type(exc).__name__}: {exc}); using the toy texts")
+    except FileNotFoundError as exc:  # no data package on a bare image: the toy texts
+        _fallback("data", exc, "the toy texts of tests/tiny_models.py")
         return _synthetic_texts()
 
 

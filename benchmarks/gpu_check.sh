@@ -6,8 +6,11 @@
 #
 # options: --budget SECONDS (total, default 450: under 8 minutes with the step overheads), --skip a,b,c (step
 # names), --only a,b (run just these), --python PY, --smoke (with the dry run: the fastest subset, for
-# tests/test_gpu_check.py: no build, torchrun or compile steps, fewer cases in the others). Environment: PYTHON, OUT (the JSON goes to $OUT/gpu_check.json,
-# else runs/gpu_check.json; the step logs beside it in gpu_check_logs/).
+# tests/test_gpu_check.py: no build, torchrun or compile steps, fewer cases in the others). Environment: PYTHON,
+# OUT (the JSON goes to $OUT/gpu_check.json, else runs/gpu_check.json; the step logs beside it in gpu_check_logs/),
+# GPU_CHECK_FORCE_FAIL=a,b (for tests: these steps exit 1 instead of running their command).
+# Exit status: 0 when every step that ran passed; 1 when any failed or timed out (the JSON is written first);
+# 2 on a usage error or when the JSON could not be written. Steps skipped by option or budget do not fail it.
 #
 # Steps, in priority order (each under its own `timeout`, cut to what is left of the budget; a step that does
 # not fit is recorded as skipped; a failing step never stops the next one):
@@ -47,7 +50,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=",$2,"; shift ;;
     --python) PY=$2; shift ;;
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -122,6 +125,9 @@ step() {  # name timeout kind(plain|pytest|bench) command...
     return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
+  case ",${GPU_CHECK_FORCE_FAIL:-}," in
+    *",$name,"*) set -- sh -c 'echo "gpu_check: failing this step on purpose (GPU_CHECK_FORCE_FAIL)"; exit 1' ;;
+  esac
   local extra=()
   case "$kind" in
     pytest) extra=(--junitxml="$LOGS/$name.xml") ;;
@@ -286,8 +292,8 @@ for name, fname in (("bench_detect", "bench_detect.json"), ("bench_scale", "benc
     p = os.path.join(logs, fname)
     if os.path.exists(p) and name in report["steps"]:
         data = json.load(open(p))
-        report["steps"][name]["results"] = data.get("summary", numbers(data) | {k: data[k] for k in
-                                                                              ("model", "samples", "device") if k in data})
+        keep = ("model", "samples", "device", "fallback")  # fallback: bench_detect timed a stand-in model/data
+        report["steps"][name]["results"] = data.get("summary", numbers(data) | {k: data[k] for k in keep if k in data})
         if "points" in data:
             report["steps"][name]["points"] = data["points"]
 ran = [s for s in report["steps"].values() if s["rc"] is not None]
@@ -297,4 +303,15 @@ report["summary"] = {"steps_run": len(ran), "steps_ok": sum(bool(s["ok"]) for s 
 json.dump(report, open(out, "w"), indent=1)
 print(json.dumps(report["summary"]))
 EOF
+wrote=$?
+# any step that ran and did not return 0 (null = skipped) fails the check, after the JSON has been written
+failed=$(grep -v -c -E '"rc": (0|null),' "$STEPS")
+if [ "$wrote" != 0 ]; then
+  echo "gpu_check: could not write $JSON (exit $wrote)" >&2
+  exit 2
+fi
 echo "gpu_check: $JSON"
+if [ "$failed" != 0 ]; then
+  echo "gpu_check: $failed step(s) failed" >&2
+  exit 1
+fi

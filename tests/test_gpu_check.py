@@ -66,17 +66,44 @@ def test_cpu_dry_run_writes_the_json(tmp_path):
     assert (tmp_path / "gpu_check_logs" / "ops_device.log").is_file()
 
 
+def _run(tmp_path, *args, **env):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, **env}
+    env.pop("DUPFAST_BENCH_DEVICE", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    path = tmp_path / "gpu_check.json"
+    report = json.loads(path.read_text()) if path.exists() else None
+    return proc, report
+
+
 def test_a_failing_step_does_not_stop_the_others(tmp_path):
-    """A python whose `-m pytest` fails (exit 3): both selected steps are recorded with that rc, the JSON is
-    still written, the script exits 0."""
+    """A python whose `-m pytest` fails (exit 3): both selected steps run and are recorded with that rc, the JSON
+    is still written and its path printed, and the script exits 1."""
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then exit 3; fi\nexec {sys.executable} "$@"\n')
     fake.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run", "--python", str(fake), "--only", "ops_device,bench_kernels"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    proc, report = _run(tmp_path, "--python", str(fake), "--only", "ops_device,bench_kernels")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"gpu_check: {tmp_path / 'gpu_check.json'}"
+    assert "2 step(s) failed" in proc.stderr
     assert report["steps"]["ops_device"]["rc"] == 3 and report["steps"]["bench_kernels"]["rc"] == 3
     assert report["summary"]["steps_failed"] == ["ops_device", "bench_kernels"]
     assert report["steps"]["env"]["note"] == "skipped by option"
+
+
+@pytest.mark.parametrize("only, force, rc, failed", [
+    ("env", "", 0, []),                                # every step that ran passed: exit 0
+    ("env,ext_check", "ext_check", 1, ["ext_check"]),  # the last step fails: exit 1, after the JSON
+])
+def test_exit_status_says_whether_a_step_failed(tmp_path, only, force, rc, failed):
+    """GPU_CHECK_FORCE_FAIL fails the named steps on purpose: the exit status is 1 exactly when a step that ran
+    failed, and the JSON is written either way with each step's own rc."""
+    proc, report = _run(tmp_path, "--only", only, GPU_CHECK_FORCE_FAIL=force)
+    assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report is not None, "no JSON written"
+    assert report["summary"]["steps_failed"] == failed
+    assert report["summary"]["steps_run"] == len(only.split(","))
+    for name in only.split(","):
+        assert report["steps"][name]["rc"] == (1 if name in failed else 0), (name, report["steps"][name])
+    for name in failed:
+        assert "failing this step on purpose" in (tmp_path / "gpu_check_logs" / f"{name}.log").read_text()

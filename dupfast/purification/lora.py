@@ -80,12 +80,13 @@ def attach_lora(model, cfg):
     lora_cfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                                target_modules=targets, modules_to_save=heads or None,
                                task_type="SEQ_CLS" if cfg.train_head else None)
-    # peft warns about the SEQ_CLS head names it appends (the head list is explicit here), and its
-    # PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated: that one
-    # FutureWarning is peft's, not the caller's, so exactly its message is silenced here
+    # Two notices of peft's, not the caller's, each silenced by its own message (every other warning of
+    # get_peft_model reaches the caller): its notice on the SEQ_CLS head names it appends to modules_to_save
+    # (the head list is explicit here; peft 0.21 and 0.22 do not emit it), and the transformers 5 FutureWarning
+    # its PeftModel.__init__ triggers by reading the deprecated `model.is_gradient_checkpointing`
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=r".*\bmodules_to_save\b", category=UserWarning)
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         student = peft.get_peft_model(model, lora_cfg)
     if cfg.start == "perturb":
