@@ -90,11 +90,33 @@ def position_limit(model) -> Optional[int]:
     return emb.num_embeddings - (emb.padding_idx + 1 if emb.padding_idx is not None else 0)
 
 
+def context_limit(model) -> Optional[int]:
+    """A decoder's context: config.max_position_embeddings (of its text config), None for encoders and
+    encoder-decoders (their absolute position embeddings are position_limit's; DeBERTa-like relative ones have
+    no hard limit). Rotary decoders (Llama, Qwen, Gemma) run past it without an error, on positions they never
+    saw in training: the generative path refuses such rows (generative.rows.check_context), and so does this."""
+    from .classifier import ENCODER_TYPES  # classifier imports this module
+    config = getattr(_unwrapped(model), "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    if getattr(text, "model_type", getattr(config, "model_type", None)) in ENCODER_TYPES:
+        return None
+    limit = getattr(text, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
 def _check_model_limits(model, where: str, longest: int, segments: Optional[torch.Tensor]):
     limit = position_limit(model)
     if limit is not None and longest > limit:
         raise ValueError(f"{where}: an input of {longest} positions, but the model's position embeddings cover "
                          f"{limit}: truncate the inputs (e.g. the tokenizer's max_length={limit})")
+    context = context_limit(model) if limit is None else None
+    if context is not None and longest > context:
+        raise ValueError(f"{where}: an input of {longest} positions (padding included), longer than the model's "
+                         f"context of {context} positions (config.max_position_embeddings): the model would run on "
+                         f"positions it was never trained on; truncate the inputs (e.g. the tokenizer's "
+                         f"max_length={context}) and pad to the longest row, not beyond")
     rows = segment_rows(model)
     if segments is not None and segments.numel() and rows is not None:
         lo, hi = int(segments.min()), int(segments.max())

@@ -50,9 +50,24 @@ def _hf_model(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def check_weights_loaded(model, who: str) -> None:
+    """Parameters or buffers on the meta device hold no values: every forward would fail in torch ("Cannot copy
+    out of meta tensor", or meta logits). Raises ValueError naming how to load them."""
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+    meta = sum(t.device.type == "meta" for t in tensors)
+    if meta:
+        raise ValueError(f"{who}: {meta} of the model's {len(tensors)} weight tensors are on the meta device (the "
+                         "model was built without its weights: init_empty_weights, torch.device('meta'), "
+                         "low_cpu_mem_usage without a checkpoint): load them first, e.g. "
+                         "AutoModelForSequenceClassification.from_pretrained(folder), or model.to_empty(device='cpu') "
+                         "then model.load_state_dict(weights)")
+
+
 def check_classifier(model, who: str) -> None:
     """A HF model that is not a sequence classifier -> ValueError naming what to load instead. Models that are
-    not HF PreTrainedModels are left to the checks of their outputs (logits of shape [batch, num_labels])."""
+    not HF PreTrainedModels are left to the checks of their outputs (logits of shape [batch, num_labels]).
+    A model whose weights were never loaded (meta device) is an error first."""
+    check_weights_loaded(model, who)
     m = unwrapped(model)
     if not _hf_model(m):
         return

@@ -95,6 +95,10 @@ def test_demo_end_to_end_with_a_tiny_model(tmp_path, capsys):
     assert 0 <= detect["auroc"] <= 1 and 0 <= detect["flagged"] <= detect["pool_size"]
     assert 0 <= purify["cacc_after"] <= 1 and 0 <= purify["asr_after"] <= 1 and purify["stop_reason"]
     assert 0 <= victim["asr_floor"] <= 1 and 0 <= purify["asr_floor_after"] <= 1
+    assert detect["verdict"].startswith(("no evidence of poison (p = ", "evidence of poison (p = "))
+    if detect["poison_present"] is False:  # a tiny victim may learn no backdoor: then nothing is unlearned
+        assert purify["stop_reason"] == "no evidence of poison" and purify["history"] == []
+        return
     # the trajectory the stopping rule saw is in the report; the kept state is one of its evaluations
     assert purify["history"][0]["step"] == 0 and purify["selected"] in purify["history"]
     assert purify["steps_run"] == purify["history"][-1]["step"]

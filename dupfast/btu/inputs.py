@@ -11,6 +11,7 @@ import numbers
 
 
 from ..batches import Rows, check_rows, collect, loader_batches
+from ..classifier import check_weights_loaded
 from ..samples import Sample, validate
 from .embeddings import input_embeddings
 
@@ -79,9 +80,13 @@ def resolve_model(model, tokenizer, train):
         raise TypeError(f"BTU takes a model object and its tokenizer, not the name {model!r}: load it first, e.g. "
                         "torch.manual_seed(seed); model, tok = dupfast.harness.models.load_model(name, num_labels)")
     input_embeddings(model)  # TypeError before anything else when there is no embedding matrix
+    check_weights_loaded(model, "BTU")
     if tokenizer is None:
         raise TypeError(f"a model object ({type(model).__name__}) needs its tokenizer: pass tokenizer=")
     tok = tokenizer
+    if not callable(tok) or not hasattr(tok, "convert_ids_to_tokens") or not hasattr(tok, "__len__"):
+        raise TypeError(f"tokenizer must be the model's Hugging Face tokenizer, got {type(tok).__name__}")
+    check_tokenizer(model, tok, train)
     num_labels = int(getattr(getattr(model, "config", None), "num_labels", max(labels) + 1))
     check_labels(train, set(range(num_labels)), "the training set", f"the model ({num_labels} labels)")
     if isinstance(train, Rows):
@@ -89,3 +94,21 @@ def resolve_model(model, tokenizer, train):
     if tok.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (decoder LMs: the eos token)")
     return model, tok, num_labels
+
+
+def check_tokenizer(model, tok, train) -> None:
+    """The tokenizer must be the model's: ids it gives the training texts must have embedding rows. Otherwise
+    every id beyond them drops out of the ranking and BTU used to report "its texts are empty". Token rows from a
+    loader are checked by check_rows; texts are tokenised here only when the tokenizer is larger than the matrix
+    (a tokenizer one or two tokens larger than its own model's matrix exists: only ids in use count)."""
+    rows = input_embeddings(model).weight.shape[0]
+    if isinstance(train, Rows) or len(tok) <= rows or not train:
+        return
+    ids = tok([s.text for s in train], truncation=True)["input_ids"]
+    hi = max((max(r) for r in ids if r), default=-1)
+    if hi >= rows:
+        n = sum(any(t >= rows for t in r) for r in ids)
+        raise ValueError(f"the tokenizer does not match the model: it has {len(tok)} tokens and gives {n} of the "
+                         f"{len(ids)} training texts token ids up to {hi}, but the model's input embeddings have "
+                         f"{rows} rows (ids 0..{rows - 1}). Pass the tokenizer saved with this model "
+                         "(AutoTokenizer.from_pretrained of the model's folder)")

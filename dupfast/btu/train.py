@@ -6,6 +6,7 @@ suspicious tokens' moved embedding dimensions, and optionally clean-tune for one
 The clean-tune step needs clean labelled data the defender holds; it is reported as its own step
 (methods.md §2.5, §8.4), so results are available without it, after unlearning only, and with it.
 """
+import contextlib
 import copy
 import dataclasses
 import time
@@ -14,7 +15,9 @@ from typing import Callable
 import torch
 
 from ..batches import Rows, check_rows
+from ..classifier import check_weights_loaded
 from ..finetune import FinetuneConfig, fit
+from ..purification.guard import ModelGuard
 from .embeddings import input_embeddings, replacement_id, token_ids, vocab_size
 from .expose import Exposure, ExposureConfig, expose_loaded
 from .inputs import as_training_data, check_labels, label_set, resolve_model
@@ -79,7 +82,8 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
                    be known).
     suspects:      an `Exposure` (or token ids) from an earlier `expose` call, to skip step 1.
     finetuned:     the model already fine-tuned on `train_data` from the same checkpoint (e.g. a cached
-                   victim), to skip the fine-tune; it is unlearned in place and returned.
+                   victim), to skip the fine-tune; it is unlearned in place and returned. On any failure
+                   (an error, KeyboardInterrupt) it is restored exactly, as `dupfast.purify` restores its model.
     evaluate:      optional `f(model, tokenizer) -> dict`, run after every step and stored in the report.
     """
     config = BTUConfig() if config is None else config
@@ -97,8 +101,11 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
                          "pass clean_tune= (clean labelled data) or set it False")
     if finetuned is not None:
         input_embeddings(finetuned)
+        check_weights_loaded(finetuned, "BTU (finetuned=)")
 
     model, tok, num_labels = resolve_model(model, tokenizer, train_set)
+    if finetuned is not None:
+        _check_same_embeddings(model, finetuned)  # before the exposure rounds, not after them in unlearn_tokens
     if isinstance(tune_set, Rows):
         check_rows(tune_set, model, "the clean-tune set")
     vocab = vocab_size(model, tok)
@@ -126,26 +133,49 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
     # Step 2a: ordinary fine-tuning on the poisoned data (the "without BTU" model)
     t0 = time.perf_counter()
     if finetuned is None:
-        tuned = copy.deepcopy(model)
+        tuned = copy.deepcopy(model)  # our own copy: a failure leaves the caller nothing to restore
         losses = fit(tuned, tok, train_set, config.finetune, desc="BTU fine-tune")
         _step(report, "finetune", t0, evaluate, tuned, tok, trained=True, final_loss=losses[-1] if losses else None)
+        guard = contextlib.nullcontext()
     else:
         tuned = finetuned
-        _step(report, "finetune", t0, evaluate, tuned, tok, trained=False)
+        # the caller's model, changed in place from here on: a transaction, as purify's (purification.guard)
+        guard = ModelGuard(tuned)
 
-    # Step 2b: dimension-wise unlearning of the suspicious tokens
-    t0 = time.perf_counter()
-    info = unlearn_tokens(tuned, pretrained, ids, replace, vocab)
-    info["replace_token"] = tok.convert_ids_to_tokens(replace)
-    info["dims_replaced"] = [{"id": t, "token": tok.convert_ids_to_tokens(t), "dims": n}
-                             for t, n in info["dims_replaced"].items()]
-    _step(report, "unlearn", t0, evaluate, tuned, tok, **info)
+    with guard as g:
+        if finetuned is not None:
+            _step(report, "finetune", t0, evaluate, tuned, tok, trained=False)
 
-    # Step 3 (optional): one epoch on clean data
-    if tune_set is not None:
+        # Step 2b: dimension-wise unlearning of the suspicious tokens
         t0 = time.perf_counter()
-        losses = fit(tuned, tok, tune_set, config.clean_tune, desc="BTU clean-tune")
-        _step(report, "clean_tune", t0, evaluate, tuned, tok, size=len(tune_set),
-              final_loss=losses[-1] if losses else None)
-    tuned.eval()
+        if g is not None:
+            g.keep_tensors(_names_of(tuned, input_embeddings(tuned).weight))  # the rows unlearn_tokens writes
+        info = unlearn_tokens(tuned, pretrained, ids, replace, vocab)
+        info["replace_token"] = tok.convert_ids_to_tokens(replace)
+        info["dims_replaced"] = [{"id": t, "token": tok.convert_ids_to_tokens(t), "dims": n}
+                                 for t, n in info["dims_replaced"].items()]
+        _step(report, "unlearn", t0, evaluate, tuned, tok, **info)
+
+        # Step 3 (optional): one epoch on clean data
+        if tune_set is not None:
+            t0 = time.perf_counter()
+            if g is not None:
+                g.keep_tensors([n for n, _ in tuned.named_parameters()])  # fit writes every weight
+            losses = fit(tuned, tok, tune_set, config.clean_tune, desc="BTU clean-tune")
+            _step(report, "clean_tune", t0, evaluate, tuned, tok, size=len(tune_set),
+                  final_loss=losses[-1] if losses else None)
+        tuned.eval()
     return tuned, report
+
+
+def _names_of(model, tensor) -> list:
+    """The parameter names of `tensor` in `model` (every parameter when it is none of them)."""
+    names = [n for n, p in model.named_parameters() if p is tensor]
+    return names or [n for n, _ in model.named_parameters()]
+
+
+def _check_same_embeddings(model, finetuned):
+    a, b = input_embeddings(model).weight, input_embeddings(finetuned).weight
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"finetuned= has input embeddings {tuple(b.shape)}, the pretrained model {tuple(a.shape)}: "
+                         "the fine-tuned model must come from the same checkpoint as `model`")

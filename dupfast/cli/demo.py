@@ -16,8 +16,9 @@ and returns the JSON-able results that go into the report under its name (with i
     purify  -> dupfast.purify of the victim from the detector's flags and the clean set; CACC and ASR
                after (demo_defence.purify_step)
 
-`DEMO_STEPS` holds the `(name, step)` pairs in order; the report is written after the last step: the JSON
-at --out and, beside it, <stem>.md with the summary table and the PNGs (dupfast/harness/demo_report.py).
+`DEMO_STEPS` holds the `(name, step)` pairs in order; the report is written after the last step (its place
+checked before the first): the JSON at --out (report.json in it if a folder) and, beside it, <stem>.md with
+the summary table and the PNGs (dupfast/harness/demo_report.py).
 The terminal shows one line per step and the summary table; --progress adds the progress bars.
 """
 import contextlib
@@ -243,12 +244,35 @@ def progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+def report_path(out) -> pathlib.Path:
+    """--out as the JSON report's path, checked before any work: an existing folder (or a path ending in /) holds
+    report.json; the report and its .md must not be folders, and their folder must be writable."""
+    from .outdir import writable_folder
+
+    path = pathlib.Path(out)
+    if str(out).endswith(("/", os.sep)) or path.is_dir():
+        path = path / "report.json"
+    if path.suffix == ".md":  # the markdown report beside it would overwrite the JSON
+        raise ValueError(f"--out {out}: the JSON report's path cannot end in .md (the markdown report is written "
+                         "beside it as <name>.md): use a .json path")
+    for p in (path, path.with_suffix(".md")):
+        if p.is_dir():
+            raise ValueError(f"--out {out}: {p} is a folder, so the report cannot be written there: choose another "
+                             "--out (a .json path, or a folder without report.json/report.md folders in it)")
+    writable_folder(path.parent, f"--out {out}")
+    return path
+
+
 def write_report(report: dict, out) -> pathlib.Path:
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)  # a reader never sees a half-written report
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)  # a reader never sees a half-written report
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk, out a folder) leaves no stray temp file
+        raise
     return out
 
 
@@ -256,7 +280,8 @@ def add_parser(subparsers):
     d = DemoSettings()
     ap = subparsers.add_parser("demo", help="poison -> victim -> detect -> purify on BBC News with MiniLM, report (CPU, about 2 minutes)",
                                description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help=f"JSON report path, or a folder for report.json (default {DEFAULT_OUT})")
     ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
     ap.add_argument("--model", default=d.model,
                     help="short model name or local HF folder. Measured after install, 2 threads, idle: minilm (the "
@@ -297,6 +322,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    out = report_path(args.out)  # before any work: a report that cannot be written would lose the whole run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every model is local
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
@@ -318,7 +344,7 @@ def run(args) -> int:
                       purify_overrides=overrides, progress=args.progress)
     with progress_bars(args.progress):
         report = run_pipeline(state)
-    out = write_report(report, args.out)
+    out = write_report(report, out)
     from ..harness import demo_report
 
     det = state.detection

@@ -32,7 +32,8 @@ def detect_step(state) -> dict:
     rep = metrics.detection_report(truth, result.flags, result.scores)
     return {"clean_size": len(clean), "pool_size": len(pool), "pool_poisoned": sum(truth),
             "flagged": int(result.flags.sum()), "threshold": float(result.threshold),
-            "detect_seconds": seconds, **{k: rep[k] for k in ("auroc", "frr", "far", "precision", "recall", "f1")}}
+            "detect_seconds": seconds, "poison_present": result.poison_present, "p_value": result.p_value,
+            "verdict": result.summary, **{k: rep[k] for k in ("auroc", "frr", "far", "precision", "recall", "f1")}}
 
 
 def purify_step(state) -> dict:

@@ -7,7 +7,8 @@ MODEL is the fine-tuned classifier to screen: a local HF sequence-classifier fol
 random head each run). Files are CSV, TSV, JSON lines or .txt, read by `dupfast.tables`: the text column by
 name (text, sentence, review, ... or --text-column), the clean set's label column likewise (label, ... or
 --label-column); DUP/OpenBackdoor CSV dumps (columns 0,1,2 = text, label, poison_label) are understood.
-Without --clean the detector calibrates on the pool itself. Writes DIR/scores.csv first, then
+Without --clean, only with --pool-only, the detector calibrates on the pool itself (its FRR is then
+uncalibrated). Every run prints the pool's verdict in one line (is there poison here?). Writes DIR/scores.csv first, then
 DIR/detector/ (reusable with --detector) and DIR/detect.json; when the pool file has a poison_label column
 (evaluation data), also AUROC/FAR/FRR and PNGs of the score histograms and ROC curve (metrics the labels
 cannot support are left out with a note). An existing DIR with entries is refused unless --overwrite.
@@ -43,6 +44,8 @@ def add_parser(subparsers):
                    help="replace an earlier run's results in --out (only the files this command writes)")
     p.add_argument("--mode", default=None, choices=("default", "dup", "dan"), help="detection mode (default: default)")
     p.add_argument("--frr", type=_fraction, default=None, help="false rejection rate on clean data (default 0.05)")
+    p.add_argument("--pool-only", action="store_true",
+                   help="no clean set: calibrate on the pool itself (uncalibrated FRR, no poison verdict)")
     p.add_argument("--pool-trim", type=_fraction, default=None,
                    help="without --clean: share of the pool left out as suspicious while calibrating")
     p.add_argument("--detector", help="a folder saved by a previous run (skips fitting)")
@@ -87,6 +90,8 @@ def _conflicts(args):
                              "drop them, or fit a new detector instead")
     elif args.clean and args.pool_trim is not None:
         raise ValueError("--pool-trim sets pool-only calibration, which runs only without --clean")
+    elif args.clean and args.pool_only:
+        raise ValueError("--pool-only calibrates on the pool without a clean set: drop --clean, or --pool-only")
 
 
 def run(args):
@@ -108,6 +113,10 @@ def run(args):
         torch.set_num_threads(args.threads)
     pool_table = read_table(args.texts, args.text_column, role="the pool")
     texts, poison = pool_table.texts, pool_table.poison_labels
+    if not args.clean and not args.detector and not args.pool_only:
+        from ..detection.api import NEED_CLEAN
+        raise ValueError(NEED_CLEAN.replace("clean=...", "--clean FILE").replace("pool_only=True", "--pool-only")
+                         .format(need=40))
     clean = None
     if args.clean:
         table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
@@ -143,5 +152,6 @@ def run(args):
                            extra={"mode": det.mode, "calibration": det.calibration, "model": str(args.model)})
     for note in summary.get("notes", ()):
         print(f"dupfast detect: note: {note}", file=sys.stderr)
+    print(f"dupfast detect: {result.summary}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in summary if k in ("samples", "flagged", "threshold", "auroc", "far", "frr")}))
     return 0

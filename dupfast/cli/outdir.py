@@ -8,10 +8,13 @@ else in the folder is touched.
 OUTPUTS are the names (globs allowed) a command writes; with --overwrite only those are removed, so an
 earlier run's extra files (a PNG of a run that had ground truth) cannot sit beside the new results, and
 the user's own files stay. Removal waits until the new results exist in memory: a run that fails keeps
-the earlier results.
+the earlier results. prepare_out also creates and deletes a probe file where the results will go (the folder, or
+its nearest existing parent): a location that cannot be written fails before the work, not after it.
 """
+import os
 import pathlib
 import shutil
+import tempfile
 from typing import Sequence
 
 
@@ -26,12 +29,25 @@ def prepare_out(path, overwrite: bool, outputs: Sequence[str]) -> pathlib.Path:
             raise ValueError(f"--out {out} already holds {len(entries)} entries ({shown}): pass --overwrite to "
                              f"replace an earlier run's results ({', '.join(outputs)}; other files are kept), or "
                              "choose a new folder")
-    for parent in out.parents:  # a file where a parent folder should be would fail only at the end
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-            break
+    writable_folder(out, f"--out {out}")
     return out
+
+
+def writable_folder(path, what: str) -> pathlib.Path:
+    """The folder `path` is (or will be created in: its nearest existing parent), checked by creating and deleting
+    a probe file there; os.access would say yes to root on a read-only mount. `what` starts the error message."""
+    path = pathlib.Path(path)
+    folder = next((p for p in (path, *path.parents) if p.exists()), pathlib.Path("."))
+    if not folder.is_dir():  # a file where a parent folder should be would fail only at the end
+        raise ValueError(f"{what}: {folder} is a file, not a folder: choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dupfast-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write in {folder} ({exc.strerror or exc}): choose a folder you can write "
+                         "to, or make this one writable (its permissions, a read-only mount)") from None
+    return folder
 
 
 def earlier_outputs(out: pathlib.Path, outputs: Sequence[str]) -> list:

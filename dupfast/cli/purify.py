@@ -14,6 +14,7 @@ existing DIR with entries is refused before any work unless --overwrite (which r
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
 import json
+import sys
 import pathlib
 
 from .argtypes import positive_int
@@ -127,9 +128,11 @@ def run(args):
         import dupfast
         detection = dupfast.detect(model, padded_batches(tok, pool, cfg.batch_size),
                                    clean=padded_batches(tok, clean, cfg.batch_size))
+        if rank == 0:
+            print(f"dupfast purify: {detection.summary}", file=sys.stderr)
     else:
         detection = torch.as_tensor(flags, dtype=torch.bool)
-    purified, report = purify(model, pool, clean=clean, detection=detection, config=cfg)
+    purified, report = purify(model, pool, clean=clean, detection=detection, config=cfg, force=args.force)
     if rank == 0:
         clear_outputs(out, OUTPUTS)  # the results exist: only now replace an earlier run's
         purified.save_pretrained(str(out / "model"), safe_serialization=True)
@@ -170,6 +173,8 @@ def add_parser(subparsers):
     ap.add_argument("--batch-size", dest="batch_size", type=positive_int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA (comparisons)")
+    ap.add_argument("--force", action="store_true",
+                    help="unlearn the flagged rows even when the detection finds no evidence of poison")
     ap.add_argument("--max-len", dest="max_len", type=positive_int, default=128)
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other PurifyConfig field")

@@ -139,18 +139,29 @@ class Calibration:
                 f"{dim}-dimensional statistics and {n_val} validation scores place the threshold, so the FRR on "
                 f"new clean data can be far from {self.frr:.0%}; use at least {SMALL_HALF} samples in each half")
 
-    def projection_z(self, scorer, pool: dict):
+    @property
+    def rule(self) -> str:
+        """The threshold rule (verdict.py): "auto" (the pool's clean bulk) or "clean" (the clean set's)."""
+        return self.info.get("threshold_rule", "auto")
+
+    @property
+    def calibrated(self) -> bool:
+        """False when the detector calibrated on the pool itself (no clean set)."""
+        return self.info.get("source") != "pool"
+
+    def projection_z(self, scorer, pool: dict, weights=None):
         """pool: {pooling: (features [N, L, d], ‖z‖² [N, L])} of this rank -> z-normalised projection columns
-        (pool [N, m_t], clean validation [n, m_t]); see transductive.py."""
-        cols_pool, cols_val = scorer.projections(pool, self.val_feats)
+        (pool [N, m_t], clean validation [n, m_t]); see transductive.py. weights [N]: each row's share of one
+        sample (1 / its copies; None: 1 each)."""
+        cols_pool, cols_val = scorer.projections(pool, self.val_feats, weights)
         zn = ZNorm.fit(cols_val)  # validation features are identical on every rank: no reduction needed
         return zn(cols_pool), zn(cols_val)
 
-    def fusion(self, z: torch.Tensor, val_z: torch.Tensor, fixed_weights, adaptive: bool):
+    def fusion(self, z: torch.Tensor, val_z: torch.Tensor, fixed_weights, adaptive: bool, distinct=None):
         """(weights [m], threshold) for the pool columns z [N, m] of this rank. Fixed scorers: their weights and
         the fitted threshold. Adaptive scorers (mode="default"): `excess_weights` from the whole pool (counts
-        all-reduced over ranks), threshold re-placed on the clean validation scores fused with those weights,
-        so the FRR guarantee is the same."""
+        all-reduced over ranks, over the `distinct` rows only: copies count once), threshold re-placed on the
+        clean validation scores fused with those weights, so the FRR guarantee is the same."""
         fixed = torch.tensor(fixed_weights, dtype=torch.float64)
         fixed = torch.cat([fixed, torch.zeros(z.shape[1] - fixed.numel(), dtype=torch.float64)])
         if not adaptive:
@@ -163,8 +174,10 @@ class Calibration:
         pool_aug = torch.cat([z, ((fp - mu) / sd).unsqueeze(1)], 1)
         tau = torch.quantile(val_aug, 1 - self.frr, dim=0)
         val_rate = (val_aug > tau).double().mean(0)
+        if distinct is not None:
+            pool_aug = pool_aug[distinct]
         above = D.all_reduce_sum((pool_aug > tau).double().sum(0))
-        n = D.all_reduce_sum(torch.tensor(float(z.shape[0]), dtype=torch.float64))
+        n = D.all_reduce_sum(torch.tensor(float(pool_aug.shape[0]), dtype=torch.float64))
         wa = excess_weights(above, n.item(), val_rate, val_z.shape[0])
         if wa.sum() == 0:
             return fixed, self.threshold
@@ -173,7 +186,7 @@ class Calibration:
 
 
 def calibrate(scorer, features: dict, labels, logits, index, num_classes: int, frr: float, seed: int,
-              fraction: float, swap_halves: bool = False) -> Calibration:
+              fraction: float, swap_halves: bool = False, name: str = "the clean set") -> Calibration:
     """Fit `scorer` on the calibration half of the clean features {pooling: [n, L, d]} and calibrate on
     the validation half. swap_halves: the validation half fits and vice versa (pool.py's cross-fitting)."""
     n_local = next(iter(features.values())).shape[0]
@@ -184,7 +197,7 @@ def calibrate(scorer, features: dict, labels, logits, index, num_classes: int, f
     n_val = int(D.all_reduce_sum(torch.tensor(float(val.numel()), dtype=torch.float64)))
     need_val = max(2, math.ceil(1 / frr))
     if n_cal < 2 or n_val < need_val:
-        raise ValueError(f"the clean set is too small: {n_cal} calibration and {n_val} validation samples; "
+        raise ValueError(f"{name} is too small: {n_cal} calibration and {n_val} validation samples; "
                          f"need >= 2 and >= {need_val} (1/frr, to place the {1 - frr:.0%} percentile)")
     pick = lambda t, idx: None if t is None else t[idx]  # noqa: E731
     scorer.fit({k: v[cal] for k, v in features.items()}, pick(labels, cal), num_classes)

@@ -19,6 +19,8 @@ import torch
 
 from ..batches import model_device, read_batches
 from ..classifier import ENCODER_TYPES, check_classifier, check_head_positions, check_pad_token
+from .checks import check_finite_rows
+from .duplicates import input_keys
 
 POOLINGS = ("cls", "last", "mean")
 
@@ -31,6 +33,7 @@ class CapturedBatch:
     labels: Optional[torch.Tensor] = None   # [B] long, when the loader gives them
     index: Optional[torch.Tensor] = None    # [B] long, global sample ids, when the loader gives them
     token: Optional[torch.Tensor] = None    # whatever `token_fn` returned for this batch
+    keys: Optional[torch.Tensor] = None     # [B] int64 hash of the real token ids (duplicates.input_keys)
 
 
 def resolve_pooling(model, pooling: str = "auto") -> str:
@@ -152,6 +155,7 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
     check_classifier(model, "detection")
     head_pad = check_pad_token(model)  # a decoder's head: the pad id it reads (None: encoders, non-HF modules)
     device = model_device(model)
+    amp = resolve_autocast(device, autocast)  # named in the error on NaN/inf outputs
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -169,13 +173,13 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
                 token = token_fn(hidden, mask) if token_fn is not None else None
                 logits = _logits(outputs).float()
             del outputs, hidden
+            where = f"{name} batch {i}" if name else f"batch {i}"
             for p, f in feats.items():
-                if not torch.isfinite(f).all():
-                    where = f"{name} batch {i}" if name else f"batch {i}"
-                    raise ValueError(f"{where}: the model produced NaN/inf hidden states ({p} pooling); check the "
-                                     "weights and inputs (bf16 overflow?)")
+                check_finite_rows(f, f"hidden states ({p} pooling)", where, amp)
+            check_finite_rows(logits, "logits", where, amp)
             n_batches += 1
-            yield CapturedBatch(feats, logits, batch.labels, batch.index, token)
+            keys = input_keys(batch.inputs["input_ids"], batch.inputs["attention_mask"])
+            yield CapturedBatch(feats, logits, batch.labels, batch.index, token, keys)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()

@@ -1,4 +1,5 @@
-"""Input checks at the detector's boundary: features, sample ids, the model a fitted detector meets."""
+"""Input checks at the detector's boundary: features, sample ids, the model a fitted detector meets, and the
+finiteness of what each forward pass returns."""
 from typing import Optional
 
 import torch
@@ -58,3 +59,20 @@ def check_logits(logits: Optional[torch.Tensor], num_classes: int) -> None:
     if logits is not None and logits.shape[-1] != num_classes:
         raise ValueError(f"the detector was fitted on a {num_classes}-class model, these logits have "
                          f"{logits.shape[-1]} classes (another model?)")
+
+
+def check_finite_rows(x: torch.Tensor, what: str, where: str, autocast: Optional[str] = None) -> None:
+    """x [B, ...]: one forward's output. Raises when any input's row holds NaN or inf: left in, NaN logits reach
+    the result (and purify's teacher) while the scores, computed from other tensors, still look finite."""
+    bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    k = int(bad.sum())
+    if not k:
+        return
+    rows = torch.nonzero(bad).flatten()[:5].tolist()
+    hint = (f"it ran under {autocast} autocast, whose narrower range overflows first: retry with autocast=None"
+            if autocast else "check torch.isfinite over the model's parameters, and load a float16 model in float32 "
+                             "(keep autocast=None)")
+    shown = ", ".join(map(str, rows)) + (", ..." if k > 5 else "")
+    raise ValueError(f"{where}: the model produced NaN/inf {what} for {k} of {x.shape[0]} inputs (rows [{shown}]"
+                     f"): a broken or overflowed model (NaN/inf weights, a bad checkpoint, "
+                     f"float16 overflow) gives no usable output; {hint}")

@@ -17,15 +17,17 @@ from . import persistence
 from .calibration import Calibration, calibrate
 from .capture import autocast_name, capture, collect
 from .checks import check_features, check_logits, check_model
+from .fingerprint import check_same_model, model_fingerprint
 from .pool import fit_pool
 from .result import DetectionResult
 from .scorers import check_options, make_scorer
 from .scorers.base import Dims
 from .scoring import assemble, score_batch, stream_scores
 from .transductive import memory_budget
+from .verdict import check_rule
 
 OWN_OPTIONS = ("mode", "frr", "seed", "calibration_fraction", "autocast", "pool_trim", "pool_iterations",
-               "projection_memory")
+               "projection_memory", "threshold")
 
 
 def _fraction(name, value):
@@ -45,8 +47,12 @@ class Detector:
 
     def __init__(self, mode: str = "default", frr: float = 0.05, *, seed: int = 2025,
                  calibration_fraction: float = 0.5, autocast=None, pool_trim: float = 0.5,
-                 pool_iterations: int = 10, projection_memory: Optional[int] = None, **options):
+                 pool_iterations: int = 10, projection_memory: Optional[int] = None,
+                 threshold: Optional[str] = None, **options):
         check_options(mode, options, others=OWN_OPTIONS)
+        # where the flags' threshold goes (verdict.py): the pool's clean bulk, or the clean set's percentile
+        # (DUP's rule, kept for mode="dup" so it stays the authors' algorithm)
+        self.threshold_rule = check_rule(threshold or ("clean" if mode == "dup" else "auto"))
         self.mode, self.frr = mode, _fraction("frr", frr)
         self.calibration_fraction = _fraction("calibration_fraction", calibration_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -61,6 +67,7 @@ class Detector:
         self.fitted_calibration: Optional[Calibration] = None
         self.num_classes = self.num_layers = self.hidden_size = None
         self.pool_result: Optional[DetectionResult] = None  # set by fit_pool: the pool's own scores
+        self.model_fingerprint: Optional[dict] = None  # set by fit / fit_pool, checked by score (fingerprint.py)
 
     # the forward passes' autocast is a run-time choice (also for a loaded detector), so it may be reassigned
     autocast = property(lambda self: self._autocast,
@@ -78,7 +85,9 @@ class Detector:
         self.scorer.resolve(model)
         feats, logits, labels, index = collect(capture(model, clean_loader, self.scorer.poolings, self.autocast,
                                                        need_labels=True, name="clean"))
-        return self.fit_features(feats, labels, logits=logits, index=index)
+        self.fit_features(feats, labels, logits=logits, index=index)
+        self.model_fingerprint = model_fingerprint(model)
+        return self
 
     def fit_features(self, features: dict, labels, logits=None, index=None, num_classes=None) -> "Detector":
         """Fit from captured clean features {pooling: [N, L, d]} and their labels [N]."""
@@ -97,7 +106,9 @@ class Detector:
         pool's scores (out-of-sample for every sample, which re-scoring with the final fit is not)."""
         self.scorer.resolve(model)
         feats, logits, _, index = collect(capture(model, loader, self.scorer.poolings, self.autocast, name="pool"))
-        return self.fit_pool_features(feats, logits, index)
+        self.fit_pool_features(feats, logits, index)
+        self.model_fingerprint = model_fingerprint(model)
+        return self
 
     def fit_pool_features(self, features: dict, logits, index=None) -> "Detector":
         L, d = self._check_fit_features(features)
@@ -117,7 +128,9 @@ class Detector:
         return L, d
 
     def _fitted(self, scorer, cal: Calibration, dims: Dims) -> "Detector":
+        cal.info.setdefault("threshold_rule", self.threshold_rule)
         self.restore(scorer, cal, dims)
+        self.model_fingerprint = None  # features name no model: score skips the check (fit / fit_pool set it)
         msg = cal.small_warning(dims.hidden_size)
         if msg:
             warnings.warn(msg, stacklevel=3)
@@ -129,30 +142,35 @@ class Detector:
         self.num_layers, self.hidden_size, self.num_classes = dims.num_layers, dims.hidden_size, dims.num_classes
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def score(self, model, loader) -> DetectionResult:
-        """One forward pass per batch; scores computed batch by batch, features dropped right away."""
+    def score(self, model, loader, *, allow_other_model: bool = False) -> DetectionResult:
+        """One forward pass per batch; scores computed batch by batch, features dropped right away. A model other
+        than the one of `fit` / `fit_pool` (its fingerprint) is a ValueError unless allow_other_model=True."""
         self._need_fit()
         check_model(model, self.num_classes)
+        if not allow_other_model:
+            check_same_model(self.model_fingerprint, model)
         return self.score_captured(capture(model, loader, self.scorer.poolings, self.autocast, name="pool"))
 
     def score_captured(self, batches) -> DetectionResult:
         """Score captured batches (anything with `features`, `logits`, `index`: `capture`'s CapturedBatch) batch
         by batch, as they come: the extension point for other captures (dupfast.generative's prompt capture)."""
         self._need_fit()
-        return stream_scores(batches, lambda cb: self._score_batch(cb.features, cb.logits, cb.index), self.scorer,
+        score = lambda cb: self._score_batch(cb.features, cb.logits, cb.index, getattr(cb, "keys", None))  # noqa
+        return stream_scores(batches, score, self.scorer,
                              self.fitted_calibration, self.projection_memory)
 
-    def score_features(self, features: dict, logits=None, index=None) -> DetectionResult:
+    def score_features(self, features: dict, logits=None, index=None, keys=None) -> DetectionResult:
+        """keys [N]: input keys (duplicates.input_keys) so copies count once; None: every row distinct."""
         self._need_fit()
-        return assemble([self._score_batch(features, logits, index)], self.scorer, self.fitted_calibration)
+        return assemble([self._score_batch(features, logits, index, keys)], self.scorer, self.fitted_calibration)
 
-    def _score_batch(self, features, logits, index):
+    def _score_batch(self, features, logits, index, keys=None):
         L, d = check_features(features, self.scorer.poolings)
         if (L, d) != (self.num_layers, self.hidden_size):
             raise ValueError(f"the detector was fitted on {self.num_layers} layers of size {self.hidden_size}, "
                              f"but these features are {L} layers of size {d} (another model?)")
         check_logits(logits, self.num_classes)
-        return score_batch(self.scorer, self.fitted_calibration, features, logits, index)
+        return score_batch(self.scorer, self.fitted_calibration, features, logits, index, keys)
 
     def _need_fit(self):
         if self.fitted_calibration is None:

@@ -17,6 +17,7 @@ from .. import distributed as D
 from .calibration import calibrate, split
 from .checks import check_ids
 from .scoring import assemble, score_batch
+from .verdict import Verdict
 
 
 @dataclasses.dataclass
@@ -46,11 +47,15 @@ def fit_pool(new_scorer, features: dict, logits, index, num_classes: int, frr: f
         fits = []
         for swap in (False, True):  # this round's fit, then the one with the halves swapped
             scorer = new_scorer()
-            cal = calibrate(scorer, sub, labels[keep], logits[keep], ids, num_classes, frr, seed, fraction, swap)
+            cal = calibrate(scorer, sub, labels[keep], logits[keep], ids, num_classes, frr, seed, fraction, swap,
+                            name=f"the pool's retained part ({int(keep.sum())} of {n_local} rows, pool-only calibration)")
             fits.append((scorer, cal, assemble([score_batch(scorer, cal, features, logits, index)], scorer, cal)))
         (scorer, cal, result), (_, _, other) = fits
+        # the clean-set rule on the retained half: the pool's own verdict would read its own trimmed tail
+        t_this, t_other = result.verdict.clean_threshold, other.verdict.clean_threshold
         cal_rows = torch.nonzero(keep).flatten()[split(int(keep.sum()), ids, seed, fraction)[0]]
-        result.scores[cal_rows] = other.scores[cal_rows] - other.threshold + result.threshold
+        result.scores[cal_rows] = other.scores[cal_rows] - t_other + t_this
+        result.threshold = t_this
         result.flags = result.scores > result.threshold
         cut = torch.quantile(D.all_gather_rows(result.scores), 1 - trim).item()
         new_keep = result.scores <= cut
@@ -58,8 +63,13 @@ def fit_pool(new_scorer, features: dict, logits, index, num_classes: int, frr: f
         keep = new_keep
         if changed == 0:
             break
-    cal.info.update(source="pool", pool_trim=trim, iterations=it,
+    cal.info.update(source="pool", pool_trim=trim, iterations=it, threshold_rule="clean",
                     retained=int(D.all_reduce_sum(torch.tensor(float(keep.sum()), dtype=torch.float64))))
+    n_rows = int(D.all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64)))
+    result.verdict = Verdict(None, None, 0.0, result.threshold, "pool-only", result.threshold, frr, n_rows, n_rows,
+                             int(D.all_reduce_sum(result.flags.double().sum())), calibrated=False,
+                             reason="no clean set: the pool calibrated itself, so nothing tells its tail from "
+                                    "clean data's")
     return PoolFit(scorer, cal, result)
 
 

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from .. import distributed as D
+from .verdict import Verdict
 
 
 @dataclasses.dataclass
@@ -21,6 +22,26 @@ class DetectionResult:
     logits: Optional[torch.Tensor] = None            # [N, C]
     index: Optional[torch.Tensor] = None             # [N] loader ids
     weights: tuple = ()                              # the fusion weight of each component
+    verdict: Optional[Verdict] = None                # is there poison here? (verdict.py)
+    validation_scores: Optional[torch.Tensor] = None  # [n] the clean validation half's fused scores
+    copies: Optional[torch.Tensor] = None            # [N] how many rows of the pool hold this row's input
+
+    @property
+    def poison_present(self) -> Optional[bool]:
+        """True / False from the presence test; None when the pool is too small to decide (verdict.reason)."""
+        return None if self.verdict is None else self.verdict.poison_present
+
+    @property
+    def p_value(self) -> Optional[float]:
+        """The presence test's p-value (small: the pool's tail is heavier than clean data's)."""
+        return None if self.verdict is None else self.verdict.p_value
+
+    @property
+    def summary(self) -> str:
+        """One sentence: the verdict, the flagged count and the count expected from clean data alone."""
+        if self.verdict is None:
+            return f"{int(self.flags.sum())} of {len(self)} flagged"
+        return self.verdict.sentence()
 
     def __len__(self):
         return self.scores.shape[0]
@@ -34,6 +55,7 @@ class DetectionResult:
         return dataclasses.replace(
             self, scores=self.scores[order], flags=self.flags[order], components=self.components[order],
             layer_distances=take(self.layer_distances), logits=take(self.logits), index=self.index[order],
+            copies=take(self.copies),
             transitions=None if self.transitions is None else {k: v[order] for k, v in self.transitions.items()})
 
     def gathered(self) -> "DetectionResult":
@@ -50,5 +72,6 @@ class DetectionResult:
         out = dataclasses.replace(
             self, scores=rows(self.scores), flags=flags, components=rows(self.components),
             layer_distances=rows(self.layer_distances), logits=rows(self.logits), index=rows(self.index),
+            copies=rows(self.copies),
             transitions=None if self.transitions is None else {k: rows(v) for k, v in self.transitions.items()})
         return out.sorted_by_index()

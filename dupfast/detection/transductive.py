@@ -133,18 +133,26 @@ def _rows(x) -> int:
     return x.rows if isinstance(x, PoolFeatures) else x.shape[0]
 
 
-def loo_projections(x_pool, q_pool, x_val, means, whiteners):
+def loo_projections(x_pool, q_pool, x_val, means, whiteners, weights=None):
     """x_pool [N, L, d] (this rank's share; a tensor or `PoolFeatures`), q_pool [N, L] = ‖z‖², x_val [n, L, d],
     means [L, 1, d], whiteners [L, d, d] -> (pool projections [N, L], validation projections [n, L]), float64.
+    weights [N]: each row's share of one sample (1 / its copies, duplicates.py), so k copies of an input move
+    the pool mean as one sample and leaving "one out" leaves all of them out; None: every row its own sample.
     Two passes over x_pool in chunks: the pool sum, then each sample's dot with the direction."""
     mu = means[:, 0].double()
-    n_pool = D.all_reduce_sum(torch.tensor(float(_rows(x_pool)), dtype=torch.float64))
-    if n_pool < 2:
-        raise ValueError("the pool projection needs at least 2 pool samples")
-    local = torch.zeros_like(mu)
+    if weights is None:
+        weights = torch.ones(_rows(x_pool), dtype=torch.float64)
+    weights = weights.double().cpu()
+    n_pool = D.all_reduce_sum(weights.sum())
+    if n_pool < 2:  # one distinct input (copies of it): no "rest of the pool" to project on, no evidence
+        return (torch.zeros(_rows(x_pool), mu.shape[0], dtype=torch.float64),
+                torch.zeros(x_val.shape[0], mu.shape[0], dtype=torch.float64))
+    local, start = torch.zeros_like(mu), 0
     for c in _chunks(x_pool):
-        local += c.double().sum(0)
-    total = D.all_reduce_sum(local - _rows(x_pool) * mu)             # Σ_j (x_j - μ) = S - Nμ, [L, d]
+        w = weights[start:start + c.shape[0]].to(c.device)
+        local += torch.einsum("n,nld->ld", w, c.double() - mu)
+        start += c.shape[0]
+    total = D.all_reduce_sum(local)                                  # Σ_j w_j (x_j - μ), [L, d]
     W = whiteners.double()
     v = torch.einsum("lde,le->ld", W, torch.einsum("ld,lde->le", total, W))   # P (S - Nμ), per layer
     offset = (mu * v).sum(-1)                                        # μ · v, per layer

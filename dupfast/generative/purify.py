@@ -30,6 +30,9 @@ import warnings
 
 import torch
 
+from ..classifier import check_weights_loaded
+from ..purification.checks import require_reiterable, warn_flag_share
+from ..purification.api import no_poison_reason
 from ..purification.guard import ModelGuard
 from ..purification.lora import attach_student, find_target_modules, merge, teacher_context, trainable_parameters
 from ..purification.report import PurifyReport
@@ -44,16 +47,20 @@ EVAL_BATCH = 16
 GEN_BATCH = 16
 
 
-def purify_generative(model, loader, clean=None, detection=None, config: GenerativeConfig = None, **overrides):
+def purify_generative(model, loader, clean=None, detection=None, config: GenerativeConfig = None,
+                      force: bool = False, **overrides):
     """Purify the causal LM `model` in place; returns (model, PurifyReport). loader: the suspicious pool's prompt
     batches; clean: the defender's clean prompt + response batches (dupfast.generative.chat_batches); detection: a
     `detect_prompts` result over the pool (matched by index) or a bool [N] vector; None runs detect_prompts first.
-    Raises before touching the model on bad input; restores it exactly on any later failure."""
+    force: unlearn even when the detection's verdict is "no evidence of poison" (else the model is returned
+    unchanged, the report saying why). Raises before touching the model on bad input; restores it exactly on any
+    later failure."""
     t_total = time.perf_counter()
     if config is not None and not isinstance(config, GenerativeConfig):
         raise TypeError(f"config must be a GenerativeConfig, got {type(config).__name__}")
     cfg = (config or GenerativeConfig())
     cfg = cfg.replace(**overrides) if overrides else cfg
+    check_weights_loaded(model, "purify_generative")  # meta-device weights: named here, not a raw torch error
     lm = check_causal_lm(model, "purify_generative")
     if clean is None:
         raise ValueError("purify_generative needs clean prompt + response batches (clean=...): their keep and CE "
@@ -63,6 +70,7 @@ def purify_generative(model, loader, clean=None, detection=None, config: Generat
     report = PurifyReport(config=cfg.to_dict())
 
     if detection is None:
+        require_reiterable("purify_generative", pool=loader, clean=clean)  # read by the detection, then again
         from .detect import detect_prompts
         t0 = time.perf_counter()
         detection = detect_prompts(model, loader, clean=clean)
@@ -76,13 +84,16 @@ def purify_generative(model, loader, clean=None, detection=None, config: Generat
     report.data = {"pool": len(pool), "flagged": len(flagged), "clean": len(clean_rows)}
 
     with ModelGuard(model, copy_weights=not cfg.use_lora) as guard:
-        if len(flagged) == 0:
-            msg = "the detection flagged no prompt of the pool: nothing to unlearn, the model is returned unchanged"
+        no_poison = no_poison_reason(detection, force)
+        if len(flagged) == 0 or no_poison:
+            msg = no_poison or ("the detection flagged no prompt of the pool: nothing to unlearn, the model is "
+                                "returned unchanged")
             warnings.warn(msg, UserWarning, stacklevel=2)
             report.warnings.append(msg)
-            report.stop_reason = "no flagged inputs"
+            report.stop_reason = "no evidence of poison" if no_poison else "no flagged inputs"
             guard.restore()
             return model, report
+        warn_flag_share(len(flagged), len(pool), report, "prompts", stacklevel=2)  # unlearning goes ahead
         return _purify(lm, flagged, clean_rows, cfg, guard, report, t_total)
 
 

@@ -21,6 +21,8 @@ def summarize(result, poison_labels=None, frr: float = 0.05) -> dict:
     flags = result.flags.numpy()
     out = {"samples": int(scores.size), "flagged": int(flags.sum()), "threshold": float(result.threshold),
            "selected_layers": list(result.selected_layers), "components": list(result.component_names)}
+    if getattr(result, "verdict", None) is not None:
+        out["verdict"] = result.verdict.as_dict()
     if poison_labels is None:
         return out
     y = np.asarray(poison_labels)

@@ -19,6 +19,8 @@ import torch
 from .. import distributed as dist
 from ..batches import model_device, model_num_labels
 from ..classifier import check_classifier, check_pad_token
+from .checks import (check_student_logits, check_teacher_logits, require_clean_size, require_reiterable,
+                     warn_flag_share)
 from .config import PurifyConfig
 from .guard import ModelGuard
 from .lora import attach_student, find_target_modules, merge, trainable_parameters
@@ -28,31 +30,48 @@ from .teacher import check_detection_logits, probe, teacher_logits
 from .trainer import TrainData, predict_rows, train
 
 
-def purify(model, loader, clean=None, detection=None, config: PurifyConfig = None, **overrides):
+def purify(model, loader, clean=None, detection=None, config: PurifyConfig = None, force: bool = False,
+           **overrides):
     """Purify `model` in place. Returns (model, PurifyReport): the model merged and in eval mode, the report
     of what was done (data, losses, stopping, timings).
 
     loader: the suspicious pool (batches: any Mapping with input_ids, attention_mask[, index], as
     `dupfast.batches` reads them; a `datasets.Dataset`; or `dupfast.batches.Rows`, token rows without padding);
-    clean: labelled clean rows (the same, with labels) — the defender's own, never the evaluation sets;
+    clean: labelled clean rows (the same, with labels) — the defender's own, never the evaluation sets; at least
+    checks.min_clean_rows(holdout_fraction) of them (8 at the default 0.25), for the stopping rule's held-out part;
     detection: a `dupfast.detect` result (its flags, and its logits as the teacher's on the flagged rows) or a
     bool [N] vector over the pool; None runs `dupfast.detect(model, loader, clean=clean)` first (the loaders
     must then be re-iterable).
     config / **overrides: PurifyConfig fields (e.g. lambda_asr=0 for clean LoRA fine-tuning).
-    Raises before touching the model on bad input; on a failure after that, restores it exactly and re-raises."""
+    force: unlearn the flagged inputs even when the detection's verdict is "no evidence of poison" (by default the
+    model is then returned unchanged, report.stop_reason saying why: a clean model is not "purified" on clean rows).
+    Warns (checks.NearlyAllFlaggedWarning) when more than 90% of the pool is flagged.
+    Raises before touching the model on bad input (NaN / inf logits of the model as given included); on a failure
+    after that (NaN / inf logits of the purified model included), restores it exactly and re-raises."""
     t_total = time.perf_counter()
     cfg = _config(config, overrides)
     num_labels, pad_id, device = _check_model(model, cfg)
     if clean is None:
         raise ValueError("purify needs a labelled clean set (clean=...): its cross-entropy term protects clean "
                          "accuracy and its held-out part drives the stopping rule")
+    if detection is None:
+        require_reiterable("purify", pool=loader, clean=clean)  # read by the detection, then again here
     # everything after this point may touch the model (detection, teacher passes, adapters, training, merge):
     # on any failure the guard puts it back exactly
     with ModelGuard(model, copy_weights=not cfg.use_lora) as guard:
-        return _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total)
+        return _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force)
 
 
-def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total):
+def no_poison_reason(detection, force: bool):
+    """The sentence why nothing is unlearned, when the detection's verdict says no poison (None: go on)."""
+    verdict = getattr(detection, "verdict", None)
+    if force or verdict is None or verdict.poison_present is not False:
+        return None
+    return (f"{verdict.sentence()}; nothing was unlearned and the model is returned unchanged (pass force=True, "
+            "CLI --force, to unlearn the flagged inputs anyway)")
+
+
+def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force=False):
     report = PurifyReport(config=cfg.to_dict(), world_size=dist.world_size())
 
     if detection is None:
@@ -74,17 +93,20 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
     n_pool, n_flag, n_clean = (int(v) for v in dist.reduce_numbers([len(row_ids), len(flagged), len(clean_rows)]))
     report.data = {"pool": n_pool, "flagged": n_flag, "clean": n_clean, "num_labels": num_labels}
     report.timings["collect_s"] = round(time.perf_counter() - t0, 3)
+    require_clean_size(n_clean, cfg.holdout_fraction)
     probe(model, clean_rows, pad_id, device, num_labels)
 
-    if n_flag == 0:
-        msg = "the detection flagged no input of the pool: nothing to unlearn, the model is returned unchanged"
+    no_poison = no_poison_reason(detection, force)
+    if n_flag == 0 or no_poison:
+        msg = no_poison or "the detection flagged no input of the pool: nothing to unlearn, the model is returned unchanged"
         warnings.warn(msg, UserWarning, stacklevel=3)
         report.warnings.append(msg)
-        report.stop_reason = "no flagged inputs"
+        report.stop_reason = "no evidence of poison" if no_poison else "no flagged inputs"
         report.timings["total_s"] = round(time.perf_counter() - t_total, 3)
         guard.restore()  # unchanged, modes included (the detection and probe passes ran in eval mode)
         return model, report
 
+    warn_flag_share(n_flag, n_pool, report, stacklevel=3)  # unlearning goes ahead: say when it takes nearly all
     f_train, f_hold = split_holdout(flagged, cfg.holdout_fraction)
     c_train, c_hold = split_holdout(clean_rows, cfg.holdout_fraction)
     counts = [int(v) for v in dist.reduce_numbers([len(f_train), len(f_hold), len(c_train), len(c_hold)])]
@@ -111,6 +133,8 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
         report.teacher_logits = {"source": "computed"}
     data = TrainData(flag_train, flag_hold, clean_train, clean_rows.subset(c_hold), t_train, t_hold,
                      teacher_logits(model, clean_train, pad_id, device) if cfg.lambda_keep > 0 else None)
+    check_teacher_logits({"flagged training": data.teacher_flag_train, "flagged held out": data.teacher_flag_hold,
+                          "clean training": data.teacher_clean_train})
     report.timings["teacher_s"] = round(time.perf_counter() - t0, 3)
 
     # ---- adapters, training, merge ---------------------------------------------------------------------
@@ -131,6 +155,7 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
         guard.keep_modules(targets)  # merge_and_unload writes into the adapted layers' weights
     purified = merge(student)
     purified.eval()
+    check_student_logits(purified, data, pad_id, device)  # raises inside the guard: the model is restored
     if before is not None:
         after = predict_rows(purified, check, pad_id, device)
         report.merge_check = {"rows": len(check), "max_abs_logit_diff": float((after - before).abs().max()),

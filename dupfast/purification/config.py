@@ -1,6 +1,9 @@
 """Every knob of a purification run, validated once (bad values fail before any model work)."""
 import dataclasses
 import math
+import numbers
+import types
+import typing
 from typing import Optional
 
 STARTS = ("tie", "perturb", "sharpen")
@@ -64,6 +67,7 @@ class PurifyConfig:
     progress: bool = True
 
     def __post_init__(self):
+        _check_types(self)
         for name in ("lambda_asr", "lambda_acc", "lambda_keep"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -122,6 +126,34 @@ class PurifyConfig:
         if d["target_modules"] is not None:
             d["target_modules"] = list(d["target_modules"])
         return d
+
+
+def _field_kind(tp):
+    """(float, int, bool or None for other types, None allowed) of a field annotation."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    base = [a for a in args if a is not type(None)]
+    kind = base[0] if len(base) == 1 and base[0] in (float, int, bool) else None
+    return kind, type(None) in args
+
+
+def _check_types(cfg):
+    """Every number and flag of its annotated type, before any comparison: lr="1e-3" would otherwise fail as
+    "'>' not supported between 'str' and 'int'", and use_lora="false" would count as True. ValueError, as
+    the value checks below (a float min_steps was one already)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        kind, optional = _field_kind(f.type)
+        # None stays allowed where a base class allows it (GenerativeConfig's `kl_cap: float = 2.0`)
+        optional = optional or any(_field_kind(c.__dict__.get("__annotations__", {}).get(f.name))[1]
+                                   for c in type(cfg).__mro__)
+        if kind is None or (v is None and optional):
+            continue
+        ok = (isinstance(v, bool) if kind is bool else
+              not isinstance(v, bool) and isinstance(v, numbers.Integral if kind is int else numbers.Real))
+        if not ok:
+            what = {bool: "True or False", int: "an int", float: "a number"}[kind]
+            raise ValueError(f"{f.name} must be {what}{' or None' if optional else ''}, got {v!r} "
+                             f"({type(v).__name__}), e.g. {f.name}={f.default!r}")
 
 
 def parse_overrides(items, config_class=None):

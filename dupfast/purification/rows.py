@@ -65,7 +65,14 @@ def as_flags(detection) -> tuple:
     flags = detection.flags if is_result else detection
     ids = getattr(detection, "index", None) if is_result else None
     logits = getattr(detection, "logits", None) if is_result else None
-    flags = torch.as_tensor(np.asarray(flags) if not isinstance(flags, torch.Tensor) else flags).cpu()
+    if not isinstance(flags, torch.Tensor):
+        flags = np.asarray(flags)
+        if flags.dtype.kind not in "biuf":  # strings ("True"), None, objects: torch would raise its own error
+            shown = ", ".join(repr(v) for v in flags.reshape(-1)[:3].tolist())
+            raise TypeError(f"detection flags must be booleans (or 0/1 integers), got {flags.dtype} values "
+                            f"[{shown}{', ...' if flags.size > 3 else ''}]: pass a bool vector (a list of True/False, "
+                            "a torch.bool tensor) or a dupfast.detect result, not strings")
+    flags = torch.as_tensor(flags).cpu()
     if flags.dim() != 1:
         raise ValueError(f"flags must be a 1-D [N] vector, got shape {tuple(flags.shape)}")
     if flags.dtype != torch.bool:

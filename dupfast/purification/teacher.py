@@ -13,6 +13,7 @@ result.flags` to use the flags alone; the teacher logits are then computed here)
 import torch
 
 from .. import distributed as dist
+from .checks import check_teacher_logits
 from .rows import pad
 from .trainer import eval_mode, predict_rows
 
@@ -36,6 +37,8 @@ def probe(model, rows, pad_id, device, num_labels: int):
     if logits.dim() != 2 or logits.shape[-1] != num_labels:
         raise ValueError(f"the model's logits have shape {tuple(logits.shape)}, not [batch, {num_labels}] "
                          f"(config.num_labels = {num_labels})")
+    # a broken model fails here, not as "the detection's logits are not this model's" further on
+    check_teacher_logits({"the first clean row": logits.detach().cpu()})
 
 
 def teacher_logits(model, rows, pad_id, device) -> torch.Tensor:

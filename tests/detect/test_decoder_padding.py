@@ -127,7 +127,7 @@ def test_a_decoder_without_pad_token_id_is_a_clear_error(data, side):
     msg = (r"the model \(LlamaForSequenceClassification\) is a decoder classifier .* model.config.pad_token_id is None"
            r".* Set model.config.pad_token_id = tokenizer.pad_token_id \(a tokenizer without a pad token: "
            r"tokenizer.pad_token = tokenizer.eos_token first\)")
-    for call in (lambda ld, cl: dupfast.detect(lm, ld, clean=cl), lambda ld, cl: dupfast.detect(lm, ld),
+    for call in (lambda ld, cl: dupfast.detect(lm, ld, clean=cl), lambda ld, cl: dupfast.detect(lm, ld, pool_only=True),
                  lambda ld, cl: dupfast.detect(lm, ld, detector=det)):
         pool_loader = Counting(batches(pool, pad_side=side))
         clean_loader = Counting(batches(clean, labels, pad_side=side))

@@ -92,7 +92,7 @@ def test_tensor_contents_checked_on_load(saved, tmp_path, edit, message):
     (lambda i: i.update(frr=1.5), "frr must lie in"),
     (lambda i: i.update(mode="foo"), "mode 'foo' is not one of"),
     (lambda i: i["scorer"].update(layers=[7]), "scorer.layers must list layer indices in 0..2"),
-    (lambda i: i.update(format_version=1), "detector format 1 is not 2"),
+    (lambda i: i.update(format_version=1), "detector format 1 is not 3"),
     (lambda i: i.pop("tensors_sha256"), "tensors_sha256 is missing"),
 ])
 def test_json_contents_checked_on_load(saved, tmp_path, edit, message):

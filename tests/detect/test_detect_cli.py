@@ -49,8 +49,17 @@ def test_cli_with_clean_set_writes_scores_report_plots_and_detector(tmp_path, mo
 def test_cli_pool_only(tmp_path, model_dir, files):
     _, pool_csv, _ = files
     assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--out", str(tmp_path), "--threads", "1",
-                 "--frr", "0.1", "--pool-trim", "0.3"]) == 0
-    assert json.loads((tmp_path / "detect.json").read_text())["calibration"]["source"] == "pool"
+                 "--frr", "0.1", "--pool-trim", "0.3", "--pool-only"]) == 0
+    report = json.loads((tmp_path / "detect.json").read_text())
+    assert report["calibration"]["source"] == "pool" and "UNCALIBRATED" in report["verdict"]["sentence"]
+
+
+def test_cli_without_a_clean_set_says_what_one_is(tmp_path, model_dir, files, capsys):
+    _, pool_csv, _ = files
+    assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a clean set" in err and "--clean FILE" in err and "--pool-only" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_autocast_auto_is_recorded_in_the_detector(tmp_path, model_dir, files, capsys):
@@ -59,7 +68,7 @@ def test_cli_autocast_auto_is_recorded_in_the_detector(tmp_path, model_dir, file
                  str(tmp_path / "out"), "--threads", "1", "--autocast", "auto"]) == 0
     assert json.loads((tmp_path / "out" / "detector" / "detector.json").read_text())["autocast"] == "auto"
     assert main(["detect", str(model_dir), "--texts", str(pool_csv), "--out", str(tmp_path / "o2"), "--bf16",
-                 "--autocast", "auto"]) == 2
+                 "--autocast", "auto", "--pool-only"]) == 2
     assert "--bf16 contradicts --autocast auto" in capsys.readouterr().err
 
 

@@ -58,6 +58,8 @@ def test_default_falls_back_to_fixed_weights_on_a_poison_free_pool(bert, clean_a
     clean, _, _ = clean_and_pool
     det = Detector(mode="default").fit(bert, clean)
     res = det.score(bert, batches(make_samples(80, seed=21)))
-    assert res.threshold == det.threshold
+    # the fixed weights keep the clean set's threshold; the flags use the pool's own (verdict.py)
+    assert res.verdict.clean_threshold == det.threshold
+    assert res.verdict.threshold_source == "pool" and res.threshold == res.verdict.threshold
     fixed = list(det.scorer.weights) + [0.0] * (len(res.weights) - len(det.scorer.weights))
     assert list(res.weights) == pytest.approx(fixed)

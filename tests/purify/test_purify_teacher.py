@@ -52,4 +52,4 @@ def test_a_detection_result_supplies_the_flagged_rows_teacher(monkeypatch):
 def purify_copy(model, pool, clean, labels, detection):
     import copy
     return dupfast.purify(copy.deepcopy(model), batches(pool, index=True), clean=batches(clean, labels),
-                          detection=detection, **CFG)
+                          detection=detection, force=True, **CFG)  # flags set by hand on a clean pool

@@ -90,7 +90,7 @@ class Scorer(abc.ABC):
     def score(self, features: dict, logits: Optional[torch.Tensor] = None) -> BatchScores:
         """Raw columns for a batch of features {pooling: [B, L, d]} (logits [B, C] when captured)."""
 
-    def projections(self, pool: dict, validation: dict):
+    def projections(self, pool: dict, validation: dict, weights=None):
         """Transductive columns (pool [N, m_t], clean validation [n, m_t]) from pool {pooling: (features,
         ‖z‖²)} and the validation features {pooling: [n, L, d]}; only for scorers with projection_poolings."""
         raise NotImplementedError(f"the {self.name} scorer has no transductive projection")

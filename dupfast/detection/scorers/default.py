@@ -141,12 +141,13 @@ class DefaultScorer(Scorer):
               for p in self.projection_poolings}  # ‖z‖² per layer, for the leave-one-out projection
         return BatchScores(torch.cat(cols, 1), layer_distances=dist, cosines=cosines, concentration=conc, sq_norms=sq)
 
-    def projections(self, pool, validation):
-        """Per layer, then summed over layers, for each projection pooling."""
+    def projections(self, pool, validation, weights=None):
+        """Per layer, then summed over layers, for each projection pooling (weights: see loo_projections)."""
         per_pool, per_val = [], []
         for p in self.projection_poolings:
             x, q = pool[p]
-            a, b = loo_projections(x, q, validation[p], self.tensors[f"proj.{p}.means"], self.tensors[f"proj.{p}.whiteners"])
+            a, b = loo_projections(x, q, validation[p], self.tensors[f"proj.{p}.means"],
+                                   self.tensors[f"proj.{p}.whiteners"], weights)
             per_pool += [a, a.sum(1, keepdim=True)]
             per_val += [b, b.sum(1, keepdim=True)]
         return torch.cat(per_pool, 1), torch.cat(per_val, 1)
