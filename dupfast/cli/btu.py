@@ -11,9 +11,8 @@ before any work unless --overwrite (which replaces only those two).
 """
 import dataclasses
 import json
-import sys
 
-from .argtypes import positive_int
+from .argtypes import add_progress_flags, info, positive_int, synopsis
 
 OUTPUTS = ("btu_report.json", "model")
 
@@ -24,8 +23,9 @@ def read_samples(path, args, role):
 
 
 def add_parser(subparsers):
-    ap = subparsers.add_parser("btu", help="defended fine-tuning: Backdoor Token Unlearning",
-                               description=__doc__.splitlines()[0])
+    ap = subparsers.add_parser("btu", help="defended fine-tuning on possibly poisoned data: Backdoor Token Unlearning",
+                               description=synopsis(__doc__),
+                               example="dupfast btu minilm train.tsv --out runs/btu --eval test.tsv")
     ap.add_argument("model", help="short name (minilm, mpnet-base, smollm2-135m, gemma3-270m) or a local HF "
                                   "model folder")
     ap.add_argument("train", help="training file, possibly poisoned (.csv, .tsv or .jsonl)")
@@ -39,7 +39,8 @@ def add_parser(subparsers):
     ap.add_argument("--eval-poison", help="triggered test file: ASR after every step (needs --target)")
     ap.add_argument("--target", type=int, help="the attack's target label, for ASR")
     ap.add_argument("--fraction", type=float, default=0.0005, help="k = fraction x vocabulary size per round")
-    ap.add_argument("--exclude", nargs="*", default=(), help="extra tokens never ranked (e.g. @ user on OLID)")
+    ap.add_argument("--exclude", nargs="*", default=(),
+                    help="extra tokens never ranked, e.g. @ user on OLID (default: only the special tokens)")
     ap.add_argument("--max-document-share", type=float, default=None,
                     help="tokens in more than this share of the training inputs are never ranked (default: all "
                          "ranked, as the authors; 0.5 keeps a decoder's sentence-final token out: README)")
@@ -49,10 +50,11 @@ def add_parser(subparsers):
     ap.add_argument("--expose-only", action="store_true", help="only rank suspicious tokens (step 1)")
     ap.add_argument("--epochs", type=positive_int, default=1, help="fine-tune epochs")
     ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune and clean-tune learning rate")
-    ap.add_argument("--batch-size", type=positive_int, default=64)
-    ap.add_argument("--max-len", type=positive_int, default=128)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    ap.add_argument("--batch-size", type=positive_int, default=64, help="fine-tune batch size")
+    ap.add_argument("--max-len", type=positive_int, default=128, help="tokens per text; longer texts are truncated")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of the new head, the exposure rounds and training")
+    ap.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    add_progress_flags(ap)
     ap.set_defaults(func=run)
 
 
@@ -108,7 +110,7 @@ def run(args):
           + " ".join(s["token"] for s in suspects[:20]) + (" ..." if len(suspects) > 20 else ""))
     for step in report.get("steps", []):
         print(f"  {step['step']:<10} {step['seconds']:>8.1f} s  {json.dumps(step.get('eval', {}))}")
-    print(f"report: {out / 'btu_report.json'}", file=sys.stderr)
+    info(args, f"report: {out / 'btu_report.json'}")
     return 0
 
 

@@ -1,9 +1,9 @@
-"""`dupfast demo`: a backdoored classifier (MiniLM by default), end to end on a CPU in a few minutes.
+"""`dupfast demo`: a backdoored classifier (MiniLM by default), end to end on a CPU, with a report.
 
     dupfast demo [--out runs/demo/report.json] [--data bbc-news|rotten-tomatoes|sms-spam|sst-2]
                  [--attack badnets|addsent|stylebkd] [--model minilm|mpnet-base|smollm2-135m|DIR]
                  [--train-size 1000] [--test-size 600] [--cache-dir DIR]
-                 [--progress] [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
+                 [--progress | --quiet] [--set KEY=VALUE ...]   (PurifyConfig overrides for the purify step)
 
 The demo is a pipeline of named steps run in order; each step reads and writes a shared `DemoState`
 and returns the JSON-able results that go into the report under its name (with its wall time):
@@ -19,9 +19,9 @@ and returns the JSON-able results that go into the report under its name (with i
 `DEMO_STEPS` holds the `(name, step)` pairs in order; the report is written after the last step (its place
 checked before the first): the JSON at --out (report.json in it if a folder) and, beside it, <stem>.md with
 the summary table and the PNGs (dupfast/harness/demo_report.py).
-The terminal shows one line per step and the summary table; --progress adds the progress bars.
+The terminal shows one line per step and the summary table; --progress adds the progress bars, --quiet drops
+the step lines (main() switches the bars for the whole run: argtypes.progress_bars).
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +29,9 @@ import pathlib
 import sys
 import time
 from typing import Callable
+
+# progress_bars: the bars switch of every command's --progress/--quiet, importable here as before
+from .argtypes import add_progress_flags, progress_bars, synopsis  # noqa: F401
 
 DEFAULT_OUT = "runs/demo/report.json"
 
@@ -221,29 +224,6 @@ def run_pipeline(state: DemoState, steps=None, log=_log) -> dict:
     return state.report
 
 
-@contextlib.contextmanager
-def progress_bars(enabled: bool):
-    """Without `enabled`: no tqdm bars from dupfast (DUPFAST_QUIET) or transformers/huggingface_hub;
-    the previous settings come back afterwards."""
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    before_env, before_hf = os.environ.get("DUPFAST_QUIET"), hf_logging.is_progress_bar_enabled()
-    os.environ["DUPFAST_QUIET"] = "1"
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if before_env is None:
-            os.environ.pop("DUPFAST_QUIET", None)
-        else:
-            os.environ["DUPFAST_QUIET"] = before_env
-        if before_hf:
-            hf_logging.enable_progress_bar()
-
-
 def report_path(out) -> pathlib.Path:
     """--out as the JSON report's path, checked before any work: an existing folder (or a path ending in /) holds
     report.json; the report and its .md must not be folders, and their folder must be writable."""
@@ -278,43 +258,36 @@ def write_report(report: dict, out) -> pathlib.Path:
 
 def add_parser(subparsers):
     d = DemoSettings()
-    ap = subparsers.add_parser("demo", help="poison -> victim -> detect -> purify on BBC News with MiniLM, report (CPU, about 2 minutes)",
-                               description=__doc__.splitlines()[0])
+    ap = subparsers.add_parser("demo", help="poison -> victim -> detect -> purify on a small data set, with a report",
+                               description=synopsis(__doc__), example="dupfast demo --out runs/demo")
     ap.add_argument("--out", default=DEFAULT_OUT,
-                    help=f"JSON report path, or a folder for report.json (default {DEFAULT_OUT})")
-    ap.add_argument("--cache-dir", help="cache folder for victims (default $DUPFAST_CACHE or ~/.cache/dupfast)")
+                    help=f"JSON report path, or a folder for report.json (default: {DEFAULT_OUT})")
+    ap.add_argument("--cache-dir", help="cache folder for victims (default: $DUPFAST_CACHE or ~/.cache/dupfast)")
     ap.add_argument("--model", default=d.model,
-                    help="short model name or local HF folder. Measured after install, 2 threads, idle: minilm (the "
-                         "default) 195 s (AVX2 EPYC; 121 s on the AMX Xeon); smollm2-135m 996 s (Zen 4 EPYC: victim "
-                         "0.958 / ASR 0.952 in 584 s, AUROC 0.966, purified 0.953 / ASR 0.014, floor 0.002). "
-                         "mpnet-base (optional wheels): not timed as a demo; its 2,000-row SST-2 victim epoch took "
-                         "120 s under bf16 autocast (README, issue 14)")
+                    help="short model name (minilm, mpnet-base, smollm2-135m) or a local HF model folder")
     ap.add_argument("--data", default=d.data, choices=DEMO_DATA,
                     help="rotten-tomatoes, bbc-news, sms-spam: installed packages; sst-2: the DUP release's "
                          "poisoned SST-2 from the shared data folder (needed for --attack stylebkd)")
     ap.add_argument("--attack", default=d.attack, choices=ATTACK_NAMES,
-                    help="measured with minilm after install (AVX2 EPYC, 2 threads, 2026-12-06): badnets (default) "
-                         "195 s, victim 0.957 / ASR 0.994, purified 0.960 / ASR 0.008 (floor 0.006); addsent 218 s, "
-                         "victim 0.958 / 0.986, purified 0.963 / ASR 0.000 (floor 0.006); stylebkd (with --data "
-                         "sst-2; Xeon, before the 5%% stopping bound) 105 s, a weak victim (CACC 0.777 / ASR 0.860, "
-                         "floor 0.357) that purification leaves at ASR 0.853")
+                    help="the backdoor attack: badnets (rare-word triggers), addsent (a trigger sentence), stylebkd "
+                         "(a text style; only with --data sst-2)")
     ap.add_argument("--target", type=int, default=d.target, help="the backdoor's target label")
-    ap.add_argument("--train-size", type=int, default=d.train_size)
-    ap.add_argument("--test-size", type=int, default=d.test_size)
+    ap.add_argument("--train-size", type=int, default=d.train_size, help="training rows of the victim")
+    ap.add_argument("--test-size", type=int, default=d.test_size, help="clean test rows (CACC; ASR on their triggered "
+                                                                       "non-target rows)")
     ap.add_argument("--dev-size", type=int, default=d.dev_size,
                     help="clean dev samples: half the defender's clean set, half the pool's clean part")
     ap.add_argument("--rate", type=float, default=d.rate, help="poison rate in (0, 1)")
-    ap.add_argument("--epochs", type=int, default=d.epochs)
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--max-len", type=int, default=d.max_len)
+    ap.add_argument("--epochs", type=int, default=d.epochs, help="victim fine-tune epochs")
+    ap.add_argument("--lr", type=float, default=d.lr, help="victim fine-tune learning rate")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="victim fine-tune batch size")
+    ap.add_argument("--max-len", type=int, default=d.max_len, help="tokens per text; longer texts are truncated")
     ap.add_argument("--max-words", type=int, default=d.max_words,
                     help=f"cut texts to their first N words before poisoning (long articles: their lead); 0 keeps "
                          f"them whole (default: {LEAD_WORDS} per data set, else whole)")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the poison and the training")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--progress", action="store_true",
-                    help="show progress bars (default: one line per step and the summary table)")
+    add_progress_flags(ap, default=False)  # the demo's terminal: one line per step and the summary table
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help=f"PurifyConfig overrides for the purify step, e.g. --set epochs=8 min_steps=0 (the demo "
                          f"sets {DEMO_PURIFY} unless given)")
@@ -342,8 +315,8 @@ def run(args) -> int:
     PurifyConfig(**overrides)  # bad keys or values fail here, before any training
     state = DemoState(settings, cache_dir=pathlib.Path(args.cache_dir) if args.cache_dir else None,
                       purify_overrides=overrides, progress=args.progress)
-    with progress_bars(args.progress):
-        report = run_pipeline(state)
+    # args.progress: resolved by main, which runs the command inside argtypes.progress_bars
+    report = run_pipeline(state, log=(lambda msg: None) if args.quiet else _log)
     out = write_report(report, out)
     from ..harness import demo_report
 

@@ -1,6 +1,7 @@
 """`dupfast detect`: flag backdoor-triggered texts in a CSV/TSV with a (possibly backdoored) classifier.
 
-    dupfast detect MODEL --texts pool.tsv [--clean dev.tsv] --out DIR [--mode default|dup|dan] [--frr 0.05]
+    dupfast detect MODEL --texts pool.tsv --clean dev.tsv --out DIR [--mode default|dup|dan] [--frr 0.05]
+    dupfast detect MODEL --texts pool.tsv --pool-only --out DIR        (no clean set: uncalibrated)
 
 MODEL is the fine-tuned classifier to screen: a local HF sequence-classifier folder, or a short name
 (dupfast.harness.models.model_names()) only if that folder holds a fine-tuned head (a base model would get a new
@@ -18,9 +19,11 @@ import csv
 import pathlib
 import sys
 
-from .argtypes import positive_int
+from .argtypes import add_progress_flags, info, positive_int, synopsis, with_bar
 
 OUTPUTS = ("scores.csv", "detect.json", "detect_hist.png", "detect_roc.png", "detector")
+# the Detector's defaults, shown in --help (importing it would load torch); tests/test_cli_help.py holds them equal
+DEFAULT_FRR, DEFAULT_POOL_TRIM = 0.05, 0.5
 
 
 def _fraction(text):
@@ -34,31 +37,36 @@ def _fraction(text):
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("detect", help="flag backdoor-triggered inputs (DUP detection)",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser("detect", help="flag backdoor-triggered inputs of a classifier (DUP detection)",
+                              description=synopsis(__doc__),
+                              example="dupfast detect runs/victim --texts pool.csv --clean dev.tsv --out runs/detect")
     p.add_argument("model", help="the fine-tuned classifier: local HF folder, or a short name holding a head")
     p.add_argument("--texts", required=True, help="CSV/TSV/JSONL/TXT of texts to screen (the pool)")
-    p.add_argument("--clean", help="CSV/TSV/JSONL of clean labelled texts to calibrate on")
+    p.add_argument("--clean", help="CSV/TSV/JSONL of clean labelled texts to calibrate on (required unless "
+                                   "--pool-only or --detector)")
     p.add_argument("--out", required=True, help="output folder (new or empty, or --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --out (only the files this command writes)")
     p.add_argument("--mode", default=None, choices=("default", "dup", "dan"), help="detection mode (default: default)")
-    p.add_argument("--frr", type=_fraction, default=None, help="false rejection rate on clean data (default 0.05)")
+    p.add_argument("--frr", type=_fraction, default=None,
+                   help=f"false rejection rate on clean data (default: {DEFAULT_FRR})")
     p.add_argument("--pool-only", action="store_true",
                    help="no clean set: calibrate on the pool itself (uncalibrated FRR, no poison verdict)")
     p.add_argument("--pool-trim", type=_fraction, default=None,
-                   help="without --clean: share of the pool left out as suspicious while calibrating")
+                   help=f"with --pool-only: share of the pool left out as suspicious while calibrating "
+                        f"(default: {DEFAULT_POOL_TRIM})")
     p.add_argument("--detector", help="a folder saved by a previous run (skips fitting)")
     p.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     p.add_argument("--label-column", help="the clean set's label column (default: inferred)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    p.add_argument("--max-len", type=positive_int, default=128, help="tokens per text; longer texts are truncated")
     p.add_argument("--autocast", choices=("none", "bf16", "auto"), default=None,
                    help="forward passes under bf16 autocast; auto: bf16 where the CPU/GPU computes it natively "
-                        "(AMX / AVX512-BF16; measured 2.0x fp32 on MiniLM, AUROC within 0.001), else fp32 "
-                        "(default: none)")
+                        "(AMX / AVX512-BF16), else fp32 (default: none)")
     p.add_argument("--bf16", action="store_true", help="the same as --autocast bf16")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    add_progress_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -126,7 +134,8 @@ def run(args):
     if args.bf16 and args.autocast not in (None, "bf16"):
         raise ValueError(f"--bf16 contradicts --autocast {args.autocast}")
     autocast = "bf16" if args.bf16 else (None if args.autocast in (None, "none") else args.autocast)
-    pool = list(text_loader(tok, texts, None, args.batch_size, args.max_len))
+    # the forward passes are the long step: a bar per pass (on when --progress, or stderr is a terminal)
+    pool = with_bar(list(text_loader(tok, texts, None, args.batch_size, args.max_len)), "pool")
     if det is not None:
         det.autocast = autocast
         result = det.score(model, pool)
@@ -137,7 +146,7 @@ def run(args):
             result = det.fit_pool(model, pool).pool_result
         else:
             clean_loader = text_loader(tok, clean[0], clean[1], args.batch_size, args.max_len, name="clean texts")
-            result = det.fit(model, list(clean_loader)).score(model, pool)
+            result = det.fit(model, with_bar(list(clean_loader), "clean")).score(model, pool)
     result = result.sorted_by_index()
     # the results exist: only now replace an earlier run's files, scores first (the report may still fail)
     clear_outputs(out, OUTPUTS)
@@ -151,7 +160,7 @@ def run(args):
     summary = write_report(out, result, poison, name="detect", frr=det.frr,
                            extra={"mode": det.mode, "calibration": det.calibration, "model": str(args.model)})
     for note in summary.get("notes", ()):
-        print(f"dupfast detect: note: {note}", file=sys.stderr)
+        info(args, f"dupfast detect: note: {note}")
     print(f"dupfast detect: {result.summary}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in summary if k in ("samples", "flagged", "threshold", "auroc", "far", "frr")}))
     return 0

@@ -14,7 +14,7 @@ import csv
 import json
 import pathlib
 
-from .argtypes import positive_int
+from .argtypes import add_progress_flags, positive_int, synopsis
 from .outdir import clear_outputs, prepare_out
 
 DETECT_OUTPUTS = ("scores.csv", "detect.json")
@@ -26,25 +26,34 @@ def _common(p):
     p.add_argument("--prompts", required=True, help="CSV/TSV/JSONL with a prompt column: the pool to screen")
     p.add_argument("--clean", required=True, help="CSV/TSV/JSONL with prompt and response columns (clean)")
     p.add_argument("--out", required=True, help="output folder (new or empty, or --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--mode", default="default", choices=("default", "dup", "dan"))
-    p.add_argument("--frr", type=float, default=0.05)
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--response-column", default="response")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's results in --out (only the files this command writes)")
+    p.add_argument("--mode", default="default", choices=("default", "dup", "dan"),
+                   help="detection mode (dup, dan: the clean set's label column is read)")
+    p.add_argument("--frr", type=float, default=0.05, help="false rejection rate on clean data")
+    p.add_argument("--prompt-column", default="prompt", help="the prompt column's name in both files")
+    p.add_argument("--response-column", default="response", help="the clean set's response column")
     p.add_argument("--system", default=None, help="a system message for every prompt (default: the template's)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    add_progress_flags(p)
 
 
 def add_parser(subparsers):
     d = subparsers.add_parser("detect-prompts", help="flag backdoor-triggered prompts of a causal LM",
-                              description=__doc__.split("\n\n")[0])
+                              description=synopsis(__doc__),
+                              example="dupfast detect-prompts smollm2-135m --prompts pool.jsonl --clean clean.jsonl "
+                                      "--out runs/prompts")
     _common(d)
     d.set_defaults(func=run_detect)
     p = subparsers.add_parser("purify-generative", help="detection-guided unlearning of a causal LM",
-                              description=__doc__.split("\n\n")[0])
+                              description=synopsis(__doc__),
+                              example="dupfast purify-generative smollm2-135m --prompts pool.jsonl --clean clean.jsonl "
+                                      "--out runs/purified-lm")
     _common(p)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="GenerativeConfig field (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a GenerativeConfig field, e.g. --set max_steps=40 (repeatable)")
     p.set_defaults(func=run_purify)
 
 

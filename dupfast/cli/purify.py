@@ -8,19 +8,36 @@ smollm2-135m) only if its folder holds a fine-tuned head (a pretrained encoder i
 Text files: .csv, .tsv, .jsonl (columns found by name, `dupfast.tables`: text/sentence/review/... and
 label, or --text-column / --label-column; OpenBackdoor dumps `,0,1,2`), or .txt (one text a line, suspect
 set only). The clean set must be labelled. Without --flags, `dupfast.detect` flags the suspect
-set first. --flags: a JSON list of 0/1 (or {"flags": [...]}) or a text file with one 0/1 per line, one per
-suspect row. Writes DIR/model (save_pretrained: safetensors + tokenizer) and DIR/purify_report.json; an
-existing DIR with entries is refused before any work unless --overwrite (which replaces only those two).
+set first, or --detector DIR (a detector saved by `dupfast detect` / `dupfast screen`) flags it without fitting.
+--flags: a JSON list of 0/1 (or {"flags": [...]}), a text file with one 0/1 per line, one per suspect row, or a
+CSV/TSV with a `flag` column: `dupfast detect`'s scores.csv (`index` = row), `dupfast screen`'s flagged.csv or
+kept.csv (`row_id` = row; the rows a file leaves out take the other flag). Writes DIR/model (save_pretrained:
+safetensors + tokenizer) and DIR/purify_report.json; an existing DIR with entries is refused before any work
+unless --overwrite (which replaces only those two).
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
+import csv
 import json
 import sys
 import pathlib
 
-from .argtypes import positive_int
+from .argtypes import add_progress_flags, positive_int, synopsis, with_bar
 
 
-def read_flags(path, n: int):
+_FLAG_VALUES = {"0": 0, "1": 1, "false": 0, "true": 1, "False": 0, "True": 1}
+
+
+def _flag(value, where: str) -> int:
+    v = int(value) if isinstance(value, bool) else _FLAG_VALUES.get(str(value).strip())
+    if v is None:
+        raise ValueError(f"{where} is {value!r}; flags must be 0/1 or true/false")
+    return v
+
+
+def read_flags(path, n: int, texts=None, text_column=None):
+    """One 0/1 flag per suspect row from a flags file (module docstring). A CSV/TSV that carries the rows' texts
+    (detect's `text`, or the suspect set's own text column) is checked against `texts`: flags of another file
+    are an error, not a silent mismatch."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such flags file: {p}")
@@ -30,16 +47,69 @@ def read_flags(path, n: int):
         if not isinstance(flags, list):
             raise ValueError(f"{p}: expected a JSON list of 0/1 or an object with a 'flags' list")
     else:
-        flags = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    values = []
-    for i, f in enumerate(flags):
-        v = {"0": 0, "1": 1, "false": 0, "true": 1, "False": 0, "True": 1}.get(str(f)) if not isinstance(f, bool) else int(f)
-        if v is None:
-            raise ValueError(f"{p}: flag {i} is {f!r}; flags must be 0/1 or true/false")
-        values.append(v)
+        flags = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # a header row (not a bare 0/1) marks a table: detect's scores.csv, screen's flagged.csv / kept.csv
+        if p.suffix.lower() in (".csv", ".tsv") and flags and flags[0] not in _FLAG_VALUES:
+            return _table_flags(p, n, texts, text_column)
+    values = [_flag(f, f"{p}: flag {i}") for i, f in enumerate(flags)]
     if len(values) != n:
         raise ValueError(f"{p} holds {len(values)} flags but the suspect set has {n} rows")
     return values
+
+
+def _table_flags(p: pathlib.Path, n: int, texts, text_column):
+    """Flags from a table with a `flag` column; rows by `row_id` (screen) or `index` (detect), else in order."""
+    tsv = p.suffix.lower() == ".tsv"
+    with open(p, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter="\t" if tsv else ",",
+                                quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)  # as dupfast.tables reads
+        header = reader.fieldnames or []
+        if "flag" not in header:
+            raise ValueError(f"{p}: no 'flag' column (columns: {header}); pass `dupfast detect`'s scores.csv, "
+                             "`dupfast screen`'s flagged.csv or kept.csv, a JSON list, or one 0/1 a line")
+        id_col = next((c for c in ("row_id", "index") if c in header), None)
+        rows = [(reader.line_num, r) for r in reader]
+    flags = [_flag(r["flag"], f"{p} line {line}: the flag") for line, r in rows]
+    if id_col is None:  # no row ids: one flag per suspect row, in order
+        if len(flags) != n:
+            raise ValueError(f"{p} holds {len(flags)} flags (no row_id or index column) but the suspect set has "
+                             f"{n} rows")
+        return flags
+    ids = []
+    for line, r in rows:
+        try:
+            i = int(r[id_col])
+        except (TypeError, ValueError):
+            i = -1
+        if not 0 <= i < n:
+            raise ValueError(f"{p} line {line}: {id_col} {r[id_col]!r} is not a row of the suspect set (0..{n - 1}): "
+                             "pass the flags of this suspect file")
+        ids.append(i)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{p}: a {id_col} appears twice: pass one flags file as written by dupfast")
+    col = next((c for c in ("text", text_column) if c and c in header), None)
+    if texts is not None and col is not None:
+        for (line, r), i in zip(rows, ids):
+            if r[col] != texts[i]:
+                raise ValueError(f"{p} line {line}: the text of row {i} differs from the suspect set's row {i} "
+                                 f"({(r[col] or '')[:40]!r} vs {texts[i][:40]!r}): the flags are of another file; "
+                                 "pass the suspect file they were computed on")
+    if len(ids) == n:
+        out = [0] * n
+        for i, f in zip(ids, flags):
+            out[i] = f
+        return out
+    # one side of screen's partition: flagged.csv lists the flagged rows, kept.csv the kept ones
+    present = set(flags) or ({0} if "kept" in p.stem else {1} if "flagged" in p.stem else set())
+    if len(present) != 1:
+        raise ValueError(f"{p} lists {len(ids)} of the {n} suspect rows with "
+                         f"{'both flag values' if present else 'no flag value'}, so the other rows' flags are "
+                         "unknown: pass a file covering every row (scores.csv), or screen's flagged.csv / kept.csv")
+    shown = present.pop()
+    out = [1 - shown] * n
+    for i in ids:
+        out[i] = shown
+    return out
 
 
 OUTPUTS = ("model", "purify_report.json")
@@ -101,6 +171,9 @@ def run(args):
     from ..tables import read_table
     from .outdir import clear_outputs, prepare_out
 
+    if args.flags and args.detector:
+        raise ValueError("--flags and --detector both say which rows to unlearn: pass one (--detector flags the "
+                         "suspect set with a saved detector, --flags gives the flags themselves)")
     out = prepare_out(args.out, args.overwrite, OUTPUTS)  # a file, or an earlier run's folder: before any work
     overrides = parse_overrides(args.set)
     for key in ("lambda_asr", "lambda_acc", "epochs", "lr", "batch_size", "seed"):
@@ -111,10 +184,16 @@ def run(args):
         overrides["use_lora"] = False
     cfg = PurifyConfig(**overrides)  # validate before loading anything heavy
 
-    suspect = read_table(args.suspect, args.text_column, role="the suspect set").texts
+    suspect_table = read_table(args.suspect, args.text_column, role="the suspect set")
+    suspect = suspect_table.texts
     clean_table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
     clean_texts, clean_labels = clean_table.texts, clean_table.labels
-    flags = read_flags(args.flags, len(suspect)) if args.flags else None
+    flags = read_flags(args.flags, len(suspect), suspect, suspect_table.text_column) if args.flags else None
+    # a saved detector is checked (files, checksums) before any model is loaded
+    saved = None
+    if args.detector:
+        from ..detection import Detector
+        saved = Detector.load(args.detector)
     distributed = dist.init_from_env()
     rank, world = dist.rank(), dist.world_size()
     torch.set_num_threads(args.threads)
@@ -126,8 +205,13 @@ def run(args):
     clean = token_rows(tok, [clean_texts[i] for i in cmine], [clean_labels[i] for i in cmine], args.max_len, cmine)
     if flags is None:
         import dupfast
-        detection = dupfast.detect(model, padded_batches(tok, pool, cfg.batch_size),
-                                   clean=padded_batches(tok, clean, cfg.batch_size))
+        # detection's forward passes: a bar per pass on rank 0 (when bars are on)
+        pool_batches = with_bar(padded_batches(tok, pool, cfg.batch_size), "detect pool", enabled=rank == 0)
+        if saved is not None:
+            detection = dupfast.detect(model, pool_batches, detector=saved)
+        else:
+            clean_batches = with_bar(padded_batches(tok, clean, cfg.batch_size), "detect clean", enabled=rank == 0)
+            detection = dupfast.detect(model, pool_batches, clean=clean_batches)
         if rank == 0:
             print(f"dupfast purify: {detection.summary}", file=sys.stderr)
     else:
@@ -150,9 +234,14 @@ def run(args):
     return 0
 
 
+PURIFY_DEFAULTS = {"lambda_asr": 1.0, "lambda_acc": 1.0, "epochs": 12, "lr": 5e-4, "batch_size": 32, "seed": 2025}
+
+
 def add_parser(subparsers):
     ap = subparsers.add_parser("purify", help="detection-guided LoRA unlearning of a backdoored classifier",
-                               description=__doc__.splitlines()[0])
+                               description=synopsis(__doc__),
+                               example="dupfast purify runs/victim --suspect pool.csv --clean dev.tsv "
+                                       "--flags runs/detect/scores.csv --out runs/purify")
     ap.add_argument("model", help="the fine-tuned classifier: a local HF folder, or a short name holding a head")
     ap.add_argument("--suspect", required=True, help="the suspicious pool (.csv, .tsv, .jsonl or .txt)")
     ap.add_argument("--clean", required=True, help="the defender's labelled clean set (.csv, .tsv or .jsonl)")
@@ -162,20 +251,31 @@ def add_parser(subparsers):
                                                  "--overwrite)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an earlier run's results in --out (only model/ and purify_report.json)")
-    ap.add_argument("--flags", help="detector flags for the suspect rows (JSON list or one 0/1 a line); "
-                                    "default: run dupfast.detect")
+    ap.add_argument("--flags", help="flags of the suspect rows: detect's scores.csv, screen's flagged.csv or "
+                                    "kept.csv, a JSON list or one 0/1 a line (default: run dupfast.detect)")
+    ap.add_argument("--detector", help="a detector folder saved by `dupfast detect` or `dupfast screen` "
+                                       "(OUT/detector): flag the suspect set with it instead of fitting one")
     ap.add_argument("--num-labels", type=positive_int, help="the classifier's label count (default: its own; a "
                                                              "different value is an error)")
-    ap.add_argument("--lambda-asr", dest="lambda_asr", type=float)
-    ap.add_argument("--lambda-acc", dest="lambda_acc", type=float)
-    ap.add_argument("--epochs", type=positive_int)
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--batch-size", dest="batch_size", type=positive_int)
-    ap.add_argument("--seed", type=int)
+    # None: PurifyConfig's value (or --set's); shown here without importing it (torch), tests/test_cli_help.py
+    # holds the two equal
+    d = PURIFY_DEFAULTS
+    ap.add_argument("--lambda-asr", dest="lambda_asr", type=float,
+                    help=f"weight of the ascent on flagged rows (default: {d['lambda_asr']})")
+    ap.add_argument("--lambda-acc", dest="lambda_acc", type=float,
+                    help=f"weight of the cross-entropy on clean rows (default: {d['lambda_acc']})")
+    ap.add_argument("--epochs", type=positive_int, help=f"unlearning epochs (default: {d['epochs']})")
+    ap.add_argument("--lr", type=float, help=f"learning rate (default: {d['lr']})")
+    ap.add_argument("--batch-size", dest="batch_size", type=positive_int,
+                    help=f"rows per unlearning step and per detection forward pass (default: {d['batch_size']})")
+    ap.add_argument("--seed", type=int, help=f"random seed (default: {d['seed']})")
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA (comparisons)")
     ap.add_argument("--force", action="store_true",
                     help="unlearn the flagged rows even when the detection finds no evidence of poison")
-    ap.add_argument("--max-len", dest="max_len", type=positive_int, default=128)
-    ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other PurifyConfig field")
+    ap.add_argument("--max-len", dest="max_len", type=positive_int, default=128,
+                    help="tokens per text; longer texts are truncated")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads")
+    ap.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                    help="any other PurifyConfig field, e.g. --set max_steps=100 agree_bound=0.05")
+    add_progress_flags(ap)
     ap.set_defaults(func=run)

@@ -46,6 +46,48 @@ class DetectionResult:
     def __len__(self):
         return self.scores.shape[0]
 
+    # ---- export: a table of the rows, and the rows of the user's data set each side of the threshold ---------
+    def to_pandas(self):
+        """A pandas DataFrame, one row per input in this result's order: `index` (the loader's ids, else 0..N-1),
+        `score`, `flag`, `copies` (when counted) and one column `component_<name>` per z-normalised component."""
+        import pandas as pd
+
+        n = len(self)
+        cols = {"index": (torch.arange(n) if self.index is None else self.index).tolist(),
+                "score": self.scores.tolist(), "flag": self.flags.bool().tolist()}
+        if self.copies is not None:
+            cols["copies"] = self.copies.tolist()
+        for j, name in enumerate(self.component_names):
+            cols[f"component_{name}"] = self.components[:, j].tolist()
+        return pd.DataFrame(cols)
+
+    def row_flags(self, n: int) -> list:
+        """The flags in data-set order (row i = the input whose `index` is i; no index: this result's order), for
+        `n` rows: `ds.filter(lambda _, i: not flags[i], with_indices=True)`-ready."""
+        if len(self) != n:
+            raise ValueError(f"the data set has {n} rows but the detection scored {len(self)}: pass the data set "
+                             "the detection's loader was built from")
+        if self.index is None:
+            return self.flags.bool().tolist()
+        ids = self.index.tolist()
+        if sorted(ids) != list(range(n)):  # the ids are the rows' positions only when they are 0..n-1, once each
+            odd = [i for i in ids if not 0 <= i < n] or ["a repeated id"]
+            raise ValueError(f"the detection's index is not the row positions 0..{n - 1} (found {odd[0]}): build the "
+                             "loader with `index` = each row's position in the data set (dupfast.text_loader does)")
+        out = [False] * n
+        for i, f in zip(ids, self.flags.bool().tolist()):
+            out[i] = f
+        return out
+
+    def kept(self, dataset):
+        """The rows of `dataset` (a `datasets.Dataset`, a pandas DataFrame or a list, in the order the loader's
+        `index` counts) that were not flagged."""
+        return _take(dataset, self, flagged=False)
+
+    def flagged(self, dataset):
+        """The rows of `dataset` that were flagged (see `kept`)."""
+        return _take(dataset, self, flagged=True)
+
     def sorted_by_index(self) -> "DetectionResult":
         """The same result reordered by `index` (e.g. back to the order of the input texts)."""
         if self.index is None:
@@ -75,3 +117,18 @@ class DetectionResult:
             copies=rows(self.copies),
             transitions=None if self.transitions is None else {k: rows(v) for k, v in self.transitions.items()})
         return out.sorted_by_index()
+
+
+def _take(dataset, result: DetectionResult, flagged: bool):
+    """The rows of `dataset` whose flag is `flagged`, of the dataset's own type (DataFrame rows keep their index
+    labels, so the original row ids stay visible)."""
+    if hasattr(dataset, "iloc"):  # pandas
+        pick = lambda rows: dataset.iloc[rows]  # noqa: E731
+    elif hasattr(dataset, "select") and hasattr(dataset, "features"):  # datasets.Dataset
+        pick = dataset.select
+    elif isinstance(dataset, (list, tuple)):
+        pick = lambda rows: type(dataset)(dataset[i] for i in rows)  # noqa: E731
+    else:
+        raise TypeError(f"kept()/flagged() take a datasets.Dataset, a pandas DataFrame or a list, got "
+                        f"{type(dataset).__name__}; for anything else use row_flags(n), the flags in row order")
+    return pick([i for i, f in enumerate(result.row_flags(len(dataset))) if f == flagged])

@@ -165,9 +165,10 @@ def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, cl
     # far beyond what a shift between sources did in the measurements (SST-2 dev -> test: 12%)
     above = int((pool > clean_threshold).sum())
     heavy = share >= HEAVY or above >= (HEAVY + frr) * N
-    if heavy and not present:
-        r = max(1, int(round(frr * clean.numel())))
-        present, p = True, betabinom_sf(above, N, r, clean.numel() - r + 1)
+    if heavy:
+        if not present:
+            r = max(1, int(round(frr * clean.numel())))
+            present, p = True, betabinom_sf(above, N, r, clean.numel() - r + 1)
         share = max(share, above / N - frr)
     if rule == "clean" or heavy:
         return Verdict(present, p, share, clean_threshold, "clean", **base)
