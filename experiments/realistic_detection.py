@@ -10,8 +10,8 @@ papers' third. A "dup" pool repeats 8 random clean rows 8 times each inside the 
 64 clean rows. Each (clean size, seed) fits every mode once; each pool is drawn per seed.
 
 Per cell: AUROC, the flagged share, FRR on the pool's clean rows, precision and recall at the threshold, the
-presence verdict (share of seeds with poison_present), and the same flags at the clean set's threshold (the
-rule before verdict.py: "before"). Features are captured once and cached (safetensors) under <out>/cache;
+presence verdict (share of seeds with poison_present), and "before": the same pool scored by the rule before
+verdict.py (Detector(threshold="clean", fusion="adaptive"), copies not grouped). Features are captured once and cached (safetensors) under <out>/cache;
 poison labels are read only to evaluate.
 """
 import argparse
@@ -57,19 +57,20 @@ def draw_pool(pool, n_clean, n_poison_avail, rng):
 def score_pool(det, feats, logits, clean, poison, keys):
     f = {p: torch.cat([feats["clean"][p][clean], feats["poison"][p][poison]]) for p in feats["clean"]}
     lg = torch.cat([logits["clean"][clean], logits["poison"][poison]])
-    return det.score_features(f, lg, keys=torch.as_tensor(keys))
+    return det.score_features(f, lg, keys=None if keys is None else torch.as_tensor(keys))
 
 
-def evaluate(res, n_clean_rows, n_poison_rows):
+def evaluate(res, old, n_clean_rows, n_poison_rows):
+    """res: this version's result; old: the same pool under the rule before the verdict (adaptive fusion always,
+    the clean set's threshold, no duplicate handling: Detector(threshold="clean", fusion="adaptive"))."""
     y = np.r_[np.zeros(n_clean_rows, bool), np.ones(n_poison_rows, bool)]
-    s, f = res.scores.numpy(), res.flags.numpy()
-    before = s > res.verdict.clean_threshold
+    s, f, before = res.scores.numpy(), res.flags.numpy(), old.flags.numpy()
     row = {"flagged": float(f.mean()), "frr": float(f[~y].mean()), "flagged_before": float(before.mean()),
            "frr_before": float(before[~y].mean()), "present": res.poison_present, "p_value": res.p_value,
            "share_estimate": res.verdict.poison_share, "source": res.verdict.threshold_source}
     if y.any():
-        rep, rep0 = metrics.detection_report(y, f, s), metrics.detection_report(y, before)
-        row.update(auroc=rep["auroc"], precision=rep["precision"], recall=rep["recall"],
+        rep, rep0 = metrics.detection_report(y, f, s), metrics.detection_report(y, before, old.scores.numpy())
+        row.update(auroc=rep["auroc"], precision=rep["precision"], recall=rep["recall"], auroc_before=rep0["auroc"],
                    precision_before=rep0["precision"], recall_before=rep0["recall"])
     return row
 
@@ -93,15 +94,19 @@ def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_d
             idx = torch.as_tensor(rng.choice(len(dev), n_c, replace=False))
             for mode in modes:
                 t0 = time.perf_counter()
+                clean_feats = {p: v[idx] for p, v in df.items()}
                 det = Detector(mode=mode, pooling="mean" if mode == "dan" else "cls")
-                det.fit_features({p: v[idx] for p, v in df.items()}, dy[idx], logits=dl[idx])
+                det.fit_features(clean_feats, dy[idx], logits=dl[idx])
+                old = Detector(mode=mode, pooling="mean" if mode == "dan" else "cls", threshold="clean",
+                               fusion="adaptive").fit_features(clean_feats, dy[idx], logits=dl[idx])
                 for pool in POOLS:
                     prng = np.random.default_rng([seed, POOLS.index(pool)])
                     clean, poison, keys = draw_pool(pool, len(test), len(tpoison), prng)
                     res = score_pool(det, feats, logits, clean, poison, keys)
+                    res_old = score_pool(old, feats, logits, clean, poison, None)  # no keys: copies not grouped
                     row = {"attack": attack, "model": model_name, "mode": mode, "clean_size": n_c, "seed": seed,
                            "pool": pool, "pool_rows": len(keys), "poisoned": len(poison),
-                           **evaluate(res, len(clean), len(poison))}
+                           **evaluate(res, res_old, len(clean), len(poison))}
                     if pool == "dup":  # every copy of a repeated row gets one score and one flag
                         copies = res.copies.numpy() > 1
                         s = res.scores.numpy()
@@ -123,7 +128,8 @@ def summarise(rows):
         mean = lambda k: float(np.mean([r[k] for r in rs])) if all(r.get(k) is not None for r in rs) else None  # noqa
         present = [r["present"] for r in rs]
         out.append({"attack": attack, "mode": mode, "clean_size": n_c, "pool": pool, "seeds": len(rs),
-                    "poisoned": rs[0]["poisoned"], "auroc": mean("auroc"), "flagged": mean("flagged"),
+                    "poisoned": rs[0]["poisoned"], "auroc": mean("auroc"), "auroc_before": mean("auroc_before"),
+                    "flagged": mean("flagged"),
                     "flagged_max": float(np.max([r["flagged"] for r in rs])), "frr": mean("frr"),
                     "frr_before": mean("frr_before"), "flagged_before_max": float(np.max([r["flagged_before"]
                                                                                           for r in rs])),
@@ -137,7 +143,7 @@ def summarise(rows):
 
 def markdown(summary):
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| attack | mode | clean set | pool | poisoned | AUROC | flagged (max) | FRR: before → after | "
+    lines = ["| attack | mode | clean set | pool | poisoned | AUROC: before → after | flagged (max) | FRR: before → after | "
              "precision: before → after | recall: before → after | poison found |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
@@ -145,7 +151,7 @@ def markdown(summary):
         if r["pool"] == "dup":
             found += ", copies one score" if r["copies_same_score"] else ", COPIES DIFFER"
         lines.append(f"| {r['attack']} | {r['mode']} | {r['clean_size']} | {r['pool']} | {r['poisoned']} | "
-                     f"{f(r['auroc'])} | {f(r['flagged'])} ({f(r['flagged_max'])}) | {f(r['frr_before'])} → "
+                     f"{f(r['auroc_before'])} → {f(r['auroc'])} | {f(r['flagged'])} ({f(r['flagged_max'])}) | {f(r['frr_before'])} → "
                      f"{f(r['frr'])} | {f(r['precision_before'])} → {f(r['precision'])} | {f(r['recall_before'])} → "
                      f"{f(r['recall'])} | {found} |")
     return "\n".join(lines)

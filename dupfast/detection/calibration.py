@@ -145,6 +145,11 @@ class Calibration:
         return self.info.get("threshold_rule", "auto")
 
     @property
+    def fusion_rule(self) -> str:
+        """When mode="default" uses its pool-chosen weights: "auto", "adaptive" (always), "fixed" (never)."""
+        return self.info.get("fusion", "auto")
+
+    @property
     def calibrated(self) -> bool:
         """False when the detector calibrated on the pool itself (no clean set)."""
         return self.info.get("source") != "pool"

@@ -24,10 +24,10 @@ from .scorers import check_options, make_scorer
 from .scorers.base import Dims
 from .scoring import assemble, score_batch, stream_scores
 from .transductive import memory_budget
-from .verdict import check_rule
+from .verdict import check_fusion, check_rule
 
 OWN_OPTIONS = ("mode", "frr", "seed", "calibration_fraction", "autocast", "pool_trim", "pool_iterations",
-               "projection_memory", "threshold")
+               "projection_memory", "threshold", "fusion")
 
 
 def _fraction(name, value):
@@ -48,11 +48,14 @@ class Detector:
     def __init__(self, mode: str = "default", frr: float = 0.05, *, seed: int = 2025,
                  calibration_fraction: float = 0.5, autocast=None, pool_trim: float = 0.5,
                  pool_iterations: int = 10, projection_memory: Optional[int] = None,
-                 threshold: Optional[str] = None, **options):
+                 threshold: Optional[str] = None, fusion: str = "auto", **options):
         check_options(mode, options, others=OWN_OPTIONS)
         # where the flags' threshold goes (verdict.py): the pool's clean bulk, or the clean set's percentile
         # (DUP's rule, kept for mode="dup" so it stays the authors' algorithm)
         self.threshold_rule = check_rule(threshold or ("clean" if mode == "dup" else "auto"))
+        # mode="default"'s pool-chosen column weights: "auto" only on pools estimated >= verdict.ADAPTIVE_SHARE
+        # poisoned, "adaptive" always (dupfast <= 0.x's rule), "fixed" never
+        self.fusion_rule = check_fusion(fusion)
         self.mode, self.frr = mode, _fraction("frr", frr)
         self.calibration_fraction = _fraction("calibration_fraction", calibration_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -129,6 +132,7 @@ class Detector:
 
     def _fitted(self, scorer, cal: Calibration, dims: Dims) -> "Detector":
         cal.info.setdefault("threshold_rule", self.threshold_rule)
+        cal.info.setdefault("fusion", self.fusion_rule)
         self.restore(scorer, cal, dims)
         self.model_fingerprint = None  # features name no model: score skips the check (fit / fit_pool set it)
         msg = cal.small_warning(dims.hidden_size)

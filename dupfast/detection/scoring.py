@@ -102,9 +102,11 @@ def assemble(parts, scorer, calibration: Calibration, kept: dict = None) -> Dete
     # the verdict reads the fixed combination: adaptive weights are chosen on this very pool, so its tail would be
     # tested against a clean tail they were not chosen on (measured: 70% false alarms on clean SST-2 pools)
     weights, scores, val_scores, verdict = fused(False)
-    if scorer.adaptive and verdict.poison_present and verdict.poison_share >= ADAPTIVE_SHARE:
+    rule = calibration.fusion_rule
+    gated = verdict.poison_present and verdict.poison_share >= ADAPTIVE_SHARE
+    if scorer.adaptive and (rule == "adaptive" or (rule == "auto" and gated)):
         weights, scores, val_scores, adapted = fused(True)
-        verdict = dataclasses.replace(adapted, poison_present=True, p_value=verdict.p_value)
+        verdict = dataclasses.replace(adapted, poison_present=verdict.poison_present, p_value=verdict.p_value)
     threshold = verdict.threshold
     flags = scores > threshold
     verdict.n_flagged = int(D.all_reduce_sum(flags.double().sum()))

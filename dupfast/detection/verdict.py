@@ -40,6 +40,15 @@ THRESHOLD_RULES = ("auto", "clean")
 ADAPTIVE_SHARE = 0.10
 
 
+FUSION_RULES = ("auto", "adaptive", "fixed")
+
+
+def check_fusion(rule) -> str:
+    if rule not in FUSION_RULES:
+        raise ValueError(f"fusion must be one of {FUSION_RULES}, got {rule!r}")
+    return rule
+
+
 def check_rule(rule) -> str:
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold must be one of {THRESHOLD_RULES}, got {rule!r}")

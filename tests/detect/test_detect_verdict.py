@@ -134,3 +134,16 @@ def test_purify_does_nothing_on_a_no_poison_verdict_unless_forced(bert, clean_an
         model, report = dupfast.purify(bert, pool, clean=clean, detection=res)
     assert report.stop_reason == "no evidence of poison"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fusion_rule(bert, clean_and_pool):
+    clean, pool, _ = clean_and_pool
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        Detector(fusion="sometimes")
+    auto = Detector().fit(bert, clean)
+    fixed = Detector(fusion="fixed").fit(bert, clean)
+    r_auto, r_fixed = auto.score(bert, pool), fixed.score(bert, pool)
+    padded = list(fixed.scorer.weights) + [0.0] * (len(r_fixed.weights) - len(fixed.scorer.weights))
+    assert list(r_fixed.weights) == pytest.approx(padded)
+    # a half-poisoned pool: "auto" adapts (its estimated share is far above verdict.ADAPTIVE_SHARE)
+    assert r_auto.verdict.poison_share >= 0.1 and list(r_auto.weights) != pytest.approx(padded)
