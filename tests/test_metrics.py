@@ -1,4 +1,5 @@
-"""Metrics against sklearn and hand-computed cases, the OpenBackdoor behind-detector rule, bad input."""
+"""Metrics against hand-computed cases (sklearn only for the confusion counts), the OpenBackdoor
+behind-detector rule, bad input."""
 import numpy as np
 import pytest
 import torch
@@ -29,17 +30,26 @@ def test_accuracy_and_asr_bad_input():
         metrics.asr([1, 0], "1")
 
 
-def test_auroc_by_hand_and_against_sklearn():
+def test_auroc_by_hand_ties_included():
+    """AUROC = P(poisoned score > clean score) + 1/2 P(tie), over all (clean, poisoned) pairs, by hand."""
     assert metrics.auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert metrics.auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
     assert metrics.auroc([0, 1], [0.5, 0.5]) == 0.5  # ties count half
+    assert metrics.auroc([0, 1, 0, 1], [3.0, 3.0, 3.0, 3.0]) == 0.5  # all tied
     # 1 of the 4 (clean, poisoned) pairs is mis-ordered -> 0.75
     assert metrics.auroc([0, 0, 1, 1], [0.1, 0.6, 0.5, 0.9]) == 0.75
+    # clean 0.2 loses to all three poisoned (3); clean 0.5 ties two and loses to 0.9 (0.5 + 0.5 + 1) -> 5 / 6
+    assert metrics.auroc([0, 0, 1, 1, 1], [0.2, 0.5, 0.5, 0.5, 0.9]) == pytest.approx(5 / 6, abs=1e-15)
+    # poisoned 2 beats clean 1, ties clean 2 (1.5); poisoned 3 beats 1 and 2, ties 3 (2.5) -> 4 / 6
+    assert metrics.auroc(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 2, 3, 2, 3])) == pytest.approx(2 / 3)
+    assert metrics.auroc(np.array([True, False, True]), [1.0, 1.0, -1.0]) == 0.25  # (0.5 + 0) / 2
+    # many ties on random integer scores: the pairwise count itself
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 500)
-    s = rng.normal(size=500) + y
-    assert metrics.auroc(torch.tensor(y), torch.tensor(s)) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
-    assert metrics.auroc(y.astype(bool), s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    y = rng.integers(0, 2, 300)
+    s = rng.integers(0, 6, 300) + y
+    pos, neg = s[y == 1][:, None], s[y == 0][None, :]
+    want = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
+    assert metrics.auroc(y, s) == pytest.approx(want, abs=1e-12)
 
 
 def test_auroc_bad_input():
