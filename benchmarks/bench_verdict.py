@@ -14,7 +14,6 @@ import pathlib
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import TINY

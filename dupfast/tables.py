@@ -38,6 +38,8 @@ class Table:
     poison_labels: Optional[List[int]] = None
     text_column: Optional[str] = None
     label_column: Optional[str] = None
+    header: Optional[List[str]] = None       # every column of the file, with keep_records=True
+    records: Optional[List[dict]] = None     # every row as {column: value as written}, with keep_records=True
 
     def __len__(self):
         return len(self.texts)
@@ -127,8 +129,11 @@ def _label(value, path, line, column, what="label"):
 
 
 def read_table(path, text_column: Optional[str] = None, label_column: Optional[str] = None,
-               need_labels: bool = False, role: str = "this file") -> Table:
-    """Read a table (module docstring). need_labels: a missing label column is an error naming `role`."""
+               need_labels: bool = False, role: str = "this file", raw_labels: bool = False,
+               keep_records: bool = False) -> Table:
+    """Read a table (module docstring). need_labels: a missing label column is an error naming `role`.
+    raw_labels: labels as written (strings allowed, mapped by the caller: `dupfast screen --label-map`);
+    keep_records: also every column of every row (`Table.header`, `Table.records`), for outputs that keep them."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -141,7 +146,9 @@ def read_table(path, text_column: Optional[str] = None, label_column: Optional[s
         if need_labels:
             raise ValueError(f"{path}: a .txt file holds texts only, but {role} needs labels (.tsv, .csv or "
                              ".jsonl with a label column)")
-        return Table(path, [line for line in text.splitlines() if line.strip()])
+        lines = [line for line in text.splitlines() if line.strip()]
+        return Table(path, lines, **({"header": ["text"], "records": [{"text": t} for t in lines]}
+                                     if keep_records else {}))
 
     header, records = _records(path, text, kind)
     if not records:
@@ -171,7 +178,8 @@ def read_table(path, text_column: Optional[str] = None, label_column: Optional[s
             raise ValueError(f"{path} line {line}: the text in column {t_col!r} must be a string, got {value!r}")
         texts.append(value)
         if labels is not None:
-            labels.append(_label(rec[l_col], path, line, l_col))
+            labels.append(rec[l_col] if raw_labels else _label(rec[l_col], path, line, l_col))
         if poison is not None:
             poison.append(_label(rec[p_col], path, line, p_col, "poison label"))
-    return Table(path, texts, labels, poison, t_col, l_col)
+    kept = {"header": header, "records": [rec for _, rec in records]} if keep_records else {}
+    return Table(path, texts, labels, poison, t_col, l_col, **kept)

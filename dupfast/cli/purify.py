@@ -184,7 +184,8 @@ def run(args):
         overrides["use_lora"] = False
     cfg = PurifyConfig(**overrides)  # validate before loading anything heavy
 
-    suspect_table = read_table(args.suspect, args.text_column, role="the suspect set")
+    # the suspect set's labels are never read: string labels (a file `dupfast screen` took) must not stop it
+    suspect_table = read_table(args.suspect, args.text_column, role="the suspect set", raw_labels=True)
     suspect = suspect_table.texts
     clean_table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
     clean_texts, clean_labels = clean_table.texts, clean_table.labels

@@ -54,44 +54,11 @@ class Data:
 
 
 def read_data(path, text_column=None, label_column=None, need_labels=False, role="this file") -> Data:
-    """Like `dupfast.tables.read_table`, keeping every column and the labels as written (maybe strings)."""
-    from .. import tables as T
+    """`dupfast.tables.read_table` keeping every column and the labels as written (maybe strings)."""
+    from ..tables import read_table
 
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    kind = T.FORMATS.get(path.suffix.lower())
-    if kind in (None, "lines"):  # read_table's own errors (unknown format, a .txt without labels)
-        table = T.read_table(path, text_column, label_column, need_labels, role)
-        return Data(path, ["text"], [{"text": t} for t in table.texts], table.texts, None, None, None)
-    header, records = T._records(path, T._decode(path), kind)
-    if not records:
-        raise ValueError(f"{path} has no data rows (line 1 is the header; a header row and at least one text are "
-                         "needed)")
-    dump = {"0", "1"} <= set(header)  # an OpenBackdoor/DUP dump: index, text, label, poison_label
-    t_col = T._find(header, text_column, T.TEXT_COLUMNS + (("0",) if dump else ()), path, "--text-column")
-    if t_col is None:
-        raise ValueError(f"{path}: no text column among {header}; name one with --text-column (known names: "
-                         f"{', '.join(T.TEXT_COLUMNS)})")
-    l_col = T._find(header, label_column, T.LABEL_COLUMNS + (("1",) if dump else ()), path, "--label-column")
-    p_col = T._find(header, None, T.POISON_COLUMNS + (("2",) if dump else ()), path, "")
-    if need_labels and l_col is None:
-        raise ValueError(f"{path}: {role} needs a label column ({', '.join(T.LABEL_COLUMNS)}, or --label-column); "
-                         f"columns are {header}")
-    texts, labels, poison = [], [] if l_col else None, [] if p_col not in (None, t_col, l_col) else None
-    for line, rec in records:
-        missing = [c for c in (t_col, l_col, p_col) if c is not None and c not in rec]
-        if missing:
-            raise ValueError(f"{path} line {line}: no {missing[0]!r} key (JSON lines need the same keys on every "
-                             "line)")
-        if not isinstance(rec[t_col], str):
-            raise ValueError(f"{path} line {line}: the text in column {t_col!r} must be a string, got {rec[t_col]!r}")
-        texts.append(rec[t_col])
-        if labels is not None:
-            labels.append(rec[l_col])
-        if poison is not None:
-            poison.append(T._label(rec[p_col], path, line, p_col, "poison label"))
-    return Data(path, header, [rec for _, rec in records], texts, labels, poison, l_col)
+    t = read_table(path, text_column, label_column, need_labels, role, raw_labels=True, keep_records=True)
+    return Data(t.path, t.header, t.records, t.texts, t.labels, t.poison_labels, t.label_column)
 
 
 # ---- labels -----------------------------------------------------------------------------------------------
