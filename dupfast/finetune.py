@@ -5,6 +5,7 @@ Victims (`dupfast.harness.victims`) and BTU's rounds, fine-tune and clean-tune (
 """
 import dataclasses
 import math
+import numbers
 import os
 import random
 
@@ -28,15 +29,35 @@ class FinetuneConfig:
 
     def __post_init__(self):
         name = type(self).__name__
+        _check_types(self)
         if self.autocast not in (None, "bf16"):
             raise ValueError(f"{name}.autocast must be None or 'bf16', got {self.autocast!r}")
         for field in ("epochs", "batch_size", "max_len"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
-        if not (self.lr > 0):
-            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{name}.lr must be a finite number > 0, got {self.lr}")
         if not (0 <= self.warmup_ratio < 1):
             raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"{name}.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not self.grad_clip > 0:  # clip_grad_norm_ with max_norm <= 0 zeroes every step (NaN: every weight)
+            raise ValueError(f"{name}.grad_clip must be > 0, got {self.grad_clip}")
+
+
+def _check_types(cfg) -> None:
+    """Every int / float field of its type before any comparison: lr="2e-5" would otherwise fail as "'>' not
+    supported between 'str' and 'int'" and epochs=2.0 deep in range(). The rule and message of
+    dupfast.purification.config._check_types, not imported from there: that loads the whole purification package
+    (triton included, ~1 s), which importing btu or a victim avoids."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type not in (int, float):
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral if f.type is int else numbers.Real):
+            what = "an int" if f.type is int else "a number"
+            raise ValueError(f"{type(cfg).__name__}.{f.name} must be {what}, got {v!r} ({type(v).__name__}), "
+                             f"e.g. {f.name}={f.default!r}")
 
 
 def seed_everything(seed: int):

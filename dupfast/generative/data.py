@@ -18,6 +18,8 @@ a dict of tensors:
 dupfast's own capture and training read the attention mask, never the pad id, so left and right padding give the
 same features, flags and losses.
 """
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +37,28 @@ def check_chat_tokenizer(tokenizer) -> None:
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise ValueError("the tokenizer has no eos_token: responses end with the end-of-turn token, set "
                          "tokenizer.eos_token to it (e.g. '<|im_end|>')")
+
+
+# what a class name in `labels` is told to do instead (chat_batches, and read_chat for hand-made batches)
+LABELS_FIX = ("labels are integer class ids 0..C-1 (each prompt's task class), not class names: map them first, "
+              "e.g. labels=[classes.index(name) for name in names]")
+
+
+def class_ids(labels, n: int) -> list:
+    """`labels` of chat_batches -> n ints >= 0. Whole floats (1.0) are ids; strings, None, 1.5, True are errors
+    (int("positive") would fail as a bare int() error, int(1.5) would silently be class 1)."""
+    if isinstance(labels, (str, bytes)):
+        raise ValueError(f"labels must be a sequence of class ids, got one string {labels!r}: {LABELS_FIX}")
+    try:
+        labels = list(labels.tolist() if hasattr(labels, "tolist") else labels)
+    except TypeError:
+        raise ValueError(f"labels must be a sequence of class ids, got {type(labels).__name__}") from None
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} prompts")
+    for i, y in enumerate(labels):
+        if isinstance(y, bool) or not isinstance(y, numbers.Real) or not math.isfinite(y) or y != int(y) or y < 0:
+            raise ValueError(f"labels[{i}] is {y!r}: {LABELS_FIX}")
+    return [int(y) for y in labels]
 
 
 def encode_prompt(tokenizer, prompt: str, system: Optional[str] = None) -> list:
@@ -87,9 +111,7 @@ def chat_batches(tokenizer, prompts: Sequence[str], responses: Optional[Sequence
         if len(responses) != len(prompts):
             raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts (responses missing?)")
     if labels is not None:
-        labels = [int(y) for y in labels]
-        if len(labels) != len(prompts):
-            raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts")
+        labels = class_ids(labels, len(prompts))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

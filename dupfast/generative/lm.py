@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ..classifier import check_weights_loaded
+
 
 @dataclasses.dataclass
 class CausalLM:
@@ -41,6 +43,7 @@ def check_causal_lm(model, who: str, allow_adapters: bool = False) -> CausalLM:
     """A HF causal LM with a bias-free vocabulary head, else a ValueError naming what is wrong."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{who} needs a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
+    check_weights_loaded(model, who)  # meta-device weights: named here, not "Cannot copy out of meta tensor" later
     names = [c.__name__ for c in type(model).__mro__]
     if any(n.endswith("ForSequenceClassification") for n in names):
         raise ValueError(f"the model ({type(model).__name__}) is a sequence classifier: {who} takes a causal LM "

@@ -10,7 +10,8 @@ from typing import List, Optional
 
 import torch
 
-from ..batches import check_batch, loader_batches
+from ..batches import _integer_valued, _rows_of, _tensor, check_batch, loader_batches
+from .data import LABELS_FIX
 
 
 @dataclasses.dataclass
@@ -34,6 +35,18 @@ class ChatRows:
         if self.responses is None:
             return [list(p) for p in self.prompts]
         return [list(p) + list(r) for p, r in zip(self.prompts, self.responses)]
+
+
+def _class_ids(value, key: str, where: str, n: int) -> torch.Tensor:
+    """A batch's task classes -> [n] long. Class names are an error naming the fix (torch.as_tensor would say
+    "too many dimensions 'str'"); 1.5 is an error rather than class 1."""
+    seq = value.tolist() if hasattr(value, "tolist") else value
+    seq = [seq] if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)) else seq
+    names = [y for y in seq if isinstance(y, (str, bytes))]
+    if names:
+        raise ValueError(f"{where}: {key!r} holds {names[0]!r}: {LABELS_FIX} (chat_batches(tokenizer, prompts, "
+                         "labels=...) builds such batches)")
+    return _rows_of(_integer_valued(_tensor(value, key, where), key, where, "class ids"), n, key, where)
 
 
 def read_chat(loader, name: str, lm, need_responses: bool, need_labels: bool = False, extra_tokens: int = 0) -> ChatRows:
@@ -64,7 +77,7 @@ def read_chat(loader, name: str, lm, need_responses: bool, need_labels: bool = F
             if key is None:
                 raise ValueError(f"{where} has no 'labels': this mode fits class statistics on the clean prompts' "
                                  "task classes (pass labels= to chat_batches), or use mode='default'")
-            labels.append(torch.as_tensor(batch[key]).long().reshape(-1).cpu())
+            labels.append(_class_ids(batch[key], key, where, n))
         index.append(checked.index if checked.index is not None else torch.arange(pos, pos + n))
         for r in range(n):
             row = ids[r][mask[r]].tolist()
