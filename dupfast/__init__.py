@@ -5,6 +5,7 @@
     dupfast.btu.train(model, train_data)        Backdoor Token Unlearning (training-time defence) -> (model, report)
     dupfast.detect_prompts(lm, prompts, clean=...)             the same detection on a causal LM's prompts
     dupfast.purify_generative(lm, prompts, clean=..., detection=...)  unlearning for causal LMs -> (model, report)
+    dupfast.load_model(name_or_dir, num_labels=...)             a local HF folder or a packaged model -> (model, tok)
 """
 __version__ = "0.1.0"
 
@@ -18,6 +19,8 @@ _LAZY_PURIFICATION = ("purify",)
 
 # dupfast.detect is a plain function; it, Detector and detect_texts come from the dupfast.detection package.
 _LAZY_DETECTION = ("detect", "Detector", "detect_texts")
+# model loading (offline: local folders and the packaged models) lives with the model registry
+_LAZY_MODELS = ("load_model", "load_tokenizer")
 
 
 def __getattr__(name):
@@ -34,6 +37,11 @@ def __getattr__(name):
     if name in _LAZY_GENERATIVE:
         import importlib
         value = getattr(importlib.import_module(".generative", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
+    if name in _LAZY_MODELS:
+        import importlib
+        value = getattr(importlib.import_module(".harness.models", __name__), name)
         globals()[name] = value  # resolve once
         return value
     if name in _LAZY_SUBMODULES:

@@ -147,3 +147,14 @@ def test_fusion_rule(bert, clean_and_pool):
     assert list(r_fixed.weights) == pytest.approx(padded)
     # a half-poisoned pool: "auto" adapts (its estimated share is far above verdict.ADAPTIVE_SHARE)
     assert r_auto.verdict.poison_share >= 0.1 and list(r_auto.weights) != pytest.approx(padded)
+
+
+def test_pool_only_on_a_tiny_pool_names_the_pool_not_a_clean_set(bert):
+    with pytest.raises(ValueError, match=r"the pool's retained part \(\d+ of 24 rows, pool-only calibration\) is too "
+                                         r"small"):
+        dupfast.detect(bert, batches(make_samples(24, seed=9)), pool_only=True)
+
+
+def test_load_model_is_public():
+    from dupfast.harness.models import load_model
+    assert dupfast.load_model is load_model
