@@ -31,7 +31,11 @@ import torch
 ALPHA = 0.05                      # the presence test's level
 ORDER_STATS = (1, 2, 3, 5, 8, 13)  # clean order statistics (r-th largest) tried as tail cuts
 BULK = (0.1, 0.6)                 # percentiles of the bulk the shift map is fitted on
-HEAVY = 0.25                      # estimated poisoned share from which the clean set's threshold is used
+# estimated poisoned share from which the clean set's threshold is used; also: a pool of which HEAVY + frr exceeds
+# the clean threshold is "poison" (measured, fixed combination, SST-2 MiniLM BadNets / AddSent, 10 seeds: clean
+# pools from another split reach 0.19 above it with 200 clean rows, papers' pools a third poisoned 0.26 or more;
+# with 100 clean rows the two overlap, 0.36 vs 0.14: use 200 or more)
+HEAVY = 0.20
 MIN_POOL = 20                     # fewer distinct pool inputs: no verdict
 THRESHOLD_RULES = ("auto", "clean")
 # adaptive fusion (mode="default": transductive projection, pool-chosen weights) only on pools estimated to hold
