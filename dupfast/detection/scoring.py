@@ -103,7 +103,7 @@ def assemble(parts, scorer, calibration: Calibration, kept: dict = None) -> Dete
     # tested against a clean tail they were not chosen on (measured: 70% false alarms on clean SST-2 pools)
     weights, scores, val_scores, verdict = fused(False)
     rule = calibration.fusion_rule
-    gated = verdict.poison_present and verdict.poison_share >= ADAPTIVE_SHARE
+    gated = verdict.poison_present and verdict.poison_mass >= ADAPTIVE_SHARE
     if scorer.adaptive and (rule == "adaptive" or (rule == "auto" and gated)):
         weights, scores, val_scores, adapted = fused(True)
         verdict = dataclasses.replace(adapted, poison_present=verdict.poison_present, p_value=verdict.p_value)

@@ -73,6 +73,8 @@ class Verdict:
     n_rows: int                  # pool rows, copies included
     n_flagged: int = 0           # flagged rows, copies included
     calibrated: bool = True      # False: no clean set (pool-only): the FRR is not calibrated
+    poison_mass: float = 0.0     # the larger estimate (also the excess over the mapped clean threshold): gates the
+                                 # adaptive fusion and the heavy rule
     reason: Optional[str] = None
 
     def sentence(self) -> str:
@@ -167,24 +169,33 @@ def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, cl
     tails = tail_counts(clean, pool, *shift_map(clean, pool))
     p = min(1.0, len(tails) * min(t[3] for t in tails))
     present, share = p < ALPHA, 0.0
+    ab, mass = shift_map(clean, pool), 0.0
     for _ in range(3 if present else 0):
-        # poisoned share: inputs above the clean maximum beyond what clean data puts there in 95% of pools
-        # (a lower bound, so a false alarm trims little of the clean tail); the bulk map is then refitted
-        # without it, since a heavy poisoned share lifts the pool's percentiles the map reads
-        share = max(0.0, (tails[0][2] - betabinom_isf(ALPHA, N, 1, clean.numel())) / N)
-        tails = tail_counts(clean, pool, *shift_map(clean, pool, min(share, 0.5)))
+        # poisoned share: the larger of (1) the inputs above the clean maximum beyond what clean data puts there
+        # in 95% of pools (a lower bound, so a false alarm trims little of the clean tail) and (2) the excess above
+        # the mapped clean (1 - frr) percentile (poison that only partly clears the clean tail, a style: StyleBkd
+        # papers' pools were estimated at a few % by (1) alone); the bulk map is then refitted without it, since a
+        # heavy poisoned share lifts the pool's percentiles the map reads
+        cut = ab[0] + ab[1] * float(torch.quantile(clean, 1 - frr))
+        excess = max(0.0, float((pool > cut).double().mean()) - frr) / (1 - frr)
+        share = max((tails[0][2] - betabinom_isf(ALPHA, N, 1, clean.numel())) / N, 0.0)
+        mass = max(share, excess)
+        ab = shift_map(clean, pool, min(mass, 0.5))
+        tails = tail_counts(clean, pool, *ab)
     # a heavily poisoned pool has no clean bulk to read, whether or not the tail test saw it (the map it reads
     # is lifted by the poison too): so does a pool of which more than HEAVY + frr exceeds the clean threshold,
     # far beyond what a shift between sources did in the measurements (SST-2 dev -> test: 12%)
     above = int((pool > clean_threshold).sum())
-    heavy = share >= HEAVY or above >= (HEAVY + frr) * N
+    heavy = max(share, mass) >= HEAVY or above >= (HEAVY + frr) * N
     if heavy:
         if not present:
             r = max(1, int(round(frr * clean.numel())))
             present, p = True, betabinom_sf(above, N, r, clean.numel() - r + 1)
         share = max(share, above / N - frr)
+    mass = max(mass, share)
     if rule == "clean" or heavy:
-        return Verdict(present, p, share, clean_threshold, "clean", **base)
+        return Verdict(present, p, share, clean_threshold, "clean", poison_mass=mass, **base)
+    # only the conservative share is trimmed: a false alarm must not pull the threshold into the clean tail
     kept = torch.sort(pool).values[: N - int(math.ceil(share * N))]
     threshold = float(torch.quantile(kept, 1 - frr)) if kept.numel() else clean_threshold
-    return Verdict(present, p, share, threshold, "pool", **base)
+    return Verdict(present, p, share, threshold, "pool", poison_mass=mass, **base)

@@ -48,7 +48,9 @@ def test_clean_pools_get_no_poison_verdict_and_their_frr_on_a_shifted_pool():
         frrs.append(float((clean > v.threshold).double().mean()))
     assert np.mean(found) <= 0.12          # the test's level is 5%; the shift map's noise adds a few points
     assert 0.04 <= np.mean(frrs) <= 0.06   # the clean set's own threshold flags ~14% of these pools
-    assert max(frrs) <= 0.10
+    # a false alarm whose estimated mass reaches verdict.HEAVY falls back to the clean set's threshold, which flags
+    # ~14% of this shifted pool: the one excursion the rule allows
+    assert np.mean(np.array(frrs) > 0.10) <= 0.02 and max(frrs) <= 0.15
 
 
 def test_separated_poison_is_found_and_heavy_poison_keeps_the_clean_threshold():
