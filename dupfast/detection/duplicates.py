@@ -48,12 +48,10 @@ class Groups:
         return int(self.unique.numel()) - int(self.unique.sum())
 
 
-def group(keys: Optional[torch.Tensor], index: Optional[torch.Tensor] = None) -> Groups:
-    """Group this rank's rows by `keys` [N] (None: every row distinct). Under torch.distributed the first copy
-    is the one with the smallest global `index` over all ranks; a copy whose first copy sits on another rank
+def group(keys: torch.Tensor, index: Optional[torch.Tensor] = None) -> Groups:
+    """Group this rank's rows by `keys` [N] (rows without keys: `no_groups`). Under torch.distributed the first
+    copy is the one with the smallest global `index` over all ranks; a copy whose first copy sits on another rank
     keeps its own (numerically equal) scores but still counts as part of one sample."""
-    if keys is None:
-        return no_groups(0 if index is None else len(index))
     keys = keys.long().cpu()
     n = keys.numel()
     if not D.is_sharded():

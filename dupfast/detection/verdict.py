@@ -14,8 +14,9 @@ p-value is the smallest tail probability over r in ORDER_STATS, Bonferroni-corre
 by the clean set: n validation scores cannot vouch for a tail thinner than about 1/n.
 
 Threshold (threshold="auto"). The FRR is promised on the user's pool, so the threshold is the (1 - frr)
-quantile of the pool's distinct inputs once the estimated poisoned share (the excess of K_r over its null
-mean, 0 without evidence of poison) is trimmed from the top. A pool estimated to hold HEAVY or more poison has
+quantile of the pool's distinct inputs once the estimated poisoned share (K_1 beyond its null's 95th
+percentile, 0 without evidence of poison) is trimmed from the top. A pool whose poisoned mass (that share, or the
+excess above the mapped clean (1 - frr) percentile, whichever is larger) reaches HEAVY has
 no trustworthy clean bulk: the clean set's threshold carries it (the papers' protocol), and the verdict is
 "poison" when more than HEAVY + frr of the pool exceeds that threshold (its p-value then from the
 unmapped count, K ~ BetaBinomial(N, r, n - r + 1) at the clean set's r-th largest). So does a pool of
@@ -166,10 +167,10 @@ def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, cl
     if clean.numel() < 2 * ORDER_STATS[0]:
         why = f"only {clean.numel()} clean validation scores: too few for a tail test"
         return Verdict(None, None, 0.0, clean_threshold, "clean", reason=why, **base)
-    tails = tail_counts(clean, pool, *shift_map(clean, pool))
+    ab = shift_map(clean, pool)
+    tails = tail_counts(clean, pool, *ab)
     p = min(1.0, len(tails) * min(t[3] for t in tails))
-    present, share = p < ALPHA, 0.0
-    ab, mass = shift_map(clean, pool), 0.0
+    present, share, mass = p < ALPHA, 0.0, 0.0
     for _ in range(3 if present else 0):
         # poisoned share: the larger of (1) the inputs above the clean maximum beyond what clean data puts there
         # in 95% of pools (a lower bound, so a false alarm trims little of the clean tail) and (2) the excess above
@@ -186,7 +187,7 @@ def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, cl
     # is lifted by the poison too): so does a pool of which more than HEAVY + frr exceeds the clean threshold,
     # far beyond what a shift between sources did in the measurements (SST-2 dev -> test: 12%)
     above = int((pool > clean_threshold).sum())
-    heavy = max(share, mass) >= HEAVY or above >= (HEAVY + frr) * N
+    heavy = mass >= HEAVY or above >= (HEAVY + frr) * N  # mass >= share always
     if heavy:
         if not present:
             r = max(1, int(round(frr * clean.numel())))
