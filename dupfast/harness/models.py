@@ -284,17 +284,154 @@ def _fingerprint_files(root: str, stat: tuple) -> str:
     return digest.hexdigest()
 
 
+# What tokenizer.save_pretrained(folder) leaves in a folder: tokenizer_config.json always, and the vocabulary
+# (tokenizer.json; or vocab.txt, vocab.json + merges.txt, a sentencepiece *.model, ...). model.save_pretrained
+# writes none of them.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_GLOBS = ("*.model", "*.spm", "*.tiktoken", "vocab.*")
+# A tokenizer with fewer tokens than this share of the model's embedding rows is not the model's own (real ones hold
+# every row, or all but a few padding rows).
+MIN_VOCAB_SHARE = 0.25
+# check_tokenizer(..., texts): a tokenizer giving more than this share of the texts' tokens as its unknown token is
+# not the one the model was trained with.
+MAX_UNK_SHARE = 0.5
+
+
+def tokenizer_files(folder) -> list[str]:
+    """The tokenizer files in a model folder (empty: the model was saved without its tokenizer)."""
+    folder = pathlib.Path(folder)
+    found = {f for f in TOKENIZER_FILES if (folder / f).is_file()}
+    found |= {p.name for pattern in _TOKENIZER_GLOBS for p in folder.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def _fix(folder=None) -> str:
+    where = f"'{folder}'" if folder is not None else "<model folder>"
+    return (f"save the tokenizer the model was trained with next to it, tokenizer.save_pretrained({where}) "
+            "(for a model fine-tuned from a packaged one, e.g. dupfast.load_tokenizer('minilm').save_pretrained"
+            f"({where})), or pass that tokenizer: dupfast.load_model(folder, tokenizer=<its folder or short name>)")
+
+
+def _config_vocab_rows(folder: pathlib.Path):
+    """The embedding rows a model folder's config.json declares (vocab_size, or its text_config's), else None."""
+    import json
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c, dict) and isinstance(c.get("vocab_size"), int) and c["vocab_size"] > 0:
+            return c["vocab_size"]
+    return None
+
+
+def _embedding_rows(model):
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def _check_vocabulary(tok, rows: int, source: str, folder=None) -> None:
+    """The guard shared by load_tokenizer (rows from config.json) and check_tokenizer (rows of the model's matrix).
+    Three ways a tokenizer is not the model's: it holds special tokens only, or far fewer tokens than the model has
+    rows (what transformers builds for a folder saved without its tokenizer: `[UNK]` for every word, scores that
+    mean nothing), or its vocabulary has ids past the last row (another model's tokenizer: an index error, or
+    worse, deep inside a long job)."""
+    n, base = len(tok), int(getattr(tok, "vocab_size", None) or len(tok))
+    specials = set(getattr(tok, "all_special_ids", None) or [])
+    regular = base - len({i for i in specials if i < base})
+    if regular <= 0 or n < MIN_VOCAB_SHARE * rows:
+        unk = getattr(tok, "unk_token", None)
+        what = (f"only special tokens, so every word would be its unknown token {unk!r}" if regular <= 0 else
+                f"far fewer than the {rows} rows of {source}, so most words would be its unknown token {unk!r} or "
+                "the wrong rows")
+        raise ValueError(
+            f"the tokenizer{f' in {folder}' if folder is not None else ''} is not the model's: it has {n} tokens, "
+            f"{what}, and the scores would mean nothing (a placeholder, as transformers builds for a folder saved "
+            "without its tokenizer). Fix: " + _fix(folder))
+    # the special tokens the tokenizer inserts itself (padding, [CLS]/[SEP], bos/eos, ...); extra special tokens past
+    # the matrix (an image token) count only where texts use them (check_tokenizer's texts)
+    inserted = {getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")}
+    beyond = sorted(i for i in inserted if isinstance(i, int) and i >= rows)
+    if base > rows or beyond:
+        ids = f"its vocabulary has {base} tokens (ids 0..{base - 1})" if base > rows else \
+            f"its special tokens {tok.convert_ids_to_tokens(beyond)} have ids {beyond}"
+        raise ValueError(
+            f"the tokenizer does not match the model: {ids}, but {source} has {rows} rows (ids 0..{rows - 1}); "
+            "those ids would index past the embedding matrix. It is another model's tokenizer. Fix: "
+            + _fix(folder))
+
+
+def check_tokenizer(model, tok, texts=None, max_texts: int = 256) -> None:
+    """Raise a ValueError naming the fix when `tok` is not `model`'s tokenizer, before any long work:
+    - it holds only special tokens, or fewer than a quarter as many tokens as the model has embedding rows (a
+      model folder saved without its tokenizer: transformers builds a 5-token BERT tokenizer, every word `[UNK]`);
+    - its vocabulary, or a special token it inserts itself (pad, unk, cls, sep, bos, eos, mask), has an id >= the
+      rows of the model's input embeddings;
+    - with `texts` (the first `max_texts` are tokenised): a token id >= the rows (an added token past the matrix),
+      or more than half of the texts' tokens are the unknown token.
+    A tokenizer may hold a few added tokens past the matrix (some real ones do, e.g. an image token); they count
+    only when `texts` use them. Models without an input embedding matrix are not checked. load_model calls it;
+    call it with the texts before a detection, a purification or a fine-tune on a model and tokenizer loaded
+    elsewhere."""
+    rows = _embedding_rows(model)
+    if rows is None:
+        return
+    source = "the model's embedding matrix"
+    _check_vocabulary(tok, rows, source)
+    if texts is None:
+        return
+    if isinstance(texts, str):
+        texts = [texts]
+    sample = [t for t in list(texts)[:max_texts] if isinstance(t, str) and t.strip()]
+    if not sample:
+        return
+    ids = tok(sample, truncation=True, max_length=512)["input_ids"]
+    hi = max((max(r) for r in ids if r), default=-1)
+    if hi >= rows:
+        n = sum(any(t >= rows for t in r) for r in ids)
+        raise ValueError(f"the tokenizer does not match the model: it gives {n} of {len(sample)} texts token ids up "
+                         f"to {hi}, but {source} has {rows} rows (ids 0..{rows - 1}). Fix: " + _fix())
+    unk, specials = getattr(tok, "unk_token_id", None), set(getattr(tok, "all_special_ids", None) or [])
+    if unk is None:
+        return
+    words = [t for r in ids for t in r if t == unk or t not in specials]
+    n_unk = sum(t == unk for t in words)
+    if words and n_unk > MAX_UNK_SHARE * len(words):
+        raise ValueError(f"the tokenizer does not know these texts' words: {n_unk} of their {len(words)} tokens "
+                         f"({n_unk / len(words):.0%}) are its unknown token {tok.unk_token!r} (first text: "
+                         f"{sample[0][:60]!r} -> {tok.convert_ids_to_tokens(ids[0][:8])}); it is not the "
+                         "tokenizer this model was trained with. Fix: " + _fix())
+
+
 def load_tokenizer(name_or_path):
+    """The tokenizer saved in a model folder (or a short name's). Raises FileNotFoundError when the folder holds
+    no tokenizer files, and ValueError when the tokenizer cannot be the folder's model's (see check_tokenizer;
+    compared with config.json's vocab_size), both naming the fix."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(name_or_path)), local_files_only=True)
+    folder = resolve_model_dir(name_or_path)
+    if not tokenizer_files(folder):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): the model was saved "
+            "without its tokenizer (model.save_pretrained writes none), and transformers would build a "
+            "placeholder in which every word is [UNK]. Fix: " + _fix(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if tok.pad_token is None:  # decoder LMs: pad = eos, as the field does
         tok.pad_token = tok.eos_token
+    rows = _config_vocab_rows(folder)
+    if rows is not None:
+        _check_vocabulary(tok, rows, f"the model ({folder / 'config.json'}: vocab_size)", folder)
     return tok
 
 
-def load_model(name_or_path, num_labels: int = 2, dtype=None, seed=None):
+def load_model(name_or_path, num_labels: int = 2, dtype=None, seed=None, tokenizer=None):
     """Sequence classifier + tokenizer. A fresh classification head is added when the folder has none;
-    `seed` seeds torch first, so that head is the same on every run (BTU's rounds start from it)."""
+    `seed` seeds torch first, so that head is the same on every run (BTU's rounds start from it).
+    `tokenizer`: None loads the one saved in the folder; a short name or folder loads that one instead (a model
+    saved without its tokenizer: the model it was fine-tuned from); a tokenizer object is used as is. Either way
+    check_tokenizer holds it against the model's embeddings before anything else runs."""
     import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -304,7 +441,15 @@ def load_model(name_or_path, num_labels: int = 2, dtype=None, seed=None):
     if seed is not None:
         torch.manual_seed(seed)
     path = resolve_model_dir(name_or_path)
-    tok = load_tokenizer(path)
+    if tokenizer is None:
+        tok = load_tokenizer(path)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = tokenizer
+        if not callable(tok) or not hasattr(tok, "__len__"):
+            raise TypeError(f"tokenizer must be a short name, a folder or a Hugging Face tokenizer, got "
+                            f"{type(tok).__name__}")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" notice is expected here
     try:
@@ -312,6 +457,7 @@ def load_model(name_or_path, num_labels: int = 2, dtype=None, seed=None):
             str(path), num_labels=num_labels, local_files_only=True, dtype=dtype or torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_tokenizer(model, tok)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
