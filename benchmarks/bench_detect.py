@@ -204,9 +204,12 @@ def test_interleaved_ratios(benchmark, setup):
     from dupfast.detection import Detector
     m, pool = setup["model"], setup["pool"]
     bare_pool = [{k: b[k].to(DEVICE) for k in ("input_ids", "attention_mask")} for b in pool]
-    dets = {"dup": setup["det"], "default": Detector(mode="default").fit(m, setup["clean"])}
+    dets = {"dup": setup["det"], "default": Detector(mode="default").fit(m, setup["clean"]),
+            # the default without the reading token's attention signal: what that signal costs
+            "default_noattn": Detector(mode="default", signals=("pred", "proj")).fit(m, setup["clean"])}
     # (numerator, denominator) of each ratio: a time over a time, > 1 where the denominator is faster
     ratios = {"bare_over_detect_dup": ("bare", "dup"), "bare_over_detect_default": ("bare", "default"),
+              "bare_over_detect_default_noattn": ("bare", "default_noattn"),
               "two_pass_over_detect_dup": ("two_pass", "dup")}
     if os.environ.get("DUPFAST_BENCH_BF16") or _native_bf16():
         for mode in ("dup", "default"):

@@ -1,12 +1,13 @@
 """Inference-time screening as users meet it: mostly clean pools, low poison rates, duplicates.
 
     python -m experiments.realistic_detection --attack badnets [--model minilm] [--seeds 10]
-        [--clean-sizes 100 200 400] [--modes default dup] [--out runs/realistic]
+        [--clean-sizes 100 200 400] [--modes default noattn dup] [--attn-weight 0.5] [--out runs/realistic]
 
 Victim: the SST-2 paper victim of `experiments.sst2_victims` (20% dirty-label poison). The clean set is a
 seeded random subset of SST-2 dev (100 / 200 / 400 rows); every pool is drawn from ANOTHER split, SST-2 test:
 its 1,821 clean rows plus k triggered non-target test rows (test-poison), k giving 0%, 0.5%, 1%, 5% and the
-papers' third. A "dup" pool repeats 8 random clean rows 8 times each inside the clean pool, a "small" pool is
+papers' third. Modes: "default" (dupfast's detector, with the reading token's attention signal), "noattn" (the
+same without it: signals pred + proj, the detector before that signal), "dup" (the authors' algorithm). A "dup" pool repeats 8 random clean rows 8 times each inside the clean pool, a "small" pool is
 64 clean rows. Each (clean size, seed) fits every mode once; each pool is drawn per seed.
 
 Per cell: AUROC, the flagged share, FRR on the pool's clean rows, precision and recall at the threshold, the
@@ -81,7 +82,7 @@ def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_d
     model.eval()
     dev, test = load_sst2("dev", data_dir), load_sst2("test", data_dir)
     tpoison = load_sst2_poison(attack, "test", data_dir=data_dir)
-    poolings = ("cls", "mean")
+    poolings = ("cls", "mean", "attn")
     cache = out / "cache"
     df, dl, dy = cached_capture(model, tok, dev, cache / f"{attack}-dev.safetensors", poolings, True)
     tf, tl, _ = cached_capture(model, tok, test, cache / f"{attack}-test.safetensors", poolings, False)
@@ -95,10 +96,12 @@ def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_d
             for mode in modes:
                 t0 = time.perf_counter()
                 clean_feats = {p: v[idx] for p, v in df.items()}
-                det = Detector(mode=mode, pooling="mean" if mode == "dan" else "cls")
+                opts = dict(mode="default", signals=("pred", "proj")) if mode == "noattn" else dict(mode=mode)
+                opts["pooling"] = "mean" if mode == "dan" else "cls"
+                det = Detector(**opts)
                 det.fit_features(clean_feats, dy[idx], logits=dl[idx])
-                old = Detector(mode=mode, pooling="mean" if mode == "dan" else "cls", threshold="clean",
-                               fusion="adaptive").fit_features(clean_feats, dy[idx], logits=dl[idx])
+                old = Detector(**opts, threshold="clean", fusion="adaptive").fit_features(clean_feats, dy[idx],
+                                                                                          logits=dl[idx])
                 for pool in POOLS:
                     prng = np.random.default_rng([seed, POOLS.index(pool)])
                     clean, poison, keys = draw_pool(pool, len(test), len(tpoison), prng)
@@ -163,19 +166,24 @@ def main(argv=None):
     ap.add_argument("--model", default="minilm", choices=["minilm"])
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--clean-sizes", type=int, nargs="+", default=[100, 200, 400])
-    ap.add_argument("--modes", nargs="+", default=["default", "dup"])
+    ap.add_argument("--modes", nargs="+", default=["default", "noattn", "dup"])
+    ap.add_argument("--attn-weight", type=float, default=None,
+                    help="the attention column's share of the fixed combination (default: the detector's)")
     ap.add_argument("--out", default="runs/realistic")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.attn_weight is not None:
+        from dupfast.detection.scorers import default as default_scorer
+        default_scorer.ATTN_WEIGHT = args.attn_weight
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = run(args.attack, args.model, args.seeds, args.clean_sizes, args.modes, out, args.data_dir)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     summary = summarise(result["rows"])
-    stem = f"{args.model}-{args.attack}"
+    stem = f"{args.model}-{args.attack}" + ("" if args.attn_weight is None else f"-w{args.attn_weight:g}")
     (out / f"{stem}.json").write_text(json.dumps({**result, "summary": summary}, indent=2))
     table = markdown(summary)
     (out / f"{stem}.md").write_text(table + "\n")

@@ -19,6 +19,7 @@ import torch
 
 from ..batches import model_device, read_batches
 from ..classifier import ENCODER_TYPES, check_classifier, check_head_positions, check_pad_token
+from .attention import ATTN, AttentionProbe, attention_features, supported
 from .checks import check_finite_rows
 from .duplicates import input_keys
 
@@ -34,6 +35,7 @@ class CapturedBatch:
     index: Optional[torch.Tensor] = None    # [B] long, global sample ids, when the loader gives them
     token: Optional[torch.Tensor] = None    # whatever `token_fn` returned for this batch
     keys: Optional[torch.Tensor] = None     # [B] int64 hash of the real token ids (duplicates.input_keys)
+    top_tokens: Optional[torch.Tensor] = None  # [B] int64 token id the reading token attends most (-1: none)
 
 
 def resolve_pooling(model, pooling: str = "auto") -> str:
@@ -150,8 +152,17 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
     token_fn(hidden: list of [B, T, d], mask [B, T]) runs while the batch's hidden states are alive; its
     return value lands in `CapturedBatch.token` (per-token signals without keeping token activations).
     need_labels: read (and require) the batches' labels; name: the set's name in error messages.
+    ATTN ("attn") among `poolings` adds the reading token's attention signal (attention.py) as features[ATTN]
+    [B, 1, L*H] and the top-attended token ids; it reads the first of the other poolings ("cls" or "last").
     """
-    poolings = tuple(resolve_pooling(model, p) for p in poolings)
+    want_attn = ATTN in poolings
+    poolings = tuple(resolve_pooling(model, p) for p in poolings if p != ATTN)
+    probe = None
+    if want_attn:
+        if not poolings or not supported(model, poolings[0]):
+            raise ValueError(f"the attention signal needs a HF classifier read at one token (pooling 'cls' or 'last', "
+                             f"not {poolings[:1]}) and no encoder-decoder; drop 'attn' from the detector's signals")
+        probe = AttentionProbe(model, poolings[0])
     check_classifier(model, "detection")
     head_pad = check_pad_token(model)  # a decoder's head: the pad id it reads (None: encoders, non-HF modules)
     device = model_device(model)
@@ -165,13 +176,17 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
             check_head_positions(inputs["input_ids"], inputs["attention_mask"], head_pad,
                                  f"{name} batch {i}" if name else f"batch {i}")
-            with torch.inference_mode(), autocast_context(device, autocast):
-                outputs = model(**inputs, output_hidden_states=True, return_dict=True)
+            mask = inputs["attention_mask"]
+            with torch.inference_mode(), autocast_context(device, autocast), _probing(probe, mask):
+                outputs = model(**inputs, output_hidden_states=True, return_dict=True,
+                                **(probe.forward_kwargs() if probe else {}))
                 hidden = hidden_layers(outputs)
-                mask = inputs["attention_mask"]
                 feats = {p: torch.stack([pool(h, mask, p) for h in hidden], dim=1) for p in poolings}
                 token = token_fn(hidden, mask) if token_fn is not None else None
                 logits = _logits(outputs).float()
+                top = None
+                if probe is not None:
+                    feats[ATTN], top = _attention(probe, outputs, mask, poolings[0], len(hidden), where_of(name, i))
             del outputs, hidden
             where = f"{name} batch {i}" if name else f"batch {i}"
             for p, f in feats.items():
@@ -179,12 +194,37 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
             check_finite_rows(logits, "logits", where, amp)
             n_batches += 1
             keys = input_keys(batch.inputs["input_ids"], batch.inputs["attention_mask"])
-            yield CapturedBatch(feats, logits, batch.labels, batch.index, token, keys)
+            top_ids = None if top is None else torch.where(
+                top >= 0, inputs["input_ids"].gather(1, top.clamp_min(0).unsqueeze(1)).squeeze(1), top).cpu()
+            yield CapturedBatch(feats, logits, batch.labels, batch.index, token, keys, top_ids)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     if n_batches == 0:
         raise ValueError("the loader yielded no batches (empty data set)")
+
+
+def where_of(name, i) -> str:
+    return f"{name} batch {i}" if name else f"batch {i}"
+
+
+@contextlib.contextmanager
+def _probing(probe, mask):
+    if probe is None:
+        yield
+        return
+    with probe, probe.batch(mask):
+        yield
+
+
+def _attention(probe, outputs, mask, pooling, n_layers, where):
+    rows = probe.rows(outputs)
+    if rows is None or rows.shape[1] != n_layers:
+        got = 0 if rows is None else rows.shape[1]
+        raise ValueError(f"{where}: the attention signal saw {got} attention layers for {n_layers} hidden layers: "
+                         "this model's attention is neither dispatched through transformers' AttentionInterface nor "
+                         "returned with output_attentions=True; drop 'attn' from the detector's signals")
+    return attention_features(rows, mask, pooling)
 
 
 def collect(batches):

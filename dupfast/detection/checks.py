@@ -20,6 +20,11 @@ def check_features(features: dict, poolings) -> tuple:
     shape = None
     for p in poolings:
         x = features[p]
+        if p == "attn":  # the attention signal: [N, 1, L*H], its own shape (attention.py)
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1 or not torch.isfinite(x).all():
+                raise ValueError(f"attn features must be a finite [N, 1, L*H] tensor, got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            continue
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"{p} features must be a [N, L, d] tensor, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

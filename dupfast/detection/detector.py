@@ -125,6 +125,8 @@ class Detector:
         return self._fitted(fitted.scorer, fitted.calibration, Dims(L, d, logits.shape[-1]))
 
     def _check_fit_features(self, features):
+        if hasattr(self.scorer, "drop_missing") and isinstance(features, dict):
+            self.scorer.drop_missing(features)
         L, d = check_features(features, self.scorer.poolings)
         if L < 2:
             raise ValueError("layer-transition scores need at least 2 transformer layers")
@@ -159,7 +161,8 @@ class Detector:
         """Score captured batches (anything with `features`, `logits`, `index`: `capture`'s CapturedBatch) batch
         by batch, as they come: the extension point for other captures (dupfast.generative's prompt capture)."""
         self._need_fit()
-        score = lambda cb: self._score_batch(cb.features, cb.logits, cb.index, getattr(cb, "keys", None))  # noqa
+        score = lambda cb: self._score_batch(cb.features, cb.logits, cb.index, getattr(cb, "keys", None),  # noqa
+                                             getattr(cb, "top_tokens", None))
         return stream_scores(batches, score, self.scorer,
                              self.fitted_calibration, self.projection_memory)
 
@@ -168,13 +171,13 @@ class Detector:
         self._need_fit()
         return assemble([self._score_batch(features, logits, index, keys)], self.scorer, self.fitted_calibration)
 
-    def _score_batch(self, features, logits, index, keys=None):
+    def _score_batch(self, features, logits, index, keys=None, top_tokens=None):
         L, d = check_features(features, self.scorer.poolings)
         if (L, d) != (self.num_layers, self.hidden_size):
             raise ValueError(f"the detector was fitted on {self.num_layers} layers of size {self.hidden_size}, "
                              f"but these features are {L} layers of size {d} (another model?)")
         check_logits(logits, self.num_classes)
-        return score_batch(self.scorer, self.fitted_calibration, features, logits, index, keys)
+        return score_batch(self.scorer, self.fitted_calibration, features, logits, index, keys, top_tokens)
 
     def _need_fit(self):
         if self.fitted_calibration is None:

@@ -25,6 +25,8 @@ class DetectionResult:
     verdict: Optional[Verdict] = None                # is there poison here? (verdict.py)
     validation_scores: Optional[torch.Tensor] = None  # [n] the clean validation half's fused scores
     copies: Optional[torch.Tensor] = None            # [N] how many rows of the pool hold this row's input
+    top_tokens: Optional[torch.Tensor] = None        # [N] int64 token id the classifier's reading token attends
+                                                     # most (attention.py), -1 for none; None without the signal
 
     @property
     def poison_present(self) -> Optional[bool]:
@@ -46,6 +48,14 @@ class DetectionResult:
     def __len__(self):
         return self.scores.shape[0]
 
+    def top_words(self, tokenizer) -> list:
+        """Per input, the token its reading token attends most, as text (`top_tokens` decoded; None where there
+        is none): on a backdoored model, the trigger of a triggered input. Needs the attention signal."""
+        if self.top_tokens is None:
+            raise ValueError("this result has no top tokens: they come from the attention signal (mode='default' "
+                             "with 'attn' among its signals, on a model read at one token)")
+        return [None if t < 0 else tokenizer.convert_ids_to_tokens(int(t)) for t in self.top_tokens.tolist()]
+
     # ---- export: a table of the rows, and the rows of the user's data set each side of the threshold ---------
     def to_pandas(self):
         """A pandas DataFrame, one row per input in this result's order: `index` (the loader's ids, else 0..N-1),
@@ -57,6 +67,8 @@ class DetectionResult:
                 "score": self.scores.tolist(), "flag": self.flags.bool().tolist()}
         if self.copies is not None:
             cols["copies"] = self.copies.tolist()
+        if self.top_tokens is not None:
+            cols["top_token_id"] = self.top_tokens.tolist()
         for j, name in enumerate(self.component_names):
             cols[f"component_{name}"] = self.components[:, j].tolist()
         return pd.DataFrame(cols)
@@ -97,7 +109,7 @@ class DetectionResult:
         return dataclasses.replace(
             self, scores=self.scores[order], flags=self.flags[order], components=self.components[order],
             layer_distances=take(self.layer_distances), logits=take(self.logits), index=self.index[order],
-            copies=take(self.copies),
+            copies=take(self.copies), top_tokens=take(self.top_tokens),
             transitions=None if self.transitions is None else {k: v[order] for k, v in self.transitions.items()})
 
     def gathered(self) -> "DetectionResult":
@@ -114,6 +126,7 @@ class DetectionResult:
         out = dataclasses.replace(
             self, scores=rows(self.scores), flags=flags, components=rows(self.components),
             layer_distances=rows(self.layer_distances), logits=rows(self.logits), index=rows(self.index),
+            top_tokens=rows(self.top_tokens),
             copies=rows(self.copies),
             transitions=None if self.transitions is None else {k: rows(v) for k, v in self.transitions.items()})
         return out.sorted_by_index()

@@ -20,6 +20,8 @@ from .result import DetectionResult
 from .transductive import PoolFeatures
 from .verdict import ADAPTIVE_SHARE, decide
 
+GAP_COLUMNS = ("attn",)  # score columns the verdict's gap test reads on their own, beside the fused scores
+
 
 @dataclasses.dataclass
 class ScoredBatch:
@@ -29,10 +31,11 @@ class ScoredBatch:
     logits: Optional[torch.Tensor]
     index: Optional[torch.Tensor]
     keys: Optional[torch.Tensor] = None      # [B] int64 input keys (duplicates.py)
+    top_tokens: Optional[torch.Tensor] = None  # [B] int64 most-attended token ids (attention.py)
 
 
 def score_batch(scorer, calibration: Calibration, features: dict, logits=None, index=None,
-                keys=None) -> ScoredBatch:
+                keys=None, top_tokens=None) -> ScoredBatch:
     out = scorer.score(features, logits)
     z = calibration.znorm(out.columns.double().cpu())
     proj = {p: (features[p].detach().cpu(), out.sq_norms[p].detach().cpu()) for p in scorer.projection_poolings}
@@ -40,7 +43,8 @@ def score_batch(scorer, calibration: Calibration, features: dict, logits=None, i
                 if getattr(out, k) is not None}
     return ScoredBatch(z, reported, proj, None if logits is None else logits.detach().cpu(),
                        None if index is None else torch.as_tensor(index).long(),
-                       None if keys is None else torch.as_tensor(keys).long().cpu())
+                       None if keys is None else torch.as_tensor(keys).long().cpu(),
+                       None if top_tokens is None else torch.as_tensor(top_tokens).long().cpu())
 
 
 def stream_scores(batches, score, scorer, calibration: Calibration, memory_bytes: int) -> DetectionResult:
@@ -94,9 +98,12 @@ def assemble(parts, scorer, calibration: Calibration, kept: dict = None) -> Dete
                              "inf: the detector's statistics are not finite (a corrupt saved detector?); nothing was "
                              "flagged")
         distinct = D.all_gather_rows(scores[groups.unique].unsqueeze(1)).flatten()
+        # the attention column alone also goes to the verdict's gap test (verdict.py): a token trigger stands apart there
+        gap = [D.all_gather_rows(z[groups.unique, names.index(c)].unsqueeze(1)).flatten() for c in GAP_COLUMNS
+               if c in names]
         val_scores = fuse(val_z, weights)
         verdict = decide(val_scores, distinct, calibration.frr, clean_threshold, calibration.rule, n_rows,
-                         calibration.calibrated)
+                         calibration.calibrated, gap)
         return weights, scores, val_scores, verdict
 
     # the verdict reads the fixed combination: adaptive weights are chosen on this very pool, so its tail would be
@@ -117,4 +124,5 @@ def assemble(parts, scorer, calibration: Calibration, kept: dict = None) -> Dete
                            weights=tuple(weights.tolist()), components=z, component_names=names,
                            selected_layers=list(scorer.layers) if scorer.layers is not None else [],
                            layer_distances=reported.get("layer_distances"), transitions=trans,
-                           logits=cat([p.logits for p in parts]), index=index)
+                           logits=cat([p.logits for p in parts]), index=index,
+                           top_tokens=cat([p.top_tokens for p in parts]))

@@ -11,7 +11,15 @@ percentiles, where poison up to a third of the pool barely reaches). Then the nu
 above the clean set's r-th largest (mapped) score is, exactly and for any score distribution,
 BetaBinomial(N, r, n - r + 1) (the exceedance probability of an order statistic is Beta(r, n - r + 1)). The
 p-value is the smallest tail probability over r in ORDER_STATS, Bonferroni-corrected. Its power is bounded
-by the clean set: n validation scores cannot vouch for a tail thinner than about 1/n.
+by the clean set: n validation scores cannot vouch for a tail thinner than about 1/n. So a second test reads
+the pool alone (`gap_test`, pools of GAP_MIN_POOL or more distinct inputs): a few triggered inputs that score
+far above every clean one stand apart from the pool's tail as a cluster. By Rényi's representation the
+normalised spacings D_i = i (X_(i) - X_(i+1)) of the top scores are independent Exp(σ) under an exponential
+tail, so a cluster of k inputs above the rest makes D_k / mean(D_k+1..m) ~ F(2, 2(m - k)) improbably large.
+Lighter tails (Gaussian, chi) make the test conservative; it is tried for cluster sizes GAP_MIN_CLUSTER..m/2
+(one or two odd clean inputs may stand apart), Bonferroni-corrected, and the two tests share ALPHA. It reads the
+fused scores and, where the detector has one, the attention column on its own (`gap_columns`): a token trigger
+stands far apart there even where the fused combination, which weights it at 15%, blurs the gap.
 
 Threshold (threshold="auto"). The FRR is promised on the user's pool, so the threshold is the (1 - frr)
 quantile of the pool's distinct inputs once the estimated poisoned share (K_1 beyond its null's 95th
@@ -37,6 +45,9 @@ BULK = (0.1, 0.6)                 # percentiles of the bulk the shift map is fit
 # pools from another split reach 0.19 above it with 200 clean rows, papers' pools a third poisoned 0.26 or more;
 # with 100 clean rows the two overlap, 0.36 vs 0.14: use 200 or more)
 HEAVY = 0.20
+GAP_MIN_POOL = 200                # the gap test needs this many distinct pool inputs (a tail of GAP_TOP of them)
+GAP_TOP = 0.2                     # the share of the pool's top scores whose spacings the gap test reads
+GAP_MIN_CLUSTER = 8               # smallest cluster tested (measured: SST-2 MiniLM, see docs/methods/verdict.md)
 MIN_POOL = 20                     # fewer distinct pool inputs: no verdict
 THRESHOLD_RULES = ("auto", "clean")
 # adaptive fusion (mode="default": transductive projection, pool-chosen weights) only on pools estimated to hold
@@ -152,10 +163,33 @@ def tail_counts(clean: torch.Tensor, pool: torch.Tensor, a: float, b: float):
     return out
 
 
+def gap_test(pool: torch.Tensor):
+    """(p-value, cluster size k) of the pool's top scores forming a cluster above its tail (module docstring);
+    (1.0, 0) when the pool is too small."""
+    N = pool.numel()
+    if N < GAP_MIN_POOL:
+        return 1.0, 0
+    x = torch.sort(pool.double(), descending=True).values
+    m = min(N - 1, int(math.ceil(GAP_TOP * N)))
+    i = torch.arange(1, m + 1, dtype=torch.float64)
+    d = i * (x[:m] - x[1:m + 1])                                   # normalised spacings D_1..D_m
+    ks = torch.arange(GAP_MIN_CLUSTER, m // 2 + 1)
+    if ks.numel() == 0:
+        return 1.0, 0
+    after = torch.flip(torch.cumsum(torch.flip(d, [0]), 0), [0])  # after[j] = D_j+1 + ... + D_m (0-based j)
+    rest = after[ks] / (m - ks).double()                           # mean of D_k+1..D_m
+    nu = (m - ks).double()
+    t = d[ks - 1] / rest.clamp_min(1e-300)
+    p = torch.exp(-nu * torch.log1p(t / nu))                       # P(F(2, 2 nu) > t) = (1 + t / nu)^-nu
+    j = int(torch.argmin(p))
+    return min(1.0, float(p[j]) * ks.numel()), int(ks[j])
+
+
 def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, clean_threshold: float,
-           rule: str = "auto", n_rows: Optional[int] = None, calibrated: bool = True) -> Verdict:
+           rule: str = "auto", n_rows: Optional[int] = None, calibrated: bool = True, gap_columns=()) -> Verdict:
     """clean_scores [n]: fused scores of the clean validation half; pool_scores [N]: fused scores of the
-    pool's distinct inputs (one per input, copies dropped). Returns the verdict and the threshold to flag at."""
+    pool's distinct inputs (one per input, copies dropped); gap_columns: more [N] score columns of the same inputs
+    the gap test also reads (Bonferroni over all). Returns the verdict and the threshold to flag at."""
     clean, pool = clean_scores.double().flatten().cpu(), pool_scores.double().flatten().cpu()
     N = pool.numel()
     base = dict(frr=frr, clean_threshold=clean_threshold, n_unique=N, n_rows=N if n_rows is None else n_rows,
@@ -169,9 +203,17 @@ def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, cl
         return Verdict(None, None, 0.0, clean_threshold, "clean", reason=why, **base)
     ab = shift_map(clean, pool)
     tails = tail_counts(clean, pool, *ab)
-    p = min(1.0, len(tails) * min(t[3] for t in tails))
+    gaps = [gap_test(x) for x in [pool, *(c.double().flatten().cpu() for c in gap_columns)]]
+    p_gap, cluster = min(gaps)
+    p_gap = min(1.0, p_gap * len(gaps))
+    p_tail = len(tails) * min(t[3] for t in tails)
+    p = min(1.0, 2 * min(p_tail, p_gap))  # the two tests share ALPHA
     present, share, mass = p < ALPHA, 0.0, 0.0
-    for _ in range(3 if present else 0):
+    # the cluster standing above the pool's tail (gap test): a share on its own, without the tail test's excess
+    # estimate, which reads the clean set's (1 - frr) percentile and is noisy with a small clean set
+    gap_share = cluster / N if 2 * p_gap < ALPHA else 0.0
+    share = mass = gap_share
+    for _ in range(3 if 2 * p_tail < ALPHA else 0):
         # poisoned share: the larger of (1) the inputs above the clean maximum beyond what clean data puts there
         # in 95% of pools (a lower bound, so a false alarm trims little of the clean tail) and (2) the excess above
         # the mapped clean (1 - frr) percentile (poison that only partly clears the clean tail, a style: StyleBkd
@@ -179,7 +221,7 @@ def decide(clean_scores: torch.Tensor, pool_scores: torch.Tensor, frr: float, cl
         # heavy poisoned share lifts the pool's percentiles the map reads
         cut = ab[0] + ab[1] * float(torch.quantile(clean, 1 - frr))
         excess = max(0.0, float((pool > cut).double().mean()) - frr) / (1 - frr)
-        share = max((tails[0][2] - betabinom_isf(ALPHA, N, 1, clean.numel())) / N, 0.0)
+        share = max((tails[0][2] - betabinom_isf(ALPHA, N, 1, clean.numel())) / N, gap_share, 0.0)
         mass = max(share, excess)
         ab = shift_map(clean, pool, min(mass, 0.5))
         tails = tail_counts(clean, pool, *ab)

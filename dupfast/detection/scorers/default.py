@@ -12,6 +12,9 @@ agnostic  per layer, DUP's class-agnostic distance (optional);
 cos       the consecutive-layer cosines from the per-sample layer Gram, each as two columns (+cos and
           -cos: a trigger can make a transition unusually abrupt or unusually smooth);
 ss        DUP's spectral concentration, also two-sided;
+attn      the reading token's attention (attention.py): the class-agnostic Mahalanobis distance of the
+          per-head maxima of its attention row; a trigger captures that attention. One column. Dropped when
+          the model has no reading token (mean pooling, encoder-decoders) or the features lack it.
 proj      transductive: per layer (and summed over layers), the projection of the sample's whitened
           feature on the direction from the clean mean to the mean of the REST of the pool (leave-one-out,
           transductive.py). Poisoned inputs share one shift (the trigger, the style), so the pool mean
@@ -26,12 +29,14 @@ column and is used alone when no column shows a significant excess.
 """
 import torch
 
+from ..attention import ATTN, supported
 from ..stats import SHRINKAGE
 from ..transductive import loo_projections
 from .base import BatchScores, Dims, Scorer, check_pooling, expect, need, need_layers
 from .common import ch_layers, check_shrinkage, fit_stats, gaussian, layer_distances, transitions
 
-SIGNALS = ("pred", "agnostic", "cos", "ss", "proj")
+SIGNALS = ("pred", "agnostic", "cos", "ss", "proj", "attn")
+ATTN_WEIGHT = 0.15  # the attention column's share of the fixed combination: measured, docs/results/users-pools.md
 CH_TOP_K = 3  # layers DUP's recipe (the fallback weights) spreads its distance weight over
 
 
@@ -39,7 +44,7 @@ class DefaultScorer(Scorer):
     name = "default"
     adaptive = True
 
-    def __init__(self, pooling: str = "auto", signals=("pred", "proj"), proj_poolings=("main", "mean"),
+    def __init__(self, pooling: str = "auto", signals=("pred", "proj", "attn"), proj_poolings=("main", "mean"),
                  shrinkage: float = SHRINKAGE):
         super().__init__(pooling)
         if isinstance(signals, str):
@@ -67,14 +72,20 @@ class DefaultScorer(Scorer):
 
     @property
     def poolings(self):
-        return tuple(dict.fromkeys((self.pooling,) + self.projection_poolings))
+        return tuple(dict.fromkeys((self.pooling,) + self.projection_poolings + ((ATTN,) if "attn" in self.signals
+                                                                                   else ())))
+
+    def resolve(self, model) -> None:
+        super().resolve(model)
+        if "attn" in self.signals and not supported(model, self.pooling):
+            self.signals = tuple(s for s in self.signals if s != "attn")
 
     @property
     def component_names(self):
         L = self.num_layers
         cols = {"pred": [f"pred{l}" for l in range(L)], "agnostic": [f"agnostic{l}" for l in range(L)],
                 "cos": [f"+cos{l}" for l in range(L - 1)] + [f"-cos{l}" for l in range(L - 1)],
-                "ss": ["+ss", "-ss"]}
+                "ss": ["+ss", "-ss"], "attn": ["attn"]}
         return tuple(c for s in self.signals if s != "proj" for c in cols[s])
 
     @property
@@ -90,10 +101,18 @@ class DefaultScorer(Scorer):
         names = self.component_names
         dist = [s for s in ("pred", "agnostic") if s in self.signals][0]
         layers = self.layers if self.ch_layers is None else self.ch_layers
-        w_dist = (0.9 if "+ss" in names else 1.0) / len(layers)
-        return tuple(w_dist if n in {f"{dist}{l}" for l in layers} else (0.1 if n == "+ss" else 0.0) for n in names)
+        w_rest = 1.0 - (ATTN_WEIGHT if "attn" in names else 0.0)
+        w_dist = w_rest * (0.9 if "+ss" in names else 1.0) / len(layers)
+        other = {"+ss": 0.1 * w_rest, "attn": ATTN_WEIGHT}
+        return tuple(w_dist if n in {f"{dist}{l}" for l in layers} else other.get(n, 0.0) for n in names)
+
+    def drop_missing(self, features: dict) -> None:
+        """Features captured without the attention signal (fit_features on older captures): fit without it."""
+        if "attn" in self.signals and ATTN not in features:
+            self.signals = tuple(s for s in self.signals if s != "attn")
 
     def fit(self, features, labels, num_classes):
+        self.drop_missing(features)
         x = features[self.pooling]
         self.num_layers = x.shape[1]
         self.layers = list(range(self.num_layers))
@@ -114,6 +133,8 @@ class DefaultScorer(Scorer):
         for p in self.projection_poolings:
             st = fit_stats(features[p], None, 0)
             t[f"proj.{p}.means"], t[f"proj.{p}.whiteners"] = gaussian(st, False, self.shrinkage)
+        if "attn" in self.signals:
+            t["attn.means"], t["attn.whiteners"] = gaussian(fit_stats(features[ATTN], None, 0), False, self.shrinkage)
         self.tensors = t
         return self
 
@@ -137,6 +158,8 @@ class DefaultScorer(Scorer):
                 cols += [cosines.double(), -cosines.double()]
             elif s == "ss":
                 cols += [conc.double().unsqueeze(1), -conc.double().unsqueeze(1)]
+            elif s == "attn":
+                cols.append(layer_distances(features[ATTN], t["attn.means"], t["attn.whiteners"]).double())
         sq = {p: layer_distances(features[p], t[f"proj.{p}.means"], t[f"proj.{p}.whiteners"], squared=True)
               for p in self.projection_poolings}  # ‖z‖² per layer, for the leave-one-out projection
         return BatchScores(torch.cat(cols, 1), layer_distances=dist, cosines=cosines, concentration=conc, sq_norms=sq)
@@ -155,7 +178,9 @@ class DefaultScorer(Scorer):
     def state(self):
         return dict(self.tensors), {"pooling": self.pooling, "signals": list(self.signals), "shrinkage": self.shrinkage,
                                     "proj_poolings": list(self.projection_poolings), "num_layers": self.num_layers,
-                                    "ch_layers": self.ch_layers}
+                                    "ch_layers": self.ch_layers,
+                                    "attn_dim": (int(self.tensors["attn.means"].shape[-1]) if "attn" in self.signals
+                                                 else None)}
 
     @classmethod
     def from_state(cls, tensors, meta, dims: Dims):
@@ -173,6 +198,9 @@ class DefaultScorer(Scorer):
             shapes.update(means=(L, 1, d), whiteners=(L, d, d))
         for p in s.projection_poolings:
             shapes.update({f"proj.{p}.means": (L, 1, d), f"proj.{p}.whiteners": (L, d, d)})
+        if "attn" in s.signals:
+            m = need(meta, "attn_dim", int)
+            shapes.update({"attn.means": (1, 1, m), "attn.whiteners": (1, m, m)})
         s.tensors = {k: expect(tensors, k, shape) for k, shape in shapes.items()}
         if "pred" in s.signals:
             classes = s.tensors["classes"]
