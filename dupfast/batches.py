@@ -5,7 +5,9 @@ A batch is any `collections.abc.Mapping`: a plain dict, the `BatchEncoding` of a
 `transformers.DataCollatorWithPadding` (with or without `return_tensors="pt"`), the dict of
 `default_data_collator`, torch's default collate over a torch-formatted `datasets.Dataset`. Values may be
 tensors, numpy arrays or (nested) lists; they are read as tensors. A `datasets.Dataset` passed where a
-loader is expected is read `DATASET_BATCH` rows at a time (its rows must then be padded to one length).
+loader is expected is read `DATASET_BATCH` rows at a time. Its rows must then be padded to one length, unless
+the entry point is given the tokenizer (`tokenizer=`): rows of different lengths (an unpadded
+`ds.map(tokenize)`) are then padded by it, on its padding side (`padded`, `pad_batch`).
 
 The rule for keys:
     input_ids, attention_mask   required, the same [B, T] shape; integer token ids, >= 0 and below the
@@ -147,14 +149,18 @@ def _tensor(value, key: str, where: str) -> torch.Tensor:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
         shapes = sorted({tuple(v.shape) for v in value})
         if len(shapes) > 1:  # a torch-formatted datasets slice of unpadded rows
-            raise ValueError(f"{where}: {key!r} holds rows of different lengths {shapes[:3]}: pad them to one "
-                             "[B, T] tensor (e.g. DataCollatorWithPadding)")
+            raise ValueError(f"{where}: {key!r} holds rows of different lengths {shapes[:3]}: {PAD_FIX}")
         return torch.stack(list(value))
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{where}: {key!r} is not a rectangular array of numbers ({exc}); pad the rows to one "
-                         "[B, T] tensor (e.g. DataCollatorWithPadding)") from None
+        raise ValueError(f"{where}: {key!r} is not a rectangular array of numbers ({exc}); {PAD_FIX}") from None
+
+
+# what ragged rows are told to do (the public entry points that read loaders all take tokenizer=)
+PAD_FIX = ("pad the rows to one [B, T] tensor (e.g. a DataLoader with DataCollatorWithPadding), or pass the "
+           "model's tokenizer as tokenizer= (dupfast.detect, dupfast.purify, dupfast.btu.train / expose) and "
+           "dupfast pads them with it")
 
 
 def _integer(t: torch.Tensor, key: str, where: str, what: str) -> torch.Tensor:
@@ -260,6 +266,73 @@ def loader_batches(loader) -> Iterable:
     if type(loader).__module__.split(".")[0] == "datasets" and callable(getattr(loader, "iter", None)):
         return loader.iter(batch_size=DATASET_BATCH)
     return loader
+
+
+def _row_list(row) -> list:
+    return row.tolist() if hasattr(row, "tolist") else list(row)
+
+
+def _ragged(value) -> bool:
+    """A list of rows (lists, 1-D tensors or arrays) that are not all of one length."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    try:
+        return len({len(r) for r in value}) > 1
+    except TypeError:  # scalars: not rows, check_batch names the shape
+        return False
+
+
+def pad_batch(batch, tokenizer):
+    """A batch whose rows are of different lengths (a slice of an unpadded `ds.map(tokenize)`), its model inputs
+    padded by `tokenizer.pad` as DataCollatorWithPadding pads them: to the longest row, on the tokenizer's padding
+    side, an attention_mask made when there is none. Any other batch is returned as it is (rectangular ones are
+    never re-padded: a missing attention_mask there stays an error, the padding can no longer be told apart)."""
+    if not isinstance(batch, collections.abc.Mapping) or not _ragged(batch.get("input_ids")):
+        return batch
+    if not callable(getattr(tokenizer, "pad", None)):
+        raise TypeError(f"tokenizer= pads rows of different lengths and must be the model's Hugging Face tokenizer, "
+                        f"got {type(tokenizer).__name__}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the rows are not padded and the tokenizer has no pad token: set tokenizer.pad_token "
+                         "(decoder LMs: tokenizer.pad_token = tokenizer.eos_token)")
+    keys = [k for k in MODEL_INPUTS if k in batch]
+    rows = {k: [_row_list(r) for r in batch[k]] for k in keys}
+    lengths = {k: [len(r) for r in v] for k, v in rows.items()}
+    if any(lengths[k] != lengths["input_ids"] for k in keys):
+        raise ValueError(f"the rows' {', '.join(k for k in keys if lengths[k] != lengths['input_ids'])} and "
+                         "input_ids differ in length: each row's inputs must come from one tokenizer call")
+    from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+    out = dict(batch)
+    out.update(pad_without_fast_tokenizer_warning(tokenizer, rows, padding=True, return_tensors="pt"))
+    return out
+
+
+class PaddedLoader:
+    """A re-iterable loader (a `datasets.Dataset`, a list of batches, a DataLoader) whose batches `pad_batch`
+    pads; `len` and iteration as the loader's own batches."""
+
+    def __init__(self, loader, tokenizer):
+        self.loader, self.tokenizer = loader, tokenizer
+
+    def __iter__(self):
+        return (pad_batch(b, self.tokenizer) for b in loader_batches(self.loader))
+
+    def __len__(self):
+        batches = loader_batches(self.loader)
+        if batches is self.loader:
+            return len(self.loader)
+        return -(-len(self.loader) // DATASET_BATCH)  # a Dataset: its rows, read DATASET_BATCH at a time
+
+
+def padded(loader, tokenizer):
+    """What the entry points do with `tokenizer=`: the loader with its unpadded batches padded by the tokenizer
+    (`pad_batch`). No tokenizer, `Rows` (token rows, padded where they are used) or None: the loader itself. A
+    one-shot iterator stays one (a generator), so that callers that read a loader twice still refuse it."""
+    if tokenizer is None or loader is None or isinstance(loader, Rows):
+        return loader
+    if isinstance(loader, collections.abc.Iterator):
+        return (pad_batch(b, tokenizer) for b in loader)
+    return PaddedLoader(loader, tokenizer)
 
 
 def read_batches(loader, name: Optional[str] = None, model=None, need_labels: bool = False,

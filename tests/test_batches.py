@@ -1,13 +1,14 @@
 """dupfast.batches: the one batch check (every rule of its docstring pinned), the key rule, row collection."""
 import collections
 
+import datasets  # the test extra installs it: Dataset input is tested, never skipped
 import numpy as np
 import pytest
 import torch
 
-from dupfast.batches import (MODEL_INPUTS, Rows, check_batch, check_rows, collect, embedding_rows, forward_inputs,
-                             loader_batches, model_device, read_batches)
-from tiny_models import tiny_classifier
+from dupfast.batches import (MODEL_INPUTS, PaddedLoader, Rows, check_batch, check_rows, collect, embedding_rows,
+                             forward_inputs, loader_batches, model_device, pad_batch, padded, read_batches)
+from tiny_models import sentiment_samples, tiny_classifier
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,6 @@ def test_read_batches_names_the_set_and_the_batch():
 
 
 def test_a_datasets_dataset_is_read_in_batches():
-    datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in good().items()}, "label": [0, 1]})
     got = list(read_batches(ds.with_format("torch"), need_labels=True))
     assert len(got) == 1 and got[0].labels.tolist() == [0, 1]
@@ -236,3 +236,120 @@ def test_rows_without_tokens_and_check_rows(bert):
     check_rows(rows, bert, "the training set")
     with pytest.raises(ValueError, match="the training set: token id 99 in input_ids is outside"):
         check_rows(Rows([[2, 99]]), bert, "the training set")
+
+
+# ---- unpadded rows, padded by the tokenizer (tokenizer=) ----------------------------------------------
+
+def unpadded_dataset(tok, samples, max_len=24):
+    """`ds.map(tokenize)` without padding, as a user writes it: rows of different lengths, the text kept."""
+    ds = datasets.Dataset.from_dict({"text": [s.text for s in samples], "label": [s.label for s in samples]})
+    return ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_len), batched=True)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return sentiment_samples(70, seed=3)
+
+
+def collator_batches(tok, samples, batch_size=32, max_len=24):
+    """The same rows through the usual HF route: a DataLoader with DataCollatorWithPadding."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+    rows = [{**tok(s.text, truncation=True, max_length=max_len), "label": s.label} for s in samples]
+    return DataLoader(rows, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tok, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_an_unpadded_dataset_is_padded_as_the_collator_pads_it(family, side, texts):
+    model, tok = tiny_classifier(family)
+    tok.padding_side = side
+    ds = unpadded_dataset(tok, texts)
+    got = list(read_batches(padded(ds, tok), "train", model, need_labels=True))
+    ref = list(read_batches(collator_batches(tok, texts), "train", model, need_labels=True))
+    assert [len(b) for b in got] == [32, 32, 6]
+    for g, r in zip(got, ref):
+        assert g.inputs.keys() == r.inputs.keys()
+        for k in r.inputs:
+            assert torch.equal(g.inputs[k], r.inputs[k]), k
+        assert torch.equal(g.labels, r.labels)
+    pad_col = got[0].inputs["attention_mask"][:, 0 if side == "left" else -1]
+    assert (pad_col == 0).any()  # padding went to the tokenizer's side
+    rows, ids = collect(padded(ds.with_format("torch"), tok), "train", need_labels=True, model=model)
+    assert rows.ids == ds["input_ids"] and ids.tolist() == list(range(70))  # torch format: lists of tensors
+
+
+def test_without_a_tokenizer_unpadded_rows_are_an_error_that_names_it(texts):
+    model, tok = tiny_classifier("bert")
+    ds = unpadded_dataset(tok, texts)
+    fix = r"pass the model's tokenizer as tokenizer= \(dupfast.detect, dupfast.purify, dupfast.btu"
+    with pytest.raises(ValueError, match="train batch 0: 'input_ids' is not a rectangular array.*" + fix):
+        list(read_batches(ds, "train", model))
+    with pytest.raises(ValueError, match="holds rows of different lengths.*" + fix):
+        list(read_batches(ds.with_format("torch"), "train", model))
+    assert padded(ds, None) is ds
+
+
+def test_pad_batch_leaves_rectangular_batches_and_checks_the_tokenizer():
+    _, tok = tiny_classifier("bert")
+    b = good()
+    assert pad_batch(b, tok) is b and pad_batch(b, None) is b  # never re-padded, whatever the tokenizer
+    ragged = {"input_ids": [[2, 5, 3], [2, 3]], "label": [1, 0]}
+    out = pad_batch(ragged, tok)  # no attention_mask: made by the padding, 1 on the real tokens
+    assert out["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]] and out["label"] == [1, 0]
+    with pytest.raises(TypeError, match="must be the model's Hugging Face tokenizer, got str"):
+        pad_batch(ragged, "bert")
+    _, ltok = tiny_classifier("llama")
+    ltok.pad_token = None
+    with pytest.raises(ValueError, match="tokenizer has no pad token: set tokenizer.pad_token"):
+        pad_batch(ragged, ltok)
+    with pytest.raises(ValueError, match="attention_mask and input_ids differ in length"):
+        pad_batch({"input_ids": [[2, 5, 3], [2, 3]], "attention_mask": [[1, 1], [1, 1]]}, tok)
+
+
+def test_padded_keeps_what_a_loader_is():
+    _, tok = tiny_classifier("bert")
+    rows = Rows([[2, 3]], labels=torch.tensor([0]))
+    assert padded(rows, tok) is rows and padded(None, tok) is None
+    batches = [{"input_ids": [[2, 5, 3], [2, 3]]}]
+    wrapped = padded(batches, tok)
+    assert isinstance(wrapped, PaddedLoader) and len(wrapped) == 1
+    assert [b["input_ids"].shape for b in wrapped] == [b["input_ids"].shape for b in wrapped] == [(2, 3)]  # twice
+    once = padded(iter(batches), tok)  # a one-shot iterator stays one: purify's second-pass check still sees it
+    assert isinstance(once, collections.abc.Iterator) and len(list(once)) == 1 and list(once) == []
+    ds = datasets.Dataset.from_dict({"input_ids": [[2, 3]] * 70, "attention_mask": [[1, 1]] * 70})
+    assert len(padded(ds, tok)) == 3  # 32 rows a batch
+
+
+@pytest.fixture(scope="module")
+def detection_sets():
+    return sentiment_samples(60, seed=1), sentiment_samples(40, seed=2)
+
+
+def test_detect_and_purify_pad_an_unpadded_dataset_with_tokenizer(detection_sets):
+    import copy
+
+    import dupfast
+    model, tok = tiny_classifier("bert")
+    clean, pool = detection_sets
+    ds_pool, ds_clean = unpadded_dataset(tok, pool), unpadded_dataset(tok, clean)
+    with pytest.raises(ValueError, match="pass the model's tokenizer as tokenizer="):
+        dupfast.detect(model, ds_pool, clean=ds_clean)
+    got = dupfast.detect(model, ds_pool, clean=ds_clean, tokenizer=tok)
+    ref = dupfast.detect(model, collator_batches(tok, pool), clean=collator_batches(tok, clean))
+    torch.testing.assert_close(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.flags, ref.flags) and got.index is None  # no `idx` column: the row positions
+    assert len(got.kept(ds_pool)) == 40 - int(got.flags.sum())
+
+    flags = torch.zeros(40, dtype=torch.bool)
+    flags[::3] = True
+    steps = dict(max_steps=2, batch_size=8, lora_r=2, lora_alpha=4, lr=1e-2, progress=False, select_best=False,
+                 early_stop=False)
+    a, _ = dupfast.purify(copy.deepcopy(model), ds_pool, clean=ds_clean, detection=flags, tokenizer=tok, **steps)
+    b, _ = dupfast.purify(copy.deepcopy(model), collator_batches(tok, pool), clean=collator_batches(tok, clean),
+                          detection=flags, **steps)
+    moved = max(float((v - model.state_dict()[k]).abs().max()) for k, v in b.state_dict().items())
+    assert moved > 0
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)

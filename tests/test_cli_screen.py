@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from dupfast.cli import main, screen
+from dupfast.cli import main, report, screen
 from dupfast.cli.purify import read_flags
 from dupfast.harness import metrics
 from tiny_models import sentiment_samples, tiny_bert_dir, tiny_classifier
@@ -284,6 +284,6 @@ def test_read_flags_tables(tmp_path):
 def test_trigger_candidates_rank_words_of_flagged_rows():
     texts = [f"w{i} cf film" for i in range(10)] + [f"w{i} film plot" for i in range(30)] + ["cf plot"]
     flags = [True] * 10 + [False] * 31
-    top = screen.trigger_candidates(texts, flags)
+    top = report.trigger_candidates(texts, flags)
     assert top[0]["word"] == "cf" and top[0]["flagged"] == 10 and top[0]["kept"] == 1
     assert all(c["word"] not in ("film", "plot") for c in top)  # as common in kept rows: no candidate

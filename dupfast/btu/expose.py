@@ -218,10 +218,10 @@ def expose(model, train_data, *, tokenizer=None, config: ExposureConfig | None =
     config = ExposureConfig() if config is None else config
     if not isinstance(config, ExposureConfig):
         raise TypeError(f"config must be an ExposureConfig, got {type(config).__name__}")
-    train = as_training_data(train_data, "training set")
+    train = as_training_data(train_data, "training set", tokenizer)
     model, tok, num_labels = resolve_model(model, tokenizer, train)
     if reference is not None:
-        reference = as_training_data(reference, "reference set")
+        reference = as_training_data(reference, "reference set", tokenizer)
         if isinstance(reference, Rows) != isinstance(train, Rows):
             raise TypeError("the reference set must come in the training set's form: both (text, label) samples "
                             "or both loaders of token batches")

@@ -4,29 +4,31 @@ Training data is either (text, label[, poison_label]) samples, tokenised with th
 of labelled batches (any Mapping, read by `dupfast.batches`: a DataLoader with DataCollatorWithPadding, a
 `datasets.Dataset`, ...). A loader is read once into token rows (padding stripped) and re-batched by each
 round with its own batch size and seed, so its own batching and order do not matter; its tokenisation is used
-as it is (max_len does not apply).
+as it is (max_len does not apply). Rows of different lengths (an unpadded `ds.map(tokenize)`) are padded by the
+tokenizer given to BTU (`dupfast.batches.padded`) before they are read.
 """
 import collections.abc
 import numbers
 
 
-from ..batches import Rows, check_rows, collect, loader_batches
+from ..batches import Rows, check_rows, collect, loader_batches, padded
 from ..classifier import check_weights_loaded
 from ..samples import Sample, validate
 from .embeddings import input_embeddings
 
 
-def as_training_data(data, name: str):
-    """list[Sample] for samples, `Rows` (with labels) for a loader of batches."""
+def as_training_data(data, name: str, tokenizer=None):
+    """list[Sample] for samples, `Rows` (with labels) for a loader of batches (unpadded rows padded by
+    `tokenizer`, when given)."""
     if isinstance(data, Rows):
         return data
     if loader_batches(data) is not data:  # a datasets.Dataset
-        return _rows(data, name)
+        return _rows(padded(data, tokenizer), name)
     if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__len__"):
         return as_samples(data, name)  # the error names what was expected
     items = list(data)
     if items and isinstance(items[0], collections.abc.Mapping):
-        return _rows(items, name)
+        return _rows(padded(items, tokenizer), name)
     return as_samples(items, name)
 
 

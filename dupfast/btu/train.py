@@ -91,10 +91,10 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
         raise TypeError(f"config must be a BTUConfig, got {type(config).__name__}")
     if evaluate is not None and not callable(evaluate):
         raise TypeError("evaluate must be a callable f(model, tokenizer) -> dict")
-    train_set = as_training_data(train_data, "training set")
+    train_set = as_training_data(train_data, "training set", tokenizer)
     tune_set = None
     if clean_tune is not None:
-        tune_set = as_training_data(clean_tune, "clean-tune set")
+        tune_set = as_training_data(clean_tune, "clean-tune set", tokenizer)
         check_labels(tune_set, label_set(train_set), "the clean-tune set", "the training set")
     if config.expose_against_clean_tune and tune_set is None and suspects is None:
         raise ValueError("BTUConfig.expose_against_clean_tune ranks the exposure against the clean-tune set: "
@@ -108,27 +108,9 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
         _check_same_embeddings(model, finetuned)  # before the exposure rounds, not after them in unlearn_tokens
     if isinstance(tune_set, Rows):
         check_rows(tune_set, model, "the clean-tune set")
-    vocab = vocab_size(model, tok)
-    pretrained = input_embeddings(model).weight.detach().float().clone()
-    replace = (next(iter(token_ids(tok, [config.replace_with]))) if config.replace_with is not None
-               else replacement_id(tok))
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    report = BTUReport(model=str(name),
-                       train_size=len(train_set), num_labels=num_labels, vocab_size=vocab,
-                       config=dataclasses.asdict(config), torch_threads=torch.get_num_threads())
+    vocab, pretrained, replace, report = start(model, tok, train_set, num_labels, config)
 
-    # Step 1: exposure
-    t0 = time.perf_counter()
-    if suspects is None:
-        reference = tune_set if config.expose_against_clean_tune else None
-        suspects = expose_loaded(model, tok, train_set, num_labels, config.exposure, reference)
-        report.exposure = suspects.to_dict()
-        report.steps.append({"step": "expose", "seconds": round(time.perf_counter() - t0, 2),
-                             "rounds": {r.name: round(r.seconds, 2) for r in suspects.rounds}})
-    elif isinstance(suspects, Exposure):
-        report.exposure = suspects.to_dict()
-    ids = _suspect_ids(suspects, vocab)
-    report.suspects = [{"id": t, "token": tok.convert_ids_to_tokens(t)} for t in ids]
+    ids = expose_step(model, tok, train_set, num_labels, config, tune_set, suspects, vocab, report)
 
     # Step 2a: ordinary fine-tuning on the poisoned data (the "without BTU" model)
     t0 = time.perf_counter()
@@ -145,27 +127,66 @@ def train(model, train_data, clean_tune=None, *, tokenizer=None,
     with guard as g:
         if finetuned is not None:
             _step(report, "finetune", t0, evaluate, tuned, tok, trained=False)
-
-        # Step 2b: dimension-wise unlearning of the suspicious tokens
-        t0 = time.perf_counter()
-        if g is not None:
-            g.keep_tensors(_names_of(tuned, input_embeddings(tuned).weight))  # the rows unlearn_tokens writes
-        info = unlearn_tokens(tuned, pretrained, ids, replace, vocab)
-        info["replace_token"] = tok.convert_ids_to_tokens(replace)
-        info["dims_replaced"] = [{"id": t, "token": tok.convert_ids_to_tokens(t), "dims": n}
-                                 for t, n in info["dims_replaced"].items()]
-        _step(report, "unlearn", t0, evaluate, tuned, tok, **info)
-
-        # Step 3 (optional): one epoch on clean data
-        if tune_set is not None:
-            t0 = time.perf_counter()
-            if g is not None:
-                g.keep_tensors([n for n, _ in tuned.named_parameters()])  # fit writes every weight
-            losses = fit(tuned, tok, tune_set, config.clean_tune, desc="BTU clean-tune")
-            _step(report, "clean_tune", t0, evaluate, tuned, tok, size=len(tune_set),
-                  final_loss=losses[-1] if losses else None)
-        tuned.eval()
+        unlearn_and_tune(tuned, tok, pretrained, ids, replace, vocab, tune_set, config, report, evaluate, g)
     return tuned, report
+
+
+def start(model, tok, train_set, num_labels: int, config: BTUConfig):
+    """What the defence holds before any training: (vocab, the pretrained embeddings [rows, dim] float32 on the
+    model's device, the replacement token id, an empty BTUReport). Shared by `train` and `BTUCallback`."""
+    vocab = vocab_size(model, tok)
+    pretrained = input_embeddings(model).weight.detach().float().clone()
+    replace = (next(iter(token_ids(tok, [config.replace_with]))) if config.replace_with is not None
+               else replacement_id(tok))
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    report = BTUReport(model=str(name),
+                       train_size=len(train_set), num_labels=num_labels, vocab_size=vocab,
+                       config=dataclasses.asdict(config), torch_threads=torch.get_num_threads())
+    return vocab, pretrained, replace, report
+
+
+def expose_step(model, tok, train_set, num_labels: int, config: BTUConfig, tune_set, suspects, vocab: int,
+                report) -> list:
+    """Step 1: the suspect token ids, from the exposure rounds on the pretrained `model` (run here unless
+    `suspects`, an Exposure or token ids, is given), recorded in `report`. Shared by `train` and `BTUCallback`."""
+    t0 = time.perf_counter()
+    if suspects is None:
+        reference = tune_set if config.expose_against_clean_tune else None
+        suspects = expose_loaded(model, tok, train_set, num_labels, config.exposure, reference)
+        report.exposure = suspects.to_dict()
+        report.steps.append({"step": "expose", "seconds": round(time.perf_counter() - t0, 2),
+                             "rounds": {r.name: round(r.seconds, 2) for r in suspects.rounds}})
+    elif isinstance(suspects, Exposure):
+        report.exposure = suspects.to_dict()
+    ids = _suspect_ids(suspects, vocab)
+    report.suspects = [{"id": t, "token": tok.convert_ids_to_tokens(t)} for t in ids]
+    return ids
+
+
+def unlearn_and_tune(tuned, tok, pretrained, ids, replace, vocab, tune_set, config, report, evaluate, guard=None):
+    """Steps 2b and 3 on the fine-tuned model, in place: unlearn the suspect ids' moved dimensions, then the
+    optional clean tune, each recorded in `report`. `guard`: the ModelGuard the caller holds, told which
+    tensors are about to be written (None: the model is the defence's own copy). Shared by `train` and
+    `BTUCallback`, whose fine-tune is the Trainer's."""
+    # Step 2b: dimension-wise unlearning of the suspicious tokens
+    t0 = time.perf_counter()
+    if guard is not None:
+        guard.keep_tensors(_names_of(tuned, input_embeddings(tuned).weight))  # the rows unlearn_tokens writes
+    info = unlearn_tokens(tuned, pretrained, ids, replace, vocab)
+    info["replace_token"] = tok.convert_ids_to_tokens(replace)
+    info["dims_replaced"] = [{"id": t, "token": tok.convert_ids_to_tokens(t), "dims": n}
+                             for t, n in info["dims_replaced"].items()]
+    _step(report, "unlearn", t0, evaluate, tuned, tok, **info)
+
+    # Step 3 (optional): one epoch on clean data
+    if tune_set is not None:
+        t0 = time.perf_counter()
+        if guard is not None:
+            guard.keep_tensors([n for n, _ in tuned.named_parameters()])  # fit writes every weight
+        losses = fit(tuned, tok, tune_set, config.clean_tune, desc="BTU clean-tune")
+        _step(report, "clean_tune", t0, evaluate, tuned, tok, size=len(tune_set),
+              final_loss=losses[-1] if losses else None)
+    tuned.eval()
 
 
 def _names_of(model, tensor) -> list:

@@ -1,6 +1,7 @@
 """`dupfast detect`: flag backdoor-triggered texts in a CSV/TSV with a (possibly backdoored) classifier.
 
     dupfast detect MODEL --texts pool.tsv --clean dev.tsv --out DIR [--mode default|dup|dan] [--frr 0.05]
+                   [--label-map neg=0,pos=1]
     dupfast detect MODEL --texts pool.tsv --pool-only --out DIR        (no clean set: uncalibrated)
 
 MODEL is the fine-tuned classifier to screen: a local HF sequence-classifier folder, or a short name
@@ -9,19 +10,33 @@ random head each run). Files are CSV, TSV, JSON lines or .txt, read by `dupfast.
 name (text, sentence, review, ... or --text-column), the clean set's label column likewise (label, ... or
 --label-column); DUP/OpenBackdoor CSV dumps (columns 0,1,2 = text, label, poison_label) are understood.
 Without --clean, only with --pool-only, the detector calibrates on the pool itself (its FRR is then
-uncalibrated). Every run prints the pool's verdict in one line (is there poison here?). Writes DIR/scores.csv first, then
-DIR/detector/ (reusable with --detector) and DIR/detect.json; when the pool file has a poison_label column
-(evaluation data), also AUROC/FAR/FRR and PNGs of the score histograms and ROC curve (metrics the labels
-cannot support are left out with a note). An existing DIR with entries is refused unless --overwrite.
+uncalibrated). The clean set's labels may be names (negative, positive): mapped through the model's
+config.label2id, or --label-map negative=0,positive=1. Every run prints the pool's verdict in one line (is there
+poison here?). Writes DIR/scores.csv first, then
+    detector/           the fitted detector (reusable with --detector, and by `dupfast purify --detector`)
+    detect.json         counts, threshold, verdict, trigger candidates; with a poison_label column in the pool
+                        (evaluation data) also AUROC/FAR/FRR (metrics the labels cannot support are left out
+                        with a note)
+    detect_hist.png     the score histogram with the threshold (clean vs poisoned rows with a poison_label
+                        column, else kept vs flagged); detect_roc.png: the ROC, with a poison_label column
+    report.md           the verdict, the counts, the histogram (and ROC), trigger candidates (words
+                        over-represented in flagged rows) and the files
+An existing DIR with entries is refused unless --overwrite.
 """
 import argparse
 import csv
 import pathlib
 import sys
 
-from .argtypes import add_progress_flags, info, positive_int, synopsis, with_bar
+from .argtypes import (add_label_map, add_progress_flags, add_threads, info, label_ids, label_names, model_config,
+                       positive_int, synopsis, with_bar)
 
-OUTPUTS = ("scores.csv", "detect.json", "detect_hist.png", "detect_roc.png", "detector")
+OUTPUTS = ("scores.csv", "detect.json", "detect_hist.png", "detect_roc.png", "detector", "report.md")
+FILES = (("scores.csv", "index, score, flag, top token (the token the model's reading token attends most) and text "
+                        "of every pool row"),
+         ("detect.json", "every number of this report"), ("detect_hist.png", "the score histogram"),
+         ("detect_roc.png", "the ROC against the pool's poison_label column"),
+         ("detector", "the fitted detector (`--detector` of `dupfast detect` and `dupfast purify`)"))
 # the Detector's defaults, shown in --help (importing it would load torch); tests/test_cli_help.py holds them equal
 DEFAULT_FRR, DEFAULT_POOL_TRIM = 0.05, 0.5
 
@@ -58,14 +73,14 @@ def add_parser(subparsers):
     p.add_argument("--detector", help="a folder saved by a previous run (skips fitting)")
     p.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     p.add_argument("--label-column", help="the clean set's label column (default: inferred)")
+    add_label_map(p)
     p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     p.add_argument("--max-len", type=positive_int, default=128, help="tokens per text; longer texts are truncated")
     p.add_argument("--autocast", choices=("none", "bf16", "auto"), default=None,
                    help="forward passes under bf16 autocast; auto: bf16 where the CPU/GPU computes it natively "
                         "(AMX / AVX512-BF16), else fp32 (default: none)")
     p.add_argument("--bf16", action="store_true", help="the same as --autocast bf16")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    add_threads(p)
     add_progress_flags(p)
     p.set_defaults(func=run)
     return p
@@ -92,7 +107,8 @@ def load_classifier(name_or_path):
 
 def _conflicts(args):
     if args.detector:
-        given = [f"--{k.replace('_', '-')}" for k in ("clean", "mode", "frr", "pool_trim") if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in ("clean", "mode", "frr", "pool_trim", "label_map")
+                 if getattr(args, k) is not None]
         if given:
             raise ValueError(f"--detector scores with a fitted detector as saved; {', '.join(given)} would be ignored: "
                              "drop them, or fit a new detector instead")
@@ -100,6 +116,8 @@ def _conflicts(args):
         raise ValueError("--pool-trim sets pool-only calibration, which runs only without --clean")
     elif args.clean and args.pool_only:
         raise ValueError("--pool-only calibrates on the pool without a clean set: drop --clean, or --pool-only")
+    elif args.label_map and not args.clean:
+        raise ValueError("--label-map maps the clean set's labels, and there is no --clean: drop --label-map")
 
 
 def run(args):
@@ -110,6 +128,7 @@ def run(args):
     from ..detection import Detector, text_loader
     from ..harness.detection_report import write_report
     from ..tables import read_table
+    from . import report
     from .outdir import clear_outputs, prepare_out
 
     _conflicts(args)
@@ -126,9 +145,11 @@ def run(args):
         raise ValueError(NEED_CLEAN.replace("clean=...", "--clean FILE").replace("pool_only=True", "--pool-only")
                          .format(need=40))
     clean = None
-    if args.clean:
-        table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
-        clean = (table.texts, table.labels)
+    if args.clean:  # labels as written, names mapped to class ids before any model loads (the head checks the range)
+        table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set",
+                           raw_labels=True)
+        names = label_names(args.label_map, model_config(args.model), args.model)
+        clean = (table.texts, label_ids(table, *names, None))
     det = Detector.load(args.detector) if args.detector else None
     model, tok = load_classifier(args.model)
     if args.bf16 and args.autocast not in (None, "bf16"):
@@ -152,15 +173,41 @@ def run(args):
     clear_outputs(out, OUTPUTS)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "score", "flag", "text"])
+        # top_token: the token the classifier's reading token attends most (the trigger, on a triggered input)
+        top = result.top_words(tok) if result.top_tokens is not None else [None] * len(texts)
+        w.writerow(["index", "score", "flag", "top_token", "text"])
         for i, (s, f) in enumerate(zip(result.scores.tolist(), result.flags.tolist())):
-            w.writerow([i, f"{s:.6g}", int(f), texts[i]])
+            w.writerow([i, f"{s:.6g}", int(f), top[i] or "", texts[i]])
     if not args.detector:
         det.save(out / "detector")
-    summary = write_report(out, result, poison, name="detect", frr=det.frr,
-                           extra={"mode": det.mode, "calibration": det.calibration, "model": str(args.model)})
+    flags = result.flags.tolist()
+    extra = {"mode": det.mode, "calibration": det.calibration, "model": str(args.model), "texts": str(args.texts),
+             "clean": str(args.clean) if args.clean else None, "detector": args.detector,
+             "verdict_sentence": result.summary, "trigger_candidates": report.trigger_candidates(texts, flags),
+             "top_tokens_of_flagged": report.top_token_counts(top, flags)}
+    summary = write_report(out, result, poison, name="detect", frr=det.frr, extra=extra)
+    report.write(out, _md_report(summary, det.frr, args, len(clean[0]) if clean else None), FILES)
     for note in summary.get("notes", ()):
         info(args, f"dupfast detect: note: {note}")
     print(f"dupfast detect: {result.summary}", file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in summary if k in ("samples", "flagged", "threshold", "auroc", "far", "frr")}))
+    print(json.dumps({**{k: summary[k] for k in summary if k in ("samples", "flagged", "threshold", "auroc", "far",
+                                                                    "frr")},
+                      "report": str(out / "report.md")}))
     return 0
+
+
+def _md_report(summary: dict, frr: float, args, clean_rows) -> list:
+    from .report import code, detection_page
+
+    if args.detector:
+        calibration = f"the saved detector {code(args.detector)}"
+    elif clean_rows is None:
+        calibration = "the pool itself (--pool-only): the FRR is an estimate, not calibrated"
+    else:
+        calibration = f"the clean set {code(args.clean)} ({clean_rows:,} rows)"
+    facts = [("calibrated on", calibration), ("model", code(args.model))]
+    top = summary.get("top_tokens_of_flagged") or []
+    if top:  # on a backdoored model the trigger is the token the flagged rows' reading token attends most
+        facts.append(("most attended token of flagged rows",
+                      ", ".join(f"{code(t['token'])} ({t['flagged_rows']:,} rows)" for t in top[:5])))
+    return detection_page(f"dupfast detect: {code(args.texts)}", summary, frr, "detect", facts)

@@ -7,18 +7,28 @@ LM: a local causal-LM folder (AutoModelForCausalLM, its tokenizer with a chat te
 (dupfast.harness.models, e.g. smollm2-135m). Files are CSV / TSV / JSON lines read by dupfast.tables: the pool's
 `prompt` column (or --prompt-column); the clean set's `prompt` and `response` columns (its `label` column, the
 task class, is read for --mode dup/dan). A `poison_label` column in the pool (evaluation data) adds AUROC/FRR/FAR.
-detect-prompts writes DIR/scores.csv then DIR/detect.json; purify-generative writes DIR/model/ (the purified model
-and tokenizer), DIR/purify.json and DIR/scores.csv of the detection it used.
+detect-prompts writes DIR/scores.csv, then DIR/detect.json (counts, threshold, the verdict, trigger candidates),
+DIR/detect_hist.png (the score histogram; detect_roc.png with a poison_label column) and DIR/report.md (the verdict,
+counts, plots, trigger candidates: words over-represented in the flagged prompts). purify-generative writes
+DIR/model/ (the purified model and tokenizer), DIR/purify.json, DIR/scores.csv of the detection it used,
+DIR/purify_trajectory.png and DIR/report.md (the verdict that gated it, before -> after on held-out prompts, the
+stop reason in words, the trajectory); with no evidence of poison it unlearns nothing unless --force.
 """
 import csv
 import json
 import pathlib
 
-from .argtypes import add_progress_flags, positive_int, synopsis
+from .argtypes import add_progress_flags, add_threads, positive_int, synopsis
 from .outdir import clear_outputs, prepare_out
 
-DETECT_OUTPUTS = ("scores.csv", "detect.json")
-PURIFY_OUTPUTS = ("scores.csv", "purify.json", "model")
+DETECT_OUTPUTS = ("scores.csv", "detect.json", "detect_hist.png", "detect_roc.png", "report.md")
+PURIFY_OUTPUTS = ("scores.csv", "purify.json", "model", "purify_trajectory.png", "report.md")
+SCORES = ("scores.csv", "index, score and flag of every prompt of the pool")
+DETECT_FILES = (SCORES, ("detect.json", "every number of this report"), ("detect_hist.png", "the score histogram"),
+                ("detect_roc.png", "the ROC against the poison_label column"))
+PURIFY_FILES = (("model", "the purified causal LM and its tokenizer: `AutoModelForCausalLM.from_pretrained`"),
+                ("purify.json", "every number of this report (`report`) and the detection's (`detection`)"),
+                SCORES, ("purify_trajectory.png", "the held-out numbers per evaluation"))
 
 
 def _common(p):
@@ -35,8 +45,7 @@ def _common(p):
     p.add_argument("--response-column", default="response", help="the clean set's response column")
     p.add_argument("--system", default=None, help="a system message for every prompt (default: the template's)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    add_threads(p)
     add_progress_flags(p)
 
 
@@ -54,6 +63,8 @@ def add_parser(subparsers):
     _common(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a GenerativeConfig field, e.g. --set max_steps=40 (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="unlearn the flagged prompts even when the detection finds no evidence of poison")
     p.set_defaults(func=run_purify)
 
 
@@ -102,37 +113,60 @@ def _write_scores(out: pathlib.Path, pool, res):
 
 
 def _summary(args, pool, res):
-    s = {"mode": args.mode, "frr": args.frr, "threshold": res.threshold, "pool": len(pool),
-         "flagged": int(res.flags.sum())}
-    if pool.poison_labels is not None and 0 < sum(pool.poison_labels) < len(pool):
-        from ..harness.metrics import detection_report
+    """detection_report.summarize's numbers (`frr`: the target, `frr_observed` on the pool's clean prompts), the
+    verdict sentence and trigger candidates; `pool` and `metrics` as before (AUROC & co with a poison_label column)."""
+    from ..harness.detection_report import has_both_classes, summarize
+    from ..harness.metrics import detection_report
+    from .report import trigger_candidates
+
+    s = summarize(res, pool.poison_labels, args.frr)
+    if "frr" in s:
+        s["frr_observed"] = s.pop("frr")
+    s.update({"mode": args.mode, "frr": args.frr, "pool": len(pool), "verdict_sentence": res.summary,
+              "trigger_candidates": trigger_candidates(pool.texts, res.flags.tolist())})
+    if has_both_classes(pool.poison_labels):
         s["metrics"] = detection_report(pool.poison_labels, res.flags.numpy(), res.scores.numpy())
     return s
 
 
 def run_detect(args):
+    from ..harness.detection_report import write_plots
+    from .report import code, detection_page, write
+
     out = prepare_out(args.out, args.overwrite, DETECT_OUTPUTS)
     model, tok, pool, _, _, res = _detect(args)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, DETECT_OUTPUTS)
     _write_scores(out, pool, res)
     summary = _summary(args, pool, res)
+    summary["plots"] = write_plots(out, "detect", res.scores.numpy(), res.flags.numpy(), pool.poison_labels,
+                                   res.threshold, summary)
     (out / "detect.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
+    facts = [("calibrated on", f"the clean prompts {code(args.clean)}"), ("model", code(args.model))]
+    write(out, detection_page(f"dupfast detect-prompts: {code(args.prompts)}", summary, args.frr, "detect", facts),
+          DETECT_FILES)
+    print(json.dumps({k: summary[k] for k in ("mode", "frr", "threshold", "pool", "flagged")}
+                     | {"report": str(out / "report.md")}))
 
 
 def run_purify(args):
     from ..generative import GenerativeConfig, purify_generative
     from ..purification.config import parse_overrides
+    from . import report as md
     overrides = parse_overrides(args.set, GenerativeConfig)
     out = prepare_out(args.out, args.overwrite, PURIFY_OUTPUTS)
     model, tok, pool, pool_b, clean, res = _detect(args)
-    model, report = purify_generative(model, pool_b, clean=clean, detection=res, **overrides)
+    model, report = purify_generative(model, pool_b, clean=clean, detection=res, force=args.force, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, PURIFY_OUTPUTS)
     _write_scores(out, pool, res)
     model.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
-    (out / "purify.json").write_text(json.dumps({"detection": _summary(args, pool, res), "report": report.to_dict()},
+    rep = report.to_dict()
+    (out / "purify.json").write_text(json.dumps({"detection": _summary(args, pool, res), "report": rep},
                                                 indent=2, default=str))
-    print(json.dumps({"flagged": int(res.flags.sum()), "stop_reason": report.stop_reason, "steps": report.steps_run}))
+    gate = md.detection_gate(args.prompts, f"a detector fitted on the clean prompts {md.code(args.clean)}", res,
+                             args.force)
+    md.write_purify(out, rep, args.model, gate, PURIFY_FILES, generative=True)
+    print(json.dumps({"flagged": int(res.flags.sum()), "stop_reason": report.stop_reason, "steps": report.steps_run,
+                      "report": str(out / "report.md")}))

@@ -1,7 +1,8 @@
 """`dupfast purify`: detection-guided LoRA unlearning of a backdoored classifier from the command line.
 
-    dupfast purify MODEL --suspect pool.tsv --clean clean.tsv --out DIR [--flags flags.json]
+    dupfast purify MODEL --suspect pool.tsv --clean clean.tsv --out DIR [--flags flags.json | --detector DIR]
                    [--lambda-asr 1] [--lambda-acc 1] [--epochs 12] [--lr 5e-4] [--no-lora] [--set key=value ...]
+                   [--force] [--save-adapters] [--label-map neg=0,pos=1]
 
 MODEL: the fine-tuned (backdoored) classifier: a local HF folder, or a short name (minilm, mpnet-base,
 smollm2-135m) only if its folder holds a fine-tuned head (a pretrained encoder is an error).
@@ -11,9 +12,19 @@ set only). The clean set must be labelled. Without --flags, `dupfast.detect` fla
 set first, or --detector DIR (a detector saved by `dupfast detect` / `dupfast screen`) flags it without fitting.
 --flags: a JSON list of 0/1 (or {"flags": [...]}), a text file with one 0/1 per line, one per suspect row, or a
 CSV/TSV with a `flag` column: `dupfast detect`'s scores.csv (`index` = row), `dupfast screen`'s flagged.csv or
-kept.csv (`row_id` = row; the rows a file leaves out take the other flag). Writes DIR/model (save_pretrained:
-safetensors + tokenizer) and DIR/purify_report.json; an existing DIR with entries is refused before any work
-unless --overwrite (which replaces only those two).
+kept.csv (`row_id` = row; the rows a file leaves out take the other flag). The clean set's labels may be names
+(negative, positive): mapped through the model's config.label2id, or --label-map negative=0,positive=1.
+When the detection finds no evidence of poison nothing is unlearned (DIR/model is the model as given, and the
+report says so) unless --force. Writes
+    model/              the purified model, merged (save_pretrained: safetensors + tokenizer)
+    adapters/           with --save-adapters: the LoRA adapters (peft save_pretrained, safetensors) that turn MODEL
+                        into model/ (PeftModel.from_pretrained(MODEL's model, DIR/adapters)); recovered from the
+                        merged weights, exact up to float rounding (the largest weight error is in report.md)
+    purify_report.json  data, held-out numbers per evaluation, the stop reason, the kept step, timings
+    purify_trajectory.png  held-out flagged agreement and clean accuracy per evaluation
+    report.md           what gated the run (the verdict, or the flags given), before -> after on the held-out rows,
+                        the stop reason in words, the trajectory
+An existing DIR with entries is refused before any work unless --overwrite (which replaces only those).
 Under torchrun each process takes every WORLD_SIZE-th row of both sets (rank-strided shards).
 """
 import csv
@@ -21,7 +32,8 @@ import json
 import sys
 import pathlib
 
-from .argtypes import add_progress_flags, positive_int, synopsis, with_bar
+from .argtypes import (add_label_map, add_progress_flags, config_num_labels, label_ids, label_names, model_config,
+                       positive_int, synopsis, with_bar)
 
 
 _FLAG_VALUES = {"0": 0, "1": 1, "false": 0, "true": 1, "False": 0, "True": 1}
@@ -112,7 +124,11 @@ def _table_flags(p: pathlib.Path, n: int, texts, text_column):
     return out
 
 
-OUTPUTS = ("model", "purify_report.json")
+OUTPUTS = ("model", "adapters", "purify_report.json", "purify_trajectory.png", "report.md")
+FILES = (("model", "the purified model, merged: `AutoModelForSequenceClassification.from_pretrained`"),
+         ("adapters", "the LoRA adapters that turn MODEL into `model/` (`peft.PeftModel.from_pretrained`)"),
+         ("purify_report.json", "every number of this report"),
+         ("purify_trajectory.png", "the held-out numbers per evaluation"))
 
 
 def load_classifier(name_or_path, num_labels=None):
@@ -130,7 +146,7 @@ def load_classifier(name_or_path, num_labels=None):
         raise ValueError(f"model {name_or_path} ({folder}) has no fine-tuned classification head (architectures: "
                          f"{archs or 'none'}): purify removes a backdoor from the classifier that learned it, so "
                          "pass the fine-tuned (backdoored) model's folder, not a pretrained encoder")
-    own = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+    own = config_num_labels(config)
     if num_labels is not None and num_labels != own:
         raise ValueError(f"--num-labels {num_labels}, but the classifier in {folder} has {own} labels")
     model, tok = load_model(folder, num_labels=own)
@@ -183,12 +199,18 @@ def run(args):
     if args.no_lora:
         overrides["use_lora"] = False
     cfg = PurifyConfig(**overrides)  # validate before loading anything heavy
+    if args.save_adapters and not cfg.use_lora:
+        raise ValueError("--save-adapters saves the LoRA adapters, but --no-lora (use_lora=false) trains every "
+                         "weight without adapters: drop one of them")
 
     # the suspect set's labels are never read: string labels (a file `dupfast screen` took) must not stop it
     suspect_table = read_table(args.suspect, args.text_column, role="the suspect set", raw_labels=True)
     suspect = suspect_table.texts
-    clean_table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
-    clean_texts, clean_labels = clean_table.texts, clean_table.labels
+    clean_table = read_table(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set",
+                             raw_labels=True)
+    # names mapped to class ids before any model loads (purify checks the ids against the classifier's head)
+    clean_texts = clean_table.texts
+    clean_labels = label_ids(clean_table, *label_names(args.label_map, model_config(args.model), args.model), None)
     flags = read_flags(args.flags, len(suspect), suspect, suspect_table.text_column) if args.flags else None
     # a saved detector is checked (files, checksums) before any model is loaded
     saved = None
@@ -219,20 +241,77 @@ def run(args):
         detection = torch.as_tensor(flags, dtype=torch.bool)
     purified, report = purify(model, pool, clean=clean, detection=detection, config=cfg, force=args.force)
     if rank == 0:
+        adapters = None
+        if args.save_adapters:  # the model as given, loaded again: the adapters are the change from it
+            adapters, worst = lora_adapters(load_classifier(args.model, args.num_labels)[0], purified, cfg)
         clear_outputs(out, OUTPUTS)  # the results exist: only now replace an earlier run's
         purified.save_pretrained(str(out / "model"), safe_serialization=True)
         tok.save_pretrained(str(out / "model"))
+        if adapters is not None:
+            adapters.save_pretrained(str(out / "adapters"), safe_serialization=True)
         report.save(out / "purify_report.json")
+        _write_report(out, report.to_dict(), args, detection, len(suspect), None if adapters is None else worst)
         sel = report.selected or {}
         print(json.dumps({"flagged": report.data.get("flagged"), "stop_reason": report.stop_reason,
                           "selected_step": sel.get("step"), "heldout_flag_agreement": sel.get("agree"),
                           "heldout_clean_acc": sel.get("acc"), "seconds": report.timings.get("total_s"),
-                          "model": str(out / "model"), "report": str(out / "purify_report.json")}))
+                          "model": str(out / "model"), "report": str(out / "purify_report.json"),
+                          "report_md": str(out / "report.md")}))
     if distributed:
         import torch.distributed as torch_dist
         torch_dist.barrier()
         torch_dist.destroy_process_group()
     return 0
+
+
+def lora_adapters(original, purified, cfg):
+    """(peft model, largest weight error): LoRA adapters on `original` (the model as given) that turn it into
+    `purified`, with the same targets, rank and head copy as purify's. purify merges its adapters into the weights, so
+    they are recovered from the merged ones: each adapted layer's change B·A·scaling has rank <= lora_r, and its
+    truncated SVD gives it back up to float rounding; the head's new weights are peft's modules_to_save."""
+    import torch
+
+    from ..purification.lora import attach_lora, head_names
+
+    heads = head_names(original) if cfg.train_head else []
+    student, _, targets = attach_lora(original, cfg)  # wraps `original` in place
+    inner, worst = student.base_model.model, 0.0
+    with torch.no_grad():
+        for name in targets:
+            layer, merged = inner.get_submodule(name), purified.get_submodule(name).weight
+            w0 = layer.base_layer.weight
+            u, s, vh = torch.linalg.svd((merged - w0).double(), full_matrices=False)
+            k = min(layer.r["default"], s.numel())  # a layer narrower than the rank: the rest stays zero
+            root = (s[:k] / layer.scaling["default"]).sqrt()
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            a.zero_()
+            b.zero_()
+            b[:, :k] = u[:, :k] * root
+            a[:k] = root[:, None] * vh[:k]
+            worst = max(worst, float((w0 + layer.get_delta_weight("default") - merged).abs().max()))
+        for head in heads:
+            getattr(inner, head).modules_to_save["default"].load_state_dict(getattr(purified, head).state_dict())
+    if worst > 1e-4:  # a change of rank > lora_r is not purify's LoRA change: say so rather than save a wrong one
+        raise ValueError(f"the purified model's change to MODEL is not a rank-{cfg.lora_r} LoRA change (weight error "
+                         f"{worst:.2g}): was MODEL changed on disk during the run? rerun without --save-adapters")
+    return student.eval(), worst
+
+
+def _write_report(out, rep: dict, args, detection, n_rows, adapter_error):
+    from . import report
+
+    if args.flags:
+        n = int(sum(bool(f) for f in detection))
+        gate = [f"The flags of {report.code(args.flags)}: {n:,} of {n_rows:,} suspect rows flagged, used as given (no "
+                "verdict gates given flags)."]
+    else:
+        how = (f"the saved detector {report.code(args.detector)}" if args.detector
+               else f"a detector fitted on the clean set {report.code(args.clean)}")
+        gate = report.detection_gate(args.suspect, how, detection, args.force)
+    if adapter_error is not None:
+        gate.append(f"`adapters/`: the LoRA adapters of this change (recovered from the merged weights; largest "
+                    f"weight error {adapter_error:.1g}).")
+    report.write_purify(out, rep, args.model, gate, FILES)
 
 
 PURIFY_DEFAULTS = {"lambda_asr": 1.0, "lambda_acc": 1.0, "epochs": 12, "lr": 5e-4, "batch_size": 32, "seed": 2025}
@@ -248,10 +327,11 @@ def add_parser(subparsers):
     ap.add_argument("--clean", required=True, help="the defender's labelled clean set (.csv, .tsv or .jsonl)")
     ap.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     ap.add_argument("--label-column", help="the clean set's label column (default: inferred)")
-    ap.add_argument("--out", required=True, help="output folder: model/ and purify_report.json (new or empty, or "
-                                                 "--overwrite)")
+    add_label_map(ap)
+    ap.add_argument("--out", required=True, help="output folder: model/, purify_report.json, report.md (new or "
+                                                 "empty, or --overwrite)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="replace an earlier run's results in --out (only model/ and purify_report.json)")
+                    help="replace an earlier run's results in --out (only the files this command writes)")
     ap.add_argument("--flags", help="flags of the suspect rows: detect's scores.csv, screen's flagged.csv or "
                                     "kept.csv, a JSON list or one 0/1 a line (default: run dupfast.detect)")
     ap.add_argument("--detector", help="a detector folder saved by `dupfast detect` or `dupfast screen` "
@@ -273,6 +353,8 @@ def add_parser(subparsers):
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA (comparisons)")
     ap.add_argument("--force", action="store_true",
                     help="unlearn the flagged rows even when the detection finds no evidence of poison")
+    ap.add_argument("--save-adapters", action="store_true",
+                    help="also write the LoRA adapters beside the merged model: DIR/adapters (peft, safetensors)")
     ap.add_argument("--max-len", dest="max_len", type=positive_int, default=128,
                     help="tokens per text; longer texts are truncated")
     ap.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads")

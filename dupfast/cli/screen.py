@@ -20,13 +20,12 @@ import collections
 import csv
 import dataclasses
 import json
-import math
 import pathlib
-import re
 import sys
 from typing import Optional
 
-from .argtypes import add_progress_flags, info, positive_int, synopsis, with_bar
+from .argtypes import (add_label_map, add_progress_flags, add_threads, config_num_labels, info, label_ids,
+                       label_names, model_config, parse_label_map, positive_int, synopsis, with_bar)
 from .detect import DEFAULT_FRR, _fraction
 
 OUTPUTS = ("kept.csv", "flagged.csv", "report.md", "screen.json", "screen_hist.png", "screen_roc.png", "model",
@@ -38,7 +37,6 @@ DEFAULT_BASE = "minilm"
 TUNING = {"epochs": 3, "lr": 1e-4, "batch_size": 16, "seed": 2025}
 CHANCE_MARGIN = 0.05   # accuracy within this of the majority-class rate is "at chance"
 DETECT_BATCH = 32
-WORD = re.compile(r"\w+")
 
 
 @dataclasses.dataclass
@@ -61,75 +59,7 @@ def read_data(path, text_column=None, label_column=None, need_labels=False, role
     return Data(t.path, t.header, t.records, t.texts, t.labels, t.poison_labels, t.label_column)
 
 
-# ---- labels -----------------------------------------------------------------------------------------------
-
-def parse_label_map(text: str) -> dict:
-    """'neg=0,pos=1' -> {'neg': 0, 'pos': 1}."""
-    out = {}
-    for part in (p for p in text.split(",") if p.strip()):
-        name, sep, value = part.rpartition("=")
-        name = name.strip()
-        if not sep or not name or not value.strip().isdigit():
-            raise ValueError(f"--label-map takes NAME=ID pairs separated by commas, e.g. negative=0,positive=1; "
-                             f"got {part!r}")
-        if name in out:
-            raise ValueError(f"--label-map names {name!r} twice: give each label one class id")
-        out[name] = int(value)
-    if not out:
-        raise ValueError("--label-map is empty: give NAME=ID pairs, e.g. negative=0,positive=1")
-    return out
-
-
-def _integer(value) -> Optional[int]:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        return int(value)
-    return None
-
-
-def label_ids(data: Data, names: dict, source: str, num_labels: Optional[int]) -> list:
-    """DATA's / CLEAN's labels as class ids: a name in `names` (--label-map, or the model's label2id; exact, then
-    ignoring case), else an integer. Unknown names and ids outside the model's classes are errors naming the fix."""
-    folded = {str(k).casefold(): v for k, v in names.items()}
-    out, unknown = [], []
-    for value in data.labels:
-        key = str(value).strip()
-        if key in names:
-            out.append(int(names[key]))
-        elif _integer(value) is not None:
-            out.append(_integer(value))
-        elif key.casefold() in folded:
-            out.append(int(folded[key.casefold()]))
-        else:
-            out.append(None)
-            unknown.append(key)
-    col = data.label_column
-    if unknown:
-        distinct = sorted(set(unknown))
-        guess = ",".join(f"{n}={i}" for i, n in enumerate(sorted({str(v).strip() for v in data.labels})))
-        raise ValueError(f"{data.path}: the labels in column {col!r} must be class ids or names the model knows; "
-                         f"{', '.join(repr(u) for u in distinct[:5])} {'is' if len(distinct) == 1 else 'are'} neither "
-                         f"(names from {source}: {sorted(names) or 'none'}); map them with --label-map, e.g. "
-                         f"--label-map {guess} (each name = the model's class id for it)")
-    bad = sorted({y for y in out if y < 0 or (num_labels is not None and y >= num_labels)})
-    if bad:
-        have = f"0..{num_labels - 1}" if num_labels else "ids >= 0"
-        raise ValueError(f"{data.path}: label id(s) {bad[:5]} in column {col!r} are outside the model's classes "
-                         f"({have}); check the labels, or map them with --label-map NAME=ID")
-    return out
-
-
 # ---- model --------------------------------------------------------------------------------------------------
-
-def model_config(name_or_path) -> dict:
-    from ..harness.models import resolve_model_dir
-    return json.loads((resolve_model_dir(name_or_path) / "config.json").read_text())
-
 
 def fine_tune(base, texts, labels, num_labels: int, cfg, names: Optional[dict] = None):
     """(model, tokenizer): `base` with a new head fine-tuned on (texts, labels) by `dupfast.finetune.fit`."""
@@ -167,48 +97,6 @@ def at_chance(acc: dict) -> bool:
 
 # ---- report -------------------------------------------------------------------------------------------------
 
-def trigger_candidates(texts, flags, top: int = 10) -> list:
-    """Words in a larger share of the flagged rows than of the kept ones (rows counted once per word), ranked by
-    count x log ratio: a trigger word sits in many flagged rows and few kept ones."""
-    n_f = sum(flags)
-    n_k = len(flags) - n_f
-    if n_f == 0 or n_k == 0:
-        return []
-    in_f, in_k = collections.Counter(), collections.Counter()
-    for text, f in zip(texts, flags):
-        (in_f if f else in_k).update(set(WORD.findall(text.lower())))
-    least = max(2, math.ceil(0.01 * n_f))  # a word of one or two flagged rows says nothing
-    rows = []
-    for word, c in in_f.items():
-        ratio = ((c + 0.5) / (n_f + 1)) / ((in_k[word] + 0.5) / (n_k + 1))  # +0.5: a word absent from kept rows
-        if c >= least and ratio >= 2:
-            rows.append({"word": word, "flagged": c, "flagged_share": c / n_f, "kept": in_k[word],
-                         "kept_share": in_k[word] / n_k, "ratio": ratio})
-    rows.sort(key=lambda r: -r["flagged"] * math.log(r["ratio"]))
-    return rows[:top]
-
-
-def plot_scores(path, scores, flags, threshold):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    s, f = np.asarray(scores, dtype=np.float64), np.asarray(flags, dtype=bool)
-    bins = np.histogram_bin_edges(s, bins="doane")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.hist([s[~f], s[f]], bins=bins, stacked=True, color=["#0072B2", "#D55E00"],
-            label=[f"kept ({int((~f).sum())})", f"flagged ({int(f.sum())})"])
-    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("score (larger = more suspicious)")
-    ax.set_ylabel("rows")
-    ax.set_title("dupfast screen")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_tables(out: pathlib.Path, data: Data, scores, flags) -> list:
     """kept.csv and flagged.csv: every original column (one named like ours gets an `original_` prefix), then
     row_id, score, flag; returns the renamed columns."""
@@ -234,37 +122,26 @@ def write_tables(out: pathlib.Path, data: Data, scores, flags) -> list:
     return renamed
 
 
-def _md_report(summary: dict, candidates: list, args) -> str:
+FILES = (("kept.csv", "the kept rows: every original column, then row_id, score, flag"),
+         ("flagged.csv", "the flagged rows, as kept.csv (`dupfast purify --flags` reads either)"),
+         ("screen.json", "every number of this report"),
+         ("screen_hist.png", "the score histogram"), ("screen_roc.png", "the ROC against DATA's poison_label"),
+         ("model", "the model fine-tuned on DATA (`--model` of a rerun, the MODEL of `dupfast purify`)"),
+         ("detector", "the fitted detector (`dupfast purify --detector`)"))
+
+
+def _md_report(summary: dict, args) -> list:
+    from .report import code, detection_page
+
     v = summary.get("verdict") or {}
-    n, k = summary["samples"], summary["flagged"]
     acc = summary.get("clean_accuracy")
     model = (f"`{summary['base']}` fine-tuned on DATA, saved in `model/`" if summary.get("base")
              else f"`{summary['model']}` (as given)")
-    lines = [f"# dupfast screen: `{summary['data']}`", "", f"**{summary['verdict_sentence']}**", "",
-             "| | |", "|---|---|",
-             f"| rows | {n:,} |", f"| flagged | {k:,} ({k / n:.1%}) in `flagged.csv` |",
-             f"| kept | {n - k:,} in `kept.csv` |",
-             f"| threshold | {summary['threshold']:.4g} (FRR {summary['frr']:.0%}, mode {summary['mode']}) |",
-             f"| clean set | `{summary['clean']}` ({summary['clean_rows']:,} rows) |", f"| model | {model} |"]
+    facts = [("clean set", f"`{summary['clean']}` ({summary['clean_rows']:,} rows)"), ("model", model)]
     if acc:
-        lines.append(f"| clean accuracy | {acc['accuracy']:.3f} (majority class {acc['majority_rate']:.3f}) |")
-    if v.get("p_value") is not None:
-        lines.append(f"| presence test | p = {v['p_value']:.3g} |")
-    lines += ["", "![score histogram](screen_hist.png)", "", "## Trigger candidates", ""]
-    if candidates:
-        lines += ["Words over-represented in the flagged rows (rows holding the word; a backdoor's trigger words "
-                  "top this list):", "", "| word | flagged rows | kept rows | ratio |", "|---|---:|---:|---:|"]
-        lines += [f"| `{c['word']}` | {c['flagged']:,} ({c['flagged_share']:.1%}) | {c['kept']:,} "
-                  f"({c['kept_share']:.1%}) | {c['ratio']:.1f} |" for c in candidates]
-    else:
-        lines.append("No word is in at least twice the share of flagged rows as of kept rows.")
-    if "auroc" in summary:
-        lines += ["", "## Against DATA's poison_label column", "",
-                  f"AUROC {summary['auroc']:.3f}; at the threshold FAR {summary.get('far', float('nan')):.3f} "
-                  f"(poisoned rows kept), FRR {summary.get('frr_observed', float('nan')):.3f} (clean rows flagged).",
-                  "", "![ROC](screen_roc.png)"]
-    for note in summary.get("notes", ()):
-        lines += ["", f"Note: {note}"]
+        facts.append(("clean accuracy", f"{acc['accuracy']:.3f} (majority class {acc['majority_rate']:.3f})"))
+    lines = detection_page(f"dupfast screen: {code(summary['data'])}", summary, summary["frr"], "screen", facts,
+                           " in `flagged.csv`", " in `kept.csv`")
     out = pathlib.Path(args.out)
     lines += ["", "## Next", "",
               "- train on `kept.csv` (every original column is there), or unlearn the flagged rows:",
@@ -272,7 +149,7 @@ def _md_report(summary: dict, candidates: list, args) -> str:
               f"--flags {out / 'flagged.csv'} --out PURIFIED`"]
     if v.get("poison_present") is False:
         lines.append("  (with no evidence of poison purify leaves the model as it is unless --force)")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---- the command --------------------------------------------------------------------------------------------
@@ -291,7 +168,8 @@ def run(args):
 
     from ..detection import Detector, text_loader
     from ..finetune import FinetuneConfig
-    from ..harness.detection_report import plot_roc, summarize
+    from ..harness.detection_report import summarize, write_plots
+    from . import report
     from .detect import load_classifier
     from .outdir import clear_outputs, prepare_out
 
@@ -308,10 +186,9 @@ def run(args):
     clean = read_data(args.clean, args.text_column, args.label_column, need_labels=True, role="the clean set")
     source = args.model or args.base or DEFAULT_BASE
     config = model_config(source)
-    source_names = "--label-map" if given_map else f"{source}'s config.label2id"
-    names = given_map or {str(k): int(v) for k, v in (config.get("label2id") or {}).items()}
+    names, source_names = label_names(args.label_map, config, source)
     if args.model:  # the classifier's own classes bound the labels; a fine-tune takes as many as the data holds
-        num_labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+        num_labels = config_num_labels(config)
         clean_labels = label_ids(clean, names, source_names, num_labels)
         model, tok = load_classifier(args.model)
     else:
@@ -355,22 +232,16 @@ def run(args):
     summary = summarize(result, data.poison, det.frr)
     if "frr" in summary:  # the observed FRR on DATA's clean rows, not the target
         summary["frr_observed"] = summary.pop("frr")
-    candidates = trigger_candidates(data.texts, flags)
     summary.update({"data": str(args.data), "clean": str(args.clean), "rows": len(data.texts),
-                    "clean_rows": len(clean.texts), "kept": len(flags) - sum(flags), "model": str(args.model or
-                    out / "model"), "base": None if args.model else str(source), "clean_accuracy": acc,
+                    "clean_rows": len(clean.texts), "model": str(args.model or out / "model"),
+                    "base": None if args.model else str(source), "clean_accuracy": acc,
                     "fine_tune": dataclasses.asdict(cfg) if cfg else None, "mode": det.mode, "frr": det.frr,
                     "calibration": det.calibration, "verdict_sentence": result.summary,
-                    "trigger_candidates": candidates, "renamed_columns": {c: f"original_{c}" for c in renamed}})
-    if data.poison is not None and "notes" not in summary:
-        from ..harness.detection_report import plot_histograms
-        plot_histograms(out / "screen_hist.png", scores, data.poison, result.threshold, "dupfast screen")
-    else:
-        plot_scores(out / "screen_hist.png", scores, flags, result.threshold)
-    if "auroc" in summary:
-        plot_roc(out / "screen_roc.png", {"screen": (data.poison, scores)}, "dupfast screen")
+                    "trigger_candidates": report.trigger_candidates(data.texts, flags),
+                    "renamed_columns": {c: f"original_{c}" for c in renamed}})
+    summary["plots"] = write_plots(out, "screen", scores, flags, data.poison, result.threshold, summary)
     (out / "screen.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_md_report(summary, candidates, args), encoding="utf-8")
+    report.write(out, _md_report(summary, args), FILES)
     for note in summary.get("notes", ()):
         info(args, f"dupfast screen: note: {note}")
     if renamed:
@@ -396,8 +267,7 @@ def add_parser(subparsers):
     p.add_argument("--model", help="a classifier already fine-tuned on DATA (local HF folder): used as it is")
     p.add_argument("--base", help=f"the model fine-tuned on DATA when --model is not given: a short name or an HF "
                                   f"folder (default: {DEFAULT_BASE})")
-    p.add_argument("--label-map", help="string labels to class ids, e.g. negative=0,positive=1 (default: the "
-                                       "model's config.label2id)")
+    add_label_map(p)
     p.add_argument("--text-column", help="the text column's name (default: inferred, see dupfast.tables)")
     p.add_argument("--label-column", help="the label column's name (default: inferred)")
     p.add_argument("--mode", default=None, choices=("default", "dup", "dan"), help="detection mode (default: default)")
@@ -408,8 +278,7 @@ def add_parser(subparsers):
     p.add_argument("--batch-size", type=positive_int, help=f"fine-tuning batch (default: {TUNING['batch_size']})")
     p.add_argument("--max-len", type=positive_int, default=128, help="tokens kept per text (default: 128)")
     p.add_argument("--seed", type=int, help=f"fine-tuning seed (default: {TUNING['seed']})")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    add_threads(p)
     add_progress_flags(p)
     p.set_defaults(func=run)
     return p

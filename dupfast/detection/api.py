@@ -11,6 +11,7 @@ call would not use (pool_trim with a clean set, anything beside a fitted detecto
 import math
 from typing import Optional, Sequence
 
+from ..batches import padded
 from ..classifier import check_classifier, check_pad_token
 from .detector import Detector
 from .result import DetectionResult
@@ -27,7 +28,8 @@ NEED_CLEAN = ("dupfast needs a clean set to promise its false-rejection rate: a 
 
 
 def detect(model, loader, clean=None, mode: Optional[str] = None, frr: Optional[float] = None,
-           detector: Optional[Detector] = None, pool_only: bool = False, **options) -> DetectionResult:
+           detector: Optional[Detector] = None, pool_only: bool = False, tokenizer=None,
+           **options) -> DetectionResult:
     """Score every input of `loader` (larger = more suspicious) and flag those above the threshold that
     keeps the false-rejection rate at `frr` (default 0.05) on clean data. With `clean` (a loader of clean
     labelled batches) the detector calibrates on it; without one, only with pool_only=True, on the pool itself
@@ -38,7 +40,11 @@ def detect(model, loader, clean=None, mode: Optional[str] = None, frr: Optional[
     Under torchrun (`dupfast.distributed.init_from_env()`), each rank passes its shard of both loaders, with
     an `index` key (global sample ids): each rank scores its own shard, the clean statistics and every pool
     count are all-reduced in fp64, and every rank gets the whole pool's result ordered by `index`
-    (`DetectionResult.gathered`; `Detector.score` itself returns the rank's shard)."""
+    (`DetectionResult.gathered`; `Detector.score` itself returns the rank's shard).
+
+    tokenizer: the model's tokenizer, to pad batches whose rows are of different lengths (a `datasets.Dataset`
+    of an unpadded `ds.map(tokenize)`; `dupfast.batches.padded`); without it such rows are an error."""
+    loader, clean = padded(loader, tokenizer), padded(clean, tokenizer)
     if detector is not None:
         given = [k for k, v in (("clean", clean), ("mode", mode), ("frr", frr)) if v is not None] + list(options)
         if given:

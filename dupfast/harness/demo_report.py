@@ -26,7 +26,8 @@ DATA_NAMES = {"rotten-tomatoes": "Rotten Tomatoes", "bbc-news": "BBC News", "sms
 COLUMNS = ("step", "CACC", "ASR", "ASR floor", "ASR - floor", "AUROC", "FRR", "FAR", "flagged", "seconds")
 
 
-def _f(x, digits=4):
+def fmt(x, digits=4) -> str:
+    """A number for a table: `digits` decimals, '-' when absent or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{digits}f}"
@@ -37,19 +38,19 @@ def summary_rows(report: dict) -> list[list[str]]:
     steps, rows = report.get("steps", {}), []
     v = steps.get("victim")
     if v:
-        rows.append([f"victim ({'cached' if v.get('cached') else 'trained'})", _f(v["cacc"]), _f(v["asr"]),
-                     _f(v.get("asr_floor")), _f(v["asr"] - v["asr_floor"]) if "asr_floor" in v else "-",
-                     "-", "-", "-", "-", _f(v.get("seconds"), 1)])
+        rows.append([f"victim ({'cached' if v.get('cached') else 'trained'})", fmt(v["cacc"]), fmt(v["asr"]),
+                     fmt(v.get("asr_floor")), fmt(v["asr"] - v["asr_floor"]) if "asr_floor" in v else "-",
+                     "-", "-", "-", "-", fmt(v.get("seconds"), 1)])
     d = steps.get("detect")
     if d:
-        rows.append(["detection", "-", "-", "-", "-", _f(d["auroc"]), _f(d["frr"], 3), _f(d["far"], 3),
-                     f"{d['flagged']}/{d['pool_size']} ({d['pool_poisoned']} triggered)", _f(d.get("seconds"), 1)])
+        rows.append(["detection", "-", "-", "-", "-", fmt(d["auroc"]), fmt(d["frr"], 3), fmt(d["far"], 3),
+                     f"{d['flagged']}/{d['pool_size']} ({d['pool_poisoned']} triggered)", fmt(d.get("seconds"), 1)])
     p = steps.get("purify")
     if p:
-        rows.append([f"purified ({p.get('steps_run')} steps)", _f(p["cacc_after"]), _f(p["asr_after"]),
-                     _f(p.get("asr_floor_after")),
-                     _f(p["asr_after"] - p["asr_floor_after"]) if "asr_floor_after" in p else "-",
-                     "-", "-", "-", "-", _f(p.get("seconds"), 1)])
+        rows.append([f"purified ({p.get('steps_run')} steps)", fmt(p["cacc_after"]), fmt(p["asr_after"]),
+                     fmt(p.get("asr_floor_after")),
+                     fmt(p["asr_after"] - p["asr_floor_after"]) if "asr_floor_after" in p else "-",
+                     "-", "-", "-", "-", fmt(p.get("seconds"), 1)])
     return rows
 
 
@@ -57,29 +58,30 @@ def text_table(rows, columns=COLUMNS) -> str:
     """Fixed-width table for the terminal."""
     table = [list(columns), *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(table[0]), "  ".join("-" * w for w in widths), *map(fmt, table[1:])])
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(table[0]), "  ".join("-" * w for w in widths), *map(line, table[1:])])
 
 
-def markdown_table(rows, columns=COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+def markdown_table(rows, columns=COLUMNS, left: int = 1) -> str:
+    """A Markdown table: the first `left` columns (names, words) left-aligned, the rest (numbers) right-aligned."""
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---"] * left + ["---:"] * (len(columns) - left)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def plot_trajectory(path, history: list, victim: dict = None, purified: dict = None, selected: dict = None,
-                    agree_bound: float = None, acc_floor: float = None, title="purification trajectory"):
-    """Held-out flagged agreement with the victim (the defender's ASR proxy) and held-out clean accuracy per
-    evaluation; the test-set CACC, ASR and ASR floor of the victim (step 0) and of the kept model (the selected
-    step) as markers: those are measured only there."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+                    agree_bound: float = None, acc_floor: float = None, title="purification trajectory",
+                    acc_key: str = "acc", acc_label: str = "held-out clean accuracy",
+                    agree_label: str = "held-out flagged: agreement with victim (ASR proxy)"):
+    """Held-out flagged agreement with the victim (the defender's ASR proxy) and held-out clean accuracy (the
+    entries' `acc_key`) per evaluation; the test-set CACC, ASR and ASR floor of the victim (step 0) and of the kept
+    model (the selected step) as markers, when given: those are measured only there."""
+    plt = detection_report.pyplot()
 
     step = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.plot(step, [h["agree"] for h in history], "-o", ms=3, color="#D55E00",
-            label="held-out flagged: agreement with victim (ASR proxy)")
-    ax.plot(step, [h["acc"] for h in history], "-o", ms=3, color="#0072B2", label="held-out clean accuracy")
+    ax.plot(step, [h["agree"] for h in history], "-o", ms=3, color="#D55E00", label=agree_label)
+    ax.plot(step, [h[acc_key] for h in history], "-o", ms=3, color="#0072B2", label=acc_label)
     if agree_bound is not None:
         ax.axhline(agree_bound, color="#D55E00", ls=":", lw=1, label=f"agreement bound {agree_bound:g}")
     if acc_floor is not None:
@@ -95,23 +97,27 @@ def plot_trajectory(path, history: list, victim: dict = None, purified: dict = N
         if m.get("asr_floor") is not None:
             ax.scatter([x], [m["asr_floor"]], marker=marker, s=110, facecolors="none", edgecolors="#555555",
                        linewidths=1.5, zorder=4)
-    # one legend entry per test metric (square = victim, diamond = kept model)
-    ax.scatter([], [], marker="s", color="#CC79A7", label="test ASR (square: victim, diamond: purified)")
-    ax.scatter([], [], marker="s", color="#009E73", label="test CACC")
-    ax.scatter([], [], marker="s", facecolors="none", edgecolors="#555555", label="test ASR floor")
+    if victim or purified:  # one legend entry per test metric (square = victim, diamond = kept model)
+        ax.scatter([], [], marker="s", color="#CC79A7", label="test ASR (square: victim, diamond: purified)")
+        ax.scatter([], [], marker="s", color="#009E73", label="test CACC")
+        ax.scatter([], [], marker="s", facecolors="none", edgecolors="#555555", label="test ASR floor")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("purification step")
     ax.set_ylabel("fraction")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    detection_report.save_figure(fig, path)
 
 
-def _trajectory_table(history, selected) -> str:
-    cols = ("step", "epoch", "held-out flagged agreement", "held-out clean acc", "admissible", "kept")
-    rows = [[str(h["step"]), _f(h.get("epoch"), 2), _f(h["agree"]), _f(h["acc"]),
+# the trajectory table's columns after the step: (header, history key, decimals)
+TRAJECTORY_COLUMNS = (("epoch", "epoch", 2), ("held-out flagged agreement", "agree", 4),
+                      ("held-out clean acc", "acc", 4))
+
+
+def trajectory_table(history, selected, columns=TRAJECTORY_COLUMNS) -> str:
+    """One row per evaluation: the step, `columns`, whether it was admissible, and the kept one in bold."""
+    cols = ("step", *(c[0] for c in columns), "admissible", "kept")
+    rows = [[str(h["step"]), *(fmt(h.get(key), digits) for _, key, digits in columns),
              "yes" if h.get("admissible", True) else "no",
              "**kept**" if selected and h["step"] == selected.get("step") else ""] for h in history]
     return markdown_table(rows, cols)
@@ -143,7 +149,7 @@ def write(report: dict, json_path, scores=None, poison_labels=None, threshold=No
         md += ["## Detection", "",
                f"Pool of {d['pool_size']} inputs ({d['pool_poisoned']} triggered), calibrated on {d['clean_size']} "
                f"clean ones; {d['flagged']} flagged at threshold {d['threshold']:.4g}. Precision "
-               f"{_f(d.get('precision'), 3)}, recall {_f(d.get('recall'), 3)}.", ""]
+               f"{fmt(d.get('precision'), 3)}, recall {fmt(d.get('recall'), 3)}.", ""]
         if 0 < y.sum() < y.size:
             files["roc"] = out / f"{stem}_detect_roc.png"
             detection_report.plot_roc(files["roc"], {"detector": (y, sc)}, "detection ROC (suspicious pool)")
@@ -167,8 +173,8 @@ def write(report: dict, json_path, scores=None, poison_labels=None, threshold=No
                "Per evaluation, what the defender can measure: the held-out flagged rows' agreement with the "
                "victim's label (the ASR proxy the stopping rule uses) and the held-out clean accuracy. The test-set "
                "ASR, CACC and ASR floor are measured only on the victim (step 0) and on the kept model.", "",
-               f"![purification trajectory]({files['trajectory'].name})", "", _trajectory_table(p["history"],
-                                                                                                 p.get("selected")), ""]
+               f"![purification trajectory]({files['trajectory'].name})", "",
+               trajectory_table(p["history"], p.get("selected")), ""]
     md += [f"All numbers: [`{json_path.name}`]({json_path.name}).", ""]
     files["markdown"] = out / f"{stem}.md"
     files["markdown"].write_text("\n".join(md))

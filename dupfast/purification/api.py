@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .. import distributed as dist
-from ..batches import model_device, model_num_labels
+from ..batches import model_device, model_num_labels, padded
 from ..classifier import check_classifier, check_pad_token
 from .checks import (check_student_logits, check_teacher_logits, require_clean_size, require_reiterable,
                      warn_flag_share)
@@ -31,7 +31,7 @@ from .trainer import TrainData, predict_rows, train
 
 
 def purify(model, loader, clean=None, detection=None, config: PurifyConfig = None, force: bool = False,
-           **overrides):
+           tokenizer=None, **overrides):
     """Purify `model` in place. Returns (model, PurifyReport): the model merged and in eval mode, the report
     of what was done (data, losses, stopping, timings).
 
@@ -47,7 +47,10 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
     model is then returned unchanged, report.stop_reason saying why: a clean model is not "purified" on clean rows).
     Warns (checks.NearlyAllFlaggedWarning) when more than 90% of the pool is flagged.
     Raises before touching the model on bad input (NaN / inf logits of the model as given included); on a failure
-    after that (NaN / inf logits of the purified model included), restores it exactly and re-raises."""
+    after that (NaN / inf logits of the purified model included), restores it exactly and re-raises.
+    tokenizer: the model's tokenizer, to pad batches whose rows are of different lengths (a `datasets.Dataset`
+    of an unpadded `ds.map(tokenize)`; `dupfast.batches.padded`); without it such rows are an error."""
+    loader, clean = padded(loader, tokenizer), padded(clean, tokenizer)
     t_total = time.perf_counter()
     cfg = _config(config, overrides)
     num_labels, pad_id, device = _check_model(model, cfg)

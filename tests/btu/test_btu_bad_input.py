@@ -118,7 +118,7 @@ def test_cli_out_with_an_earlier_run_needs_overwrite(files, capsys):
     capsys.readouterr()
     assert main(argv + ["--seed", "7"]) == 2
     err = capsys.readouterr().err
-    assert "already holds 2 entries" in err and "--overwrite" in err
+    assert "already holds 4 entries" in err and "--overwrite" in err  # report, report.md, suspects PNG, notes
     assert (out / "btu_report.json").read_text() == first
     assert main(argv + ["--seed", "7", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"

@@ -174,7 +174,8 @@ def test_detector_meets_a_model_with_another_label_space(bert, clean_and_pool):
     det = Detector(mode="default").fit(bert, clean)
     with pytest.raises(ValueError, match="fitted on a 2-class model, this model has 3 classes"):
         det.score(tiny_bert(num_labels=3), pool)
-    feats = {"cls": torch.randn(4, 3, 32), "mean": torch.randn(4, 3, 32)}
+    feats = {"cls": torch.randn(4, 3, 32), "mean": torch.randn(4, 3, 32),
+             "attn": torch.rand(4, 1, det.scorer.tensors["attn.means"].shape[-1])}  # the reading token's attention
     with pytest.raises(ValueError, match="fitted on a 2-class model, these logits have 3 classes"):
         det.score_features(feats, torch.randn(4, 3))
 
@@ -309,7 +310,8 @@ def test_cli_out_with_an_earlier_run(tmp_path, model_dir, clean_tsv, capsys):
     # with --overwrite: the earlier run's files are replaced or removed, the user's file stays
     pool, _ = _pool(tmp_path)  # no ground truth this time: no PNGs may be left over
     assert _detect(model_dir, pool, out, "--clean", str(clean_tsv), "--overwrite") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["detect.json", "detector", "mine.txt", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["detect.json", "detect_hist.png", "detector", "mine.txt",
+                                                     "report.md", "scores.csv"]
     assert (out / "mine.txt").read_text() == "the user's"
 
 

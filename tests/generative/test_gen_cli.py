@@ -32,7 +32,7 @@ def test_detect_prompts_cli_writes_scores_and_metrics(files, capsys):
     assert main(["detect-prompts", str(folder), "--prompts", str(pool), "--clean", str(clean), "--out",
                  str(tmp / "det")]) == 2
     err = capsys.readouterr().err
-    assert f"--out {tmp / 'det'} already holds 2 entries" in err and "pass --overwrite" in err
+    assert f"--out {tmp / 'det'} already holds 5 entries" in err and "pass --overwrite" in err
 
 
 def test_purify_generative_cli_saves_the_purified_model(files, capsys):

@@ -114,7 +114,7 @@ def test_cli_out_with_an_earlier_run_needs_overwrite(files, capsys):
     capsys.readouterr()
     assert main(argv + ["--seed", "7"]) == 2  # refused before any work: the earlier results are kept
     err = capsys.readouterr().err
-    assert "already holds 3 entries" in err and "--overwrite" in err
+    assert "already holds 5 entries" in err and "--overwrite" in err  # model, 2 reports, trajectory, notes
     assert (out / "purify_report.json").read_text() == first
     assert main(argv + ["--seed", "7", "--overwrite"]) == 0
     report = json.loads((out / "purify_report.json").read_text())
