@@ -177,7 +177,7 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
             check_head_positions(inputs["input_ids"], inputs["attention_mask"], head_pad,
                                  f"{name} batch {i}" if name else f"batch {i}")
             mask = inputs["attention_mask"]
-            with torch.inference_mode(), autocast_context(device, autocast), _probing(probe, mask):
+            with torch.inference_mode(), autocast_context(device, autocast), probing(probe, mask):
                 outputs = model(**inputs, output_hidden_states=True, return_dict=True,
                                 **(probe.forward_kwargs() if probe else {}))
                 hidden = hidden_layers(outputs)
@@ -209,7 +209,8 @@ def where_of(name, i) -> str:
 
 
 @contextlib.contextmanager
-def _probing(probe, mask):
+def probing(probe, mask):
+    """The probe's context for one batch (nothing without a probe)."""
     if probe is None:
         yield
         return

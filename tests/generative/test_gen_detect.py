@@ -100,3 +100,19 @@ def test_a_causal_lm_given_to_the_classifier_entry_points_names_the_siblings(toy
         dupfast.detect(model, pool, clean=clean)
     with pytest.raises(ValueError, match="purify_generative"):
         dupfast.purify(model, pool, clean=clean, detection=torch.zeros(80, dtype=torch.bool))
+
+
+def test_detect_prompts_with_the_attention_signal_opt_in(toy_victim, toy_sets):
+    """signals=(..., "attn"): the last prompt token's attention joins as a column, padding-side invariant, and every
+    prompt gets its most-attended prompt token (an id of that prompt)."""
+    model, tok = toy_victim
+    out = {}
+    for side in ("left", "right"):
+        clean, pool, y = _sets(tok, toy_sets, side)
+        res = detect_prompts(model, pool, clean=clean, signals=("agnostic", "proj", "attn"))
+        assert "attn" in res.component_names and res.top_tokens.shape == (80,)
+        ids = [set(b["input_ids"][i][b["attention_mask"][i].bool()].tolist()) for b in pool for i in range(len(b["input_ids"]))]
+        assert all(int(t) in s for t, s in zip(res.top_tokens, ids))
+        out[side] = res
+    torch.testing.assert_close(out["left"].scores, out["right"].scores, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out["left"].top_tokens, out["right"].top_tokens)
