@@ -20,6 +20,7 @@
 
 #include "mahalanobis_checks.h"
 #include "mahalanobis_math.h"
+#include "whitener_layout.h"
 
 namespace {
 
@@ -34,23 +35,8 @@ struct LayerPlan {
   at::Tensor w;                 // [d, d] view of W (fp32) or its bf16 copy for the bf16 GEMM
 };
 
-bool strictly_lower(const float* W, int64_t d, int64_t si, int64_t sj) {
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = i + 1; j < d; ++j)
-      if (W[i * si + j * sj] != 0.0f) return false;
-  return true;
-}
-
-// W of one layer as a BLAS-usable matrix: row- or column-major views are used in place (a batched
-// torch.linalg.cholesky returns column-major factors; copying all L of them would cost L d^2 floats
-// per call), anything else is copied.
-at::Tensor blas_view(const at::Tensor& whiteners, int64_t layer) {
-  at::Tensor w = whiteners.select(0, layer);
-  const int64_t d = w.size(0);
-  const bool row_major = w.stride(1) == 1 && w.stride(0) >= d;
-  const bool col_major = w.stride(0) == 1 && w.stride(1) >= d;
-  return (row_major || col_major) ? w : w.contiguous();
-}
+using dupfast::blas_view;
+using dupfast::strictly_lower;
 
 LayerPlan plan_layer(const at::Tensor& means, const at::Tensor& whiteners, int64_t layer, bool bf16_gemm) {
   const int64_t K = means.size(1), d = means.size(2);

@@ -28,6 +28,7 @@
 
 #include "token_mahalanobis_checks.h"
 #include "token_mahalanobis_math.h"
+#include "whitener_layout.h"
 
 namespace {
 
@@ -35,21 +36,8 @@ constexpr int64_t kTokBlock = 256;  // tokens per GEMM: a 256 x 768 fp32 block i
 constexpr int64_t kPanel = 128;     // output columns per GEMM call
 constexpr double kMinParallelMacs = 1 << 22;  // below this many multiply-adds (~0.1 ms) one thread does it all
 
-bool strictly_lower(const float* W, int64_t d, int64_t si, int64_t sj) {
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = i + 1; j < d; ++j)
-      if (W[i * si + j * sj] != 0.0f) return false;
-  return true;
-}
-
-// W of one layer as a BLAS-usable matrix: row- or column-major views in place, anything else copied.
-at::Tensor blas_view(const at::Tensor& whiteners, int64_t layer) {
-  at::Tensor w = whiteners.select(0, layer);
-  const int64_t d = w.size(0);
-  const bool row_major = w.stride(1) == 1 && w.stride(0) >= d;
-  const bool col_major = w.stride(0) == 1 && w.stride(1) >= d;
-  return (row_major || col_major) ? w : w.contiguous();
-}
+using dupfast::blas_view;
+using dupfast::strictly_lower;
 
 inline float load_float(float x) { return x; }
 inline float load_float(c10::BFloat16 x) { return df_float_from_bf16_bits(x.x); }
