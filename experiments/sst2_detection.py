@@ -81,7 +81,7 @@ def run_attack(attack, out: pathlib.Path, strip=True, data_dir=None, low_rates=(
     model, tok, info = victim_for(attack, data_dir=data_dir)
     model.eval()
     clean, pool, y = protocol(attack, data_dir)
-    poolings = ("cls", "mean")
+    poolings = ("cls", "mean", "attn")  # "attn": the default mode's attention column (dropped by the others)
     cf, cl, cy = cached_capture(model, tok, clean, out / "cache" / f"{attack}-clean.safetensors", poolings, True)
     pf, pl, _ = cached_capture(model, tok, pool, out / "cache" / f"{attack}-pool.safetensors", poolings, False)
     rows, curves, extra_rows = [], {}, []
