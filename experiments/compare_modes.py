@@ -47,6 +47,10 @@ def table(c, before: str, after: str) -> str:
             fl = lambda m: "/".join(f"{r[m]['flagged']:.3f} ({r[m]['flagged_max']:.3f})" for r in [dict(zip((0, 1), ab)) for ab in rows])  # noqa
             quiet = lambda i: sum((1 - ab[i]["present_rate"]) * ab[i]["seeds"] for ab in rows) / sum(ab[i]["seeds"] for ab in rows)  # noqa
             lines.append(f"| {attack} | {n} | {fl(0)} → **{fl(1)}** | {quiet(0):.0%} → {quiet(1):.0%} |")
+    clean = [r for (_, m, _, p), r in c.items() if m == after and p in CLEAN]
+    seeds = sum(r["seeds"] for r in clean)
+    quiet_after = sum(round((1 - r["present_rate"]) * r["seeds"]) for r in clean)
+    lines += ["", f"'no poison' ({after}): {quiet_after} of {seeds} clean pools."]
     return "\n".join(lines)
 
 

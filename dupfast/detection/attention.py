@@ -123,7 +123,7 @@ class AttentionProbe:
         att = outputs.get("attentions") if isinstance(outputs, dict) else getattr(outputs, "attentions", None)
         if not att:
             return None
-        pos = reading_positions(self._mask, self.pooling).to(att[0].device)
+        pos = self._positions.to(att[0].device)
         b = torch.arange(pos.shape[0], device=pos.device)
         return torch.stack([a[b, :, pos, :].float() for a in att], dim=1)
 

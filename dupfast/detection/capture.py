@@ -186,7 +186,8 @@ def capture(model, loader: Iterable, poolings: Sequence[str] = ("cls",), autocas
                 logits = _logits(outputs).float()
                 top = None
                 if probe is not None:
-                    feats[ATTN], top = _attention(probe, outputs, mask, poolings[0], len(hidden), where_of(name, i))
+                    feats[ATTN], top = attention_columns(probe, outputs, mask, poolings[0], len(hidden),
+                                                         where_of(name, i))
             del outputs, hidden
             where = f"{name} batch {i}" if name else f"batch {i}"
             for p, f in feats.items():
@@ -218,7 +219,9 @@ def probing(probe, mask):
         yield
 
 
-def _attention(probe, outputs, mask, pooling, n_layers, where):
+def attention_columns(probe, outputs, mask, pooling, n_layers, where):
+    """(features[ATTN] [B, 1, L*H], top positions [B]) of one probed forward pass; an error naming the fix when the
+    pass gave no attention rows for every layer."""
     rows = probe.rows(outputs)
     if rows is None or rows.shape[1] != n_layers:
         got = 0 if rows is None else rows.shape[1]

@@ -17,8 +17,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..detection.attention import ATTN, AttentionProbe, attention_features
-from ..detection.capture import CapturedBatch, autocast_context, pool, probing
+from ..detection.attention import ATTN, AttentionProbe
+from ..detection.capture import CapturedBatch, attention_columns, autocast_context, pool, probing
 from .lm import final_hidden
 from .rows import ChatRows, pad_right
 
@@ -46,12 +46,8 @@ def capture_prompts(lm, rows: ChatRows, poolings: Sequence[str] = ("last", "mean
                 feats = {p: torch.stack([pool(h, mask, p) for h in hidden], dim=1) for p in poolings}
                 top = None
                 if probe is not None:
-                    rows_ = probe.rows(None)
-                    if rows_ is None or rows_.shape[1] != len(hidden):
-                        raise ValueError(f"prompt batch {lo // batch_size}: the attention signal saw "
-                                         f"{0 if rows_ is None else rows_.shape[1]} attention layers for {len(hidden)} "
-                                         "hidden layers; drop 'attn' from the detector's signals")
-                    feats[ATTN], top = attention_features(rows_, mask, "last")
+                    feats[ATTN], top = attention_columns(probe, None, mask, "last", len(hidden),
+                                                         f"prompt batch {lo // batch_size}")
                 logits = None
                 if first_token_logits:
                     end = mask.sum(1) - 1

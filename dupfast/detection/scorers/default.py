@@ -36,7 +36,7 @@ from .base import BatchScores, Dims, Scorer, check_pooling, expect, need, need_l
 from .common import ch_layers, check_shrinkage, fit_stats, gaussian, layer_distances, transitions
 
 SIGNALS = ("pred", "agnostic", "cos", "ss", "proj", "attn")
-ATTN_WEIGHT = 0.15  # the attention column's share of the fixed combination: measured, docs/results/users-pools.md
+ATTN_WEIGHT = 0.15  # the attention column's share of the fixed combination: experiments/attn_weight_sweep.py
 CH_TOP_K = 3  # layers DUP's recipe (the fallback weights) spreads its distance weight over
 
 
