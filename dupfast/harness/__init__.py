@@ -2,7 +2,8 @@
 
 `data` (offline data sets, OpenBackdoor files), `attacks` (BadNets / AddSent / StyleBkd poisoning),
 `models` (offline models by short name), `victims` (cached backdoored fine-tunes and their CACC / ASR),
-`metrics` (AUROC, FAR/FRR, ASR, CACC) and `detection_report` (a detection result against ground truth:
-JSON metrics and plots). The defences (`dupfast.detection`, `dupfast.purification`, `dupfast.btu`) take
-models, tokenizers and batches from their caller.
+`metrics` (AUROC, FAR/FRR, ASR, CACC), `detection_report` (a detection result against ground truth:
+JSON metrics and plots) and `repair` (the repair beyond ASR: a triggered copy of every class against a clean
+reference, trigger shifting, relearning). The defences (`dupfast.detection`, `dupfast.purification`,
+`dupfast.btu`) take models, tokenizers and batches from their caller.
 """
