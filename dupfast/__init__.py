@@ -3,6 +3,7 @@
     dupfast.detect(model, loader, clean=...)    DUP detection in one forward pass per batch
     dupfast.purify(model, loader, clean=..., detection=...)   detection-guided LoRA unlearning -> (model, report)
     dupfast.btu.train(model, train_data)        Backdoor Token Unlearning (training-time defence) -> (model, report)
+    dupfast.triggers(texts, flags, model=..., tokenizer=...)  trigger candidates of the flagged rows, with evidence
     dupfast.detect_prompts(lm, prompts, clean=...)             the same detection on a causal LM's prompts
     dupfast.purify_generative(lm, prompts, clean=..., detection=...)  unlearning for causal LMs -> (model, report)
     dupfast.load_model(name_or_dir, num_labels=...)             a local HF folder or a packaged model -> (model, tok)
@@ -17,8 +18,8 @@ _LAZY_GENERATIVE = ("detect_prompts", "purify_generative")
 _LAZY_PURIFICATION = ("purify",)
 
 
-# dupfast.detect is a plain function; it, Detector and detect_texts come from the dupfast.detection package.
-_LAZY_DETECTION = ("detect", "Detector", "detect_texts")
+# dupfast.detect is a plain function; it, Detector, detect_texts and triggers come from the dupfast.detection package.
+_LAZY_DETECTION = ("detect", "Detector", "detect_texts", "triggers")
 # model loading (offline: local folders and the packaged models) lives with the model registry
 _LAZY_MODELS = ("load_model", "load_tokenizer")
 

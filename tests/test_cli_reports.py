@@ -84,6 +84,36 @@ def listed_files(md: str) -> list:
     return re.findall(r"^- \[`([^`]+)`\]\(\1\):", md.split("## Files\n", 1)[1], re.M)
 
 
+def assert_candidates(md: str, candidates: list, flips: bool):
+    """The candidates' evidence (issue 30) in the JSON and the report: the clean set's share, the flip rate where
+    the command has the classifier at hand; a report with none says so."""
+    if not candidates:
+        assert "No trigger candidate found" in md.split("## Trigger candidates\n", 1)[1]
+        return
+    header = md.split("## Trigger candidates\n", 1)[1].split("\n| word |", 1)[1].split("\n", 1)[0]
+    for c in candidates:
+        assert c["clean_share"] is not None and c["ratio"] >= 2 and (c["flip_rate"] is not None) == flips
+        assert c["flip_rate"] is None or (0 <= c["flip_rate"] <= 1 and c["flip_rows"] >= 1)
+    assert ("flip rate" in header) == flips and "clean rows" in header
+    commons = [c["common"] for c in candidates]
+    assert commons == sorted(commons)  # common words are listed last
+
+
+def test_candidate_lines_say_when_there_is_nothing_to_show():
+    from dupfast.cli.report import candidate_lines
+    assert "No trigger candidate found" in "\n".join(candidate_lines([]))
+    the = {"word": "the", "flagged": 9, "flagged_share": 0.9, "kept": 30, "kept_share": 0.3, "ratio": 3.0,
+           "common": True}
+    text = "\n".join(candidate_lines([the]))
+    assert "Only common words" in text and "no trigger word stands out" in text and "| `the` |" in text
+    cf = {**the, "word": "cf", "kept": 0, "kept_share": 0.0, "ratio": 19.0, "common": False, "flip_rate": 1.0,
+          "flip_rows": 9}
+    text = "\n".join(candidate_lines([cf, the]))
+    assert "Only common" not in text and "are marked and listed last" in text
+    assert "| `cf` | 9 (90.0%) | 0 (0.0%) | 19.0 | 100.0% of 9 |  |" in text
+    assert "| `the` | 9 (90.0%) | 30 (30.0%) | 3.0 | - | common |" in text
+
+
 # ---- detect ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -115,6 +145,7 @@ def test_detect_report_holds_the_json_numbers(detected):
             f"FRR {summary['frr']:.3f}") in md
     words = [row[0].strip("`") for row in md_table(md, "Trigger candidates")] if summary["trigger_candidates"] else []
     assert words == [c["word"] for c in summary["trigger_candidates"]]
+    assert_candidates(md, summary["trigger_candidates"], flips=True)
     for png in ("detect_hist.png", "detect_roc.png"):
         assert f"]({png})" in md and png in summary["plots"]
         assert_png(detected / png)
@@ -337,6 +368,7 @@ def test_detect_prompts_report_holds_the_json_numbers(files, tmp_path):
     assert facts(md)["flagged"] == f"{summary['flagged']:,} ({summary['flagged'] / 60:.1%})"
     assert summary["pool"] == summary["samples"] == 60 and summary["metrics"]["auroc"] == summary["auroc"]
     assert f"AUROC {summary['auroc']:.3f}" in md
+    assert_candidates(md, summary["trigger_candidates"], flips=False)  # a causal LM's prediction is no class
     for png in ("detect_hist.png", "detect_roc.png"):
         assert_png(out / png)
     assert listed_files(md) == ["scores.csv", "detect.json", "detect_hist.png", "detect_roc.png"]

@@ -96,6 +96,8 @@ def test_screen_base_fine_tunes_saves_the_model_and_reports(tuned, files):
     assert report[0].startswith("# dupfast screen") and report[2] == f"**{summary['verdict_sentence']}**"
     assert summary["verdict"]["n_rows"] == 100 and summary["rows"] == 100
     assert "![score histogram](screen_hist.png)" in report and "## Trigger candidates" in report
+    for c in summary["trigger_candidates"]:  # the model is at hand: each candidate's flip rate is measured
+        assert c["flip_rate"] is not None and c["flip_rows"] >= 1 and c["clean_share"] is not None
     for png in ("screen_hist.png", "screen_roc.png"):
         assert (tuned / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the ROC section is scored against DATA's poison_label column, from the scores written in the tables

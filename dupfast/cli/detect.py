@@ -20,7 +20,8 @@ poison here?). Writes DIR/scores.csv first, then
     detect_hist.png     the score histogram with the threshold (clean vs poisoned rows with a poison_label
                         column, else kept vs flagged); detect_roc.png: the ROC, with a poison_label column
     report.md           the verdict, the counts, the histogram (and ROC), trigger candidates (words
-                        over-represented in flagged rows) and the files
+                        over-represented in flagged rows, with the share of them whose prediction flips when
+                        the word is deleted) and the files
 An existing DIR with entries is refused unless --overwrite.
 """
 import argparse
@@ -181,9 +182,13 @@ def run(args):
     if not args.detector:
         det.save(out / "detector")
     flags = result.flags.tolist()
+    # the model is at hand: each candidate's flip rate (does deleting the word change the prediction?)
+    candidates = report.trigger_candidates(texts, flags, model=model, tokenizer=tok, detection=result,
+                                           clean_texts=clean[0] if clean else None, max_len=args.max_len,
+                                           batch_size=args.batch_size)
     extra = {"mode": det.mode, "calibration": det.calibration, "model": str(args.model), "texts": str(args.texts),
              "clean": str(args.clean) if args.clean else None, "detector": args.detector,
-             "verdict_sentence": result.summary, "trigger_candidates": report.trigger_candidates(texts, flags),
+             "verdict_sentence": result.summary, "trigger_candidates": candidates,
              "top_tokens_of_flagged": report.top_token_counts(top, flags)}
     summary = write_report(out, result, poison, name="detect", frr=det.frr, extra=extra)
     report.write(out, _md_report(summary, det.frr, args, len(clean[0]) if clean else None), FILES)

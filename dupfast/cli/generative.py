@@ -100,7 +100,7 @@ def _detect(args):
                          batch_size=args.batch_size, system=args.system)
     pool_b = chat_batches(tok, pool.texts, batch_size=args.batch_size, system=args.system)
     res = detect_prompts(model, pool_b, clean=clean, mode=args.mode, frr=args.frr, batch_size=args.batch_size)
-    return model, tok, pool, pool_b, clean, res.sorted_by_index()
+    return model, tok, pool, pool_b, clean, res.sorted_by_index(), clean_p.texts
 
 
 def _write_scores(out: pathlib.Path, pool, res):
@@ -112,9 +112,10 @@ def _write_scores(out: pathlib.Path, pool, res):
                        ([pool.poison_labels[i]] if pool.poison_labels is not None else []))
 
 
-def _summary(args, pool, res):
+def _summary(args, pool, res, tok, clean_texts):
     """detection_report.summarize's numbers (`frr`: the target, `frr_observed` on the pool's clean prompts), the
-    verdict sentence and trigger candidates; `pool` and `metrics` as before (AUROC & co with a poison_label column)."""
+    verdict sentence and trigger candidates; `pool` and `metrics` as before (AUROC & co with a poison_label column).
+    The candidates carry no flip rate: a causal LM's prediction is a response, not a class."""
     from ..harness.detection_report import has_both_classes, summarize
     from ..harness.metrics import detection_report
     from .report import trigger_candidates
@@ -123,7 +124,8 @@ def _summary(args, pool, res):
     if "frr" in s:
         s["frr_observed"] = s.pop("frr")
     s.update({"mode": args.mode, "frr": args.frr, "pool": len(pool), "verdict_sentence": res.summary,
-              "trigger_candidates": trigger_candidates(pool.texts, res.flags.tolist())})
+              "trigger_candidates": trigger_candidates(pool.texts, res.flags.tolist(), tokenizer=tok,
+                                                       clean_texts=clean_texts, detection=res)})
     if has_both_classes(pool.poison_labels):
         s["metrics"] = detection_report(pool.poison_labels, res.flags.numpy(), res.scores.numpy())
     return s
@@ -134,11 +136,11 @@ def run_detect(args):
     from .report import code, detection_page, write
 
     out = prepare_out(args.out, args.overwrite, DETECT_OUTPUTS)
-    model, tok, pool, _, _, res = _detect(args)
+    model, tok, pool, _, _, res, clean_texts = _detect(args)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, DETECT_OUTPUTS)
     _write_scores(out, pool, res)
-    summary = _summary(args, pool, res)
+    summary = _summary(args, pool, res, tok, clean_texts)
     summary["plots"] = write_plots(out, "detect", res.scores.numpy(), res.flags.numpy(), pool.poison_labels,
                                    res.threshold, summary)
     (out / "detect.json").write_text(json.dumps(summary, indent=2))
@@ -155,7 +157,7 @@ def run_purify(args):
     from . import report as md
     overrides = parse_overrides(args.set, GenerativeConfig)
     out = prepare_out(args.out, args.overwrite, PURIFY_OUTPUTS)
-    model, tok, pool, pool_b, clean, res = _detect(args)
+    model, tok, pool, pool_b, clean, res, clean_texts = _detect(args)
     model, report = purify_generative(model, pool_b, clean=clean, detection=res, force=args.force, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, PURIFY_OUTPUTS)
@@ -163,8 +165,8 @@ def run_purify(args):
     model.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     rep = report.to_dict()
-    (out / "purify.json").write_text(json.dumps({"detection": _summary(args, pool, res), "report": rep},
-                                                indent=2, default=str))
+    detection = _summary(args, pool, res, tok, clean_texts)
+    (out / "purify.json").write_text(json.dumps({"detection": detection, "report": rep}, indent=2, default=str))
     gate = md.detection_gate(args.prompts, f"a detector fitted on the clean prompts {md.code(args.clean)}", res,
                              args.force)
     md.write_purify(out, rep, args.model, gate, PURIFY_FILES, generative=True)

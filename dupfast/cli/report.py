@@ -6,7 +6,8 @@ sections, each a list of Markdown lines:
     detection_page(title, summary, ...)  a detection's report: the three sections below, in this order
     detection_lines(summary, ...)   the verdict, counts, threshold and score histogram
     truth_lines(summary, ...)       AUROC / FAR / FRR against a poison_label column, and the ROC
-    candidate_lines(candidates)     trigger candidates (trigger_candidates: words in many flagged rows, few kept)
+    candidate_lines(candidates)     trigger candidates (trigger_candidates: dupfast.triggers' words in many flagged
+                                    rows and few kept, with their flip rates)
     write_purify(out, report, ...)  a purification's report: headline (the outcome in one sentence), then
                                     purify_lines (what gated it, before -> after on held-out rows, the stop in
                                     words, the trajectory) and the trajectory PNG
@@ -23,7 +24,6 @@ import re
 from ..harness.demo_report import fmt, markdown_table, plot_trajectory, trajectory_table
 from ..harness.detection_report import pyplot, save_figure
 
-WORD = re.compile(r"\w+")
 PNG_TRAJECTORY = "purify_trajectory.png"
 
 
@@ -53,25 +53,14 @@ def write(out, lines, files=()) -> pathlib.Path:
 
 # ---- detection ------------------------------------------------------------------------------------------------
 
-def trigger_candidates(texts, flags, top: int = 10) -> list:
-    """Words in a larger share of the flagged rows than of the kept ones (rows counted once per word), ranked by
-    count x log ratio: a trigger word sits in many flagged rows and few kept ones."""
-    n_f = sum(flags)
-    n_k = len(flags) - n_f
-    if n_f == 0 or n_k == 0:
-        return []
-    in_f, in_k = collections.Counter(), collections.Counter()
-    for text, f in zip(texts, flags):
-        (in_f if f else in_k).update(set(WORD.findall(text.lower())))
-    least = max(2, math.ceil(0.01 * n_f))  # a word of one or two flagged rows says nothing
-    rows = []
-    for word, c in in_f.items():
-        ratio = ((c + 0.5) / (n_f + 1)) / ((in_k[word] + 0.5) / (n_k + 1))  # +0.5: a word absent from kept rows
-        if c >= least and ratio >= 2:
-            rows.append({"word": word, "flagged": c, "flagged_share": c / n_f, "kept": in_k[word],
-                         "kept_share": in_k[word] / n_k, "ratio": ratio})
-    rows.sort(key=lambda r: -r["flagged"] * math.log(r["ratio"]))
-    return rows[:top]
+def trigger_candidates(texts, flags, top: int = 10, **evidence) -> list:
+    """dupfast.triggers' candidates as JSON-ready dicts (word, flagged, flagged_share, kept, kept_share, ratio,
+    score, common, clean, clean_share, top_token, flip_rate, flip_rows): words in a larger share of the flagged
+    rows than of the kept ones. evidence: triggers' keywords (model, tokenizer, clean_texts, detection, max_len,
+    batch_size) for the flip rate, the clean set's share and the most-attended-token count."""
+    from ..detection.triggers import triggers
+
+    return [c.to_dict() for c in triggers(texts, flags, top=top, **evidence)]
 
 
 def top_token_counts(top_words, flags, top: int = 10) -> list:
@@ -126,13 +115,50 @@ def truth_lines(summary: dict, column: str, roc: str) -> list:
 
 
 def candidate_lines(candidates) -> list:
+    """The trigger candidates (trigger_candidates' dicts) as a table, with a sentence when there is none and when
+    the best of them are common words (no evidence of a trigger)."""
+    from ..detection.triggers import COMMON_SHARE
+
     lines = ["", "## Trigger candidates", ""]
     if not candidates:
-        return lines + ["No word is in at least twice the share of flagged rows as of kept rows."]
-    lines += ["Words over-represented in the flagged rows (rows holding the word; a backdoor's trigger words top "
-              "this list):", "", "| word | flagged rows | kept rows | ratio |", "|---|---:|---:|---:|"]
-    return lines + [f"| {code(c['word'])} | {c['flagged']:,} ({c['flagged_share']:.1%}) | {c['kept']:,} "
-                    f"({c['kept_share']:.1%}) | {c['ratio']:.1f} |" for c in candidates]
+        return lines + ["No trigger candidate found: no word is in at least twice the share of flagged rows as of "
+                        "kept rows."]
+    common = f"common words (each in more than {COMMON_SHARE:.0%} of the kept or clean rows)"
+    if all(c.get("common") for c in candidates):
+        lines += [f"Only {common} are over-represented in the flagged rows: no trigger word stands out.", ""]
+    lines.append("Words over-represented in the flagged rows (rows holding the word; a backdoor's trigger words top "
+                 "this list):")
+    cols = _candidate_columns(candidates)
+    table = markdown_table([[cell(c) for _, cell in cols] for c in candidates], [h for h, _ in cols])
+    lines += ["", *table.splitlines()]
+    if any(c.get("flip_rate") is not None for c in candidates):
+        lines += ["", "Flip rate: of the flagged rows holding the word that were measured (their count shown), the "
+                      "share whose predicted class changes when the word is deleted from them."]
+    if any(c.get("top_token") is not None for c in candidates):
+        lines += ["", "Top token: the flagged rows whose most-attended token lies in the word."]
+    if any(c.get("common") for c in candidates) and not all(c.get("common") for c in candidates):
+        lines += ["", f"The {common} are marked and listed last: they are not evidence of a trigger."]
+    return lines
+
+
+def _candidate_columns(candidates) -> list:
+    """(header, cell of a candidate) of the columns some candidate has a value for."""
+    has = lambda key: any(c.get(key) is not None for c in candidates)  # noqa: E731
+    cols = [("word", lambda c: code(c["word"])),
+            ("flagged rows", lambda c: f"{c['flagged']:,} ({c['flagged_share']:.1%})"),
+            ("kept rows", lambda c: f"{c['kept']:,} ({c['kept_share']:.1%})")]
+    if has("clean_share"):
+        cols.append(("clean rows", lambda c: "-" if c.get("clean") is None else
+                     f"{c['clean']:,} ({c['clean_share']:.1%})"))
+    cols.append(("ratio", lambda c: f"{c['ratio']:.1f}"))
+    if has("top_token"):
+        cols.append(("top token", lambda c: "-" if c.get("top_token") is None else f"{c['top_token']:,}"))
+    if has("flip_rate"):
+        cols.append(("flip rate", lambda c: "-" if c.get("flip_rate") is None else
+                     f"{c['flip_rate']:.1%} of {c['flip_rows']:,}"))
+    if any(c.get("common") for c in candidates):
+        cols.append(("common", lambda c: "common" if c.get("common") else ""))
+    return cols
 
 
 # ---- purification ---------------------------------------------------------------------------------------------

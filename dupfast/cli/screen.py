@@ -237,7 +237,9 @@ def run(args):
                     "base": None if args.model else str(source), "clean_accuracy": acc,
                     "fine_tune": dataclasses.asdict(cfg) if cfg else None, "mode": det.mode, "frr": det.frr,
                     "calibration": det.calibration, "verdict_sentence": result.summary,
-                    "trigger_candidates": report.trigger_candidates(data.texts, flags),
+                    "trigger_candidates": report.trigger_candidates(
+                        data.texts, flags, model=model, tokenizer=tok, clean_texts=clean.texts, detection=result,
+                        max_len=args.max_len, batch_size=DETECT_BATCH),
                     "renamed_columns": {c: f"original_{c}" for c in renamed}})
     summary["plots"] = write_plots(out, "screen", scores, flags, data.poison, result.threshold, summary)
     (out / "screen.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,239 @@
+"""Trigger candidates, as a result: the words of the flagged rows a backdoor's trigger would be, with their evidence.
+
+    triggers(texts, flags)                                   words over-represented in the flagged rows
+    triggers(texts, flags, model=m, tokenizer=tok)           + flip rate: does deleting the word change the prediction?
+    triggers(..., clean_texts=clean, detection=result)       + the clean set's share, + the most-attended-token count
+    piece_words(texts, token_ids, tokenizer)                 a token id -> the word of the text it lies in
+
+Candidates are words of the texts (lower-cased `\\w+`, counted once per row), whatever the tokenizer: no WordPiece
+'##' or byte-level 'Ġ' piece is ever a candidate. A word in at least twice the share of the flagged rows as of the
+kept ones (and in at least `min_rows` flagged rows) is a candidate; one also frequent in kept or clean rows (more
+than `common_share` of them, like "the") is kept, marked `common`, and ranked after the others, so a report can say
+that the best it found is a common word rather than show nothing.
+"""
+import collections
+import dataclasses
+import math
+import random
+import re
+from typing import Optional
+
+WORD = re.compile(r"\w+")
+COMMON_SHARE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerCandidate:
+    """One word and its evidence. `flagged`/`kept`/`clean`: rows holding the word (shares of each set);
+    `ratio`: its flagged share over its kept share (smoothed); `score`: flagged x log ratio; `top_token`: flagged
+    rows whose most-attended token lies in this word (None without the attention signal); `flip_rate`: of
+    `flip_rows` flagged rows holding it, the share whose predicted class changes when it is deleted (None
+    without a model)."""
+    word: str
+    flagged: int
+    flagged_share: float
+    kept: int
+    kept_share: float
+    ratio: float
+    score: float
+    common: bool = False
+    clean: Optional[int] = None
+    clean_share: Optional[float] = None
+    top_token: Optional[int] = None
+    flip_rate: Optional[float] = None
+    flip_rows: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def triggers(texts, flags, model=None, tokenizer=None, clean_texts=None, top: int = 10, max_len: int = 128,
+             flip_rows: int = 64, min_rows: Optional[int] = None, common_share: float = COMMON_SHARE,
+             detection=None, batch_size: int = 64) -> list:
+    """The `top` trigger candidates among the words of `texts` (flags[i]: row i was flagged), best first:
+    non-common words first, then by flip rate (when a model is given; rounded to tenths, so sampling noise does
+    not reorder near-equal words), then by score. Empty when no word qualifies.
+
+    model, tokenizer: a sequence classifier (logits [batch, classes]) and its tokenizer: the flip rate of each
+    returned candidate, on up to `flip_rows` flagged rows holding it (two batched forwards in all).
+    clean_texts: trusted rows; a word in more than `common_share` of them is common too.
+    detection: the DetectionResult the flags came from; with top tokens (the attention signal) and a tokenizer,
+    each candidate counts the flagged rows whose most-attended token lies in it.
+    min_rows: the fewest flagged rows a candidate sits in (default: 2, or 1% of the flagged rows)."""
+    texts, flags = _checked(texts, flags, model, tokenizer, detection)
+    n_f = sum(flags)
+    n_k = len(flags) - n_f
+    if n_f == 0 or n_k == 0:
+        return []
+    words = [set(WORD.findall(t.lower())) for t in texts]
+    in_f = collections.Counter(w for ws, f in zip(words, flags) if f for w in ws)
+    in_k = collections.Counter(w for ws, f in zip(words, flags) if not f for w in ws)
+    clean = _clean_counts(clean_texts)
+    least = max(2, math.ceil(0.01 * n_f)) if min_rows is None else min_rows  # a word of one or two rows says nothing
+    cands = []
+    for word, c in in_f.items():
+        ratio = ((c + 0.5) / (n_f + 1)) / ((in_k[word] + 0.5) / (n_k + 1))  # +0.5: a word absent from kept rows
+        if c >= least and ratio >= 2:
+            cands.append(_candidate(word, c, n_f, in_k[word], n_k, ratio, clean, common_share))
+    cands.sort(key=lambda c: (c.common, -c.score))
+    cands = cands[:top]  # the flip rate reorders these; it is measured on no more words than are returned
+    if not cands:
+        return []
+    if detection is not None and detection.top_tokens is not None:
+        cands = _with_top_tokens(cands, texts, flags, detection, tokenizer, max_len)
+    if model is not None and flip_rows > 0:
+        cands = _with_flips(cands, texts, flags, words, model, tokenizer, flip_rows, max_len, batch_size)
+        cands.sort(key=lambda c: (c.common, -round(c.flip_rate or 0.0, 1), -c.score))
+    return cands
+
+
+def _checked(texts, flags, model, tokenizer, detection):
+    """texts as a list of str, flags as a list of bool; a clear error for what cannot be read."""
+    texts = list(texts)
+    flags = flags.tolist() if hasattr(flags, "tolist") else list(flags)  # a tensor or an array of bools
+    if len(texts) != len(flags):
+        raise ValueError(f"texts and flags differ in length ({len(texts)} texts, {len(flags)} flags): flags[i] "
+                         "must say whether texts[i] was flagged")
+    for i, f in enumerate(flags):
+        if not (isinstance(f, bool) or getattr(f, "dtype", None) == bool):  # numpy's bool_ too; 0/1 is ambiguous
+            raise TypeError(f"flags must be booleans (True = flagged), got {type(f).__name__} {f!r} at row {i}: "
+                            "pass e.g. [bool(f) for f in flags] or result.flags.tolist()")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"texts must be strings, got {type(texts[bad]).__name__} at row {bad}")
+    if model is not None and tokenizer is None:
+        raise ValueError("a model needs its tokenizer (tokenizer=...) to measure flip rates")
+    if detection is not None:
+        if len(detection) != len(texts):
+            raise ValueError(f"the detection scored {len(detection)} rows but there are {len(texts)} texts: pass "
+                             "the texts the detection's loader was built from")
+        if detection.top_tokens is not None and tokenizer is None:
+            raise ValueError("the detection's top tokens are token ids: pass tokenizer=... to map them to words")
+    return texts, [bool(f) for f in flags]
+
+
+def _clean_counts(clean_texts):
+    """(rows, Counter of rows per word) of the clean set, or None."""
+    if clean_texts is None:
+        return None
+    clean_texts = list(clean_texts)
+    return len(clean_texts), collections.Counter(w for t in clean_texts for w in set(WORD.findall(t.lower())))
+
+
+def _candidate(word, c, n_f, k, n_k, ratio, clean, common_share) -> TriggerCandidate:
+    c_rows = c_share = None
+    if clean is not None and clean[0]:
+        c_rows, c_share = clean[1][word], clean[1][word] / clean[0]
+    common = k / n_k > common_share or (c_share is not None and c_share > common_share)
+    return TriggerCandidate(word=word, flagged=c, flagged_share=c / n_f, kept=k, kept_share=k / n_k, ratio=ratio,
+                            score=c * math.log(ratio), common=common, clean=c_rows, clean_share=c_share)
+
+
+# ---- the most-attended token of each flagged row, as a word ---------------------------------------------------
+
+def _with_top_tokens(cands, texts, flags, detection, tokenizer, max_len):
+    det = detection.sorted_by_index()  # the texts' order
+    rows = [i for i, f in enumerate(flags) if f]
+    ids = [int(det.top_tokens[i]) for i in rows]
+    counts = collections.Counter(piece_words([texts[i] for i in rows], ids, tokenizer, max_len))
+    return [dataclasses.replace(c, top_token=counts[c.word]) for c in cands]
+
+
+def piece_words(texts, token_ids, tokenizer, max_len: int = 128) -> list:
+    """Per text, the lower-cased word of the text that token `token_ids[i]` lies in (None for a negative id, or
+    a token in no word of the text: a special token, punctuation). The text is tokenised again with offsets
+    (truncated to max_len, as the detection read it) and the id's first position is mapped back to its
+    characters, so a WordPiece '##gger' or a byte-level 'Ġcf' becomes 'trigger' or 'cf'. An id the text's own
+    tokens lack (the detection read it inside a chat template, or the tokenizer gives no offsets) falls back to
+    the word holding the token's decoded text."""
+    texts, token_ids = list(texts), [None if t is None else int(t) for t in token_ids]
+    if len(texts) != len(token_ids):
+        raise ValueError(f"{len(texts)} texts but {len(token_ids)} token ids")
+    enc = None
+    if getattr(tokenizer, "is_fast", False) and texts:
+        enc = tokenizer(texts, truncation=True, max_length=max_len, return_offsets_mapping=True,
+                        add_special_tokens=True)
+    out = []
+    for i, (text, tid) in enumerate(zip(texts, token_ids)):
+        if tid is None or tid < 0:
+            out.append(None)
+            continue
+        span = None
+        if enc is not None:
+            span = next(((a, b) for t, (a, b) in zip(enc["input_ids"][i], enc["offset_mapping"][i])
+                         if t == tid and b > a), None)
+        out.append(_word_at(text, *span) if span else _word_of_piece(text, tokenizer.decode([tid])))
+    return out
+
+
+def _word_at(text: str, a: int, b: int) -> Optional[str]:
+    """The first word of `text` that characters a..b overlap (offsets may or may not hold the space before)."""
+    return next((m.group().lower() for m in WORD.finditer(text) if m.start() < b and m.end() > a), None)
+
+
+def _word_of_piece(text: str, piece: str) -> Optional[str]:
+    """The first word of `text` that holds `piece` (decoded token text; a WordPiece '##' dropped)."""
+    piece = piece.strip().lower().removeprefix("##")
+    if not WORD.search(piece):
+        return None
+    return next((m.group().lower() for m in WORD.finditer(text) if piece in m.group().lower()), None)
+
+
+# ---- flip rate: does deleting the word change the model's prediction? ----------------------------------------
+
+def without(text: str, word: str) -> str:
+    """`text` with every occurrence of the word `word` (any case, not inside a longer word) deleted."""
+    text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", "", text, flags=re.IGNORECASE)
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def _with_flips(cands, texts, flags, words, model, tokenizer, flip_rows, max_len, batch_size):
+    rng = random.Random(0)  # which rows are measured: the same on every run
+    flagged = [i for i, f in enumerate(flags) if f]
+    edits = {}
+    for c in cands:
+        rows = [i for i in flagged if c.word in words[i]]
+        if len(rows) > flip_rows:
+            rows = sorted(rng.sample(rows, flip_rows))
+        # a row that is only the word leaves nothing to read: it is not measured
+        edits[c.word] = [(i, e) for i, e in ((i, without(texts[i], c.word)) for i in rows) if e]
+    originals = sorted({i for pairs in edits.values() for i, _ in pairs})
+    before = dict(zip(originals, predictions(model, tokenizer, [texts[i] for i in originals], max_len, batch_size)))
+    after = iter(predictions(model, tokenizer, [e for pairs in edits.values() for _, e in pairs], max_len,
+                             batch_size))
+    out = []
+    for c in cands:
+        pairs = edits[c.word]
+        flips = sum(next(after) != before[i] for i, _ in pairs)
+        out.append(dataclasses.replace(c, flip_rate=flips / len(pairs) if pairs else None, flip_rows=len(pairs)))
+    return out
+
+
+def predictions(model, tokenizer, texts, max_len: int = 128, batch_size: int = 64) -> list:
+    """The predicted class (argmax of the logits) of each text, in order: batched, eval mode, no gradients,
+    on the model's device; the model's train/eval mode is restored afterwards."""
+    import torch
+
+    from ..batches import model_device
+    from ..batching import TextBatcher
+
+    texts = list(texts)
+    if not texts:
+        return []
+    device, was_training = model_device(model), model.training
+    out = [None] * len(texts)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in TextBatcher(tokenizer, texts, None, max_len).batches(batch_size):
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device))
+                logits = getattr(logits, "logits", logits)
+                if logits.dim() != 2:
+                    raise ValueError(f"the flip rate needs a sequence classifier (logits [batch, classes]); the "
+                                     f"model gave logits of shape {tuple(logits.shape)}")
+                for i, p in zip(batch["index"].tolist(), logits.argmax(-1).tolist()):
+                    out[i] = p
+    finally:
+        model.train(was_training)
+    return out
