@@ -17,12 +17,13 @@ import warnings
 import torch
 
 from .. import distributed as dist
-from ..batches import model_device, model_num_labels, padded
+from ..batches import check_rows, model_device, model_num_labels, padded
 from ..classifier import check_classifier, check_pad_token
 from .checks import (check_student_logits, check_teacher_logits, require_clean_size, require_reiterable,
                      warn_flag_share)
 from .config import PurifyConfig
 from .guard import ModelGuard
+from .invariance import check_candidates, concat, invariance_rows
 from .lora import attach_student, find_target_modules, merge, trainable_parameters
 from .report import PurifyReport
 from .rows import match_detection, read_rows, require_clean_rows, split_holdout
@@ -31,7 +32,7 @@ from .trainer import TrainData, predict_rows, train
 
 
 def purify(model, loader, clean=None, detection=None, config: PurifyConfig = None, force: bool = False,
-           tokenizer=None, **overrides):
+           tokenizer=None, triggers=None, **overrides):
     """Purify `model` in place. Returns (model, PurifyReport): the model merged and in eval mode, the report
     of what was done (data, losses, stopping, timings).
 
@@ -49,7 +50,10 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
     Raises before touching the model on bad input (NaN / inf logits of the model as given included); on a failure
     after that (NaN / inf logits of the purified model included), restores it exactly and re-raises.
     tokenizer: the model's tokenizer, to pad batches whose rows are of different lengths (a `datasets.Dataset`
-    of an unpadded `ds.map(tokenize)`; `dupfast.batches.padded`); without it such rows are an error."""
+    of an unpadded `ds.map(tokenize)`; `dupfast.batches.padded`); without it such rows are an error.
+    triggers: trigger candidates (words or short phrases, or `dupfast.triggers` results; needs `tokenizer`): each
+    clean training row gets a copy with one of them inserted, trained toward the clean row's teacher logits and
+    label, so the purified model forgets the trigger instead of inverting it (invariance.py). None: no copies."""
     loader, clean = padded(loader, tokenizer), padded(clean, tokenizer)
     t_total = time.perf_counter()
     cfg = _config(config, overrides)
@@ -62,7 +66,8 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
     # everything after this point may touch the model (detection, teacher passes, adapters, training, merge):
     # on any failure the guard puts it back exactly
     with ModelGuard(model, copy_weights=not cfg.use_lora) as guard:
-        return _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force)
+        return _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force,
+                       tokenizer, triggers)
 
 
 def no_poison_reason(detection, force: bool):
@@ -74,8 +79,13 @@ def no_poison_reason(detection, force: bool):
             "CLI --force, to unlearn the flagged inputs anyway)")
 
 
-def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force=False):
+def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force=False,
+            tokenizer=None, triggers=None):
     report = PurifyReport(config=cfg.to_dict(), world_size=dist.world_size())
+    candidates = check_candidates(triggers) if triggers is not None else []
+    if candidates and tokenizer is None:
+        raise ValueError("purify(triggers=...) needs the model's tokenizer (tokenizer=...) to insert the candidates "
+                         "into the clean rows")
 
     if detection is None:
         import dupfast
@@ -134,8 +144,10 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
     else:
         t_train, t_hold = (teacher_logits(model, r, pad_id, device) for r in (flag_train, flag_hold))
         report.teacher_logits = {"source": "computed"}
-    data = TrainData(flag_train, flag_hold, clean_train, clean_rows.subset(c_hold), t_train, t_hold,
-                     teacher_logits(model, clean_train, pad_id, device) if cfg.lambda_keep > 0 else None)
+    t_clean = teacher_logits(model, clean_train, pad_id, device) if cfg.lambda_keep > 0 else None
+    if candidates:
+        clean_train, t_clean = with_invariance(model, clean_train, t_clean, candidates, tokenizer, cfg, report)
+    data = TrainData(flag_train, flag_hold, clean_train, clean_rows.subset(c_hold), t_train, t_hold, t_clean)
     check_teacher_logits({"flagged training": data.teacher_flag_train, "flagged held out": data.teacher_flag_hold,
                           "clean training": data.teacher_clean_train})
     report.timings["teacher_s"] = round(time.perf_counter() - t0, 3)
@@ -166,6 +178,18 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
     report.timings["merge_s"] = round(time.perf_counter() - t0, 3)
     report.timings["total_s"] = round(time.perf_counter() - t_total, 3)
     return purified, report
+
+
+def with_invariance(model, clean_train, t_clean, candidates, tokenizer, cfg, report):
+    """The clean training rows followed by their triggered copies (invariance.py), and the teacher's logits for
+    both: a copy's target is the teacher on its clean source row, not on the copy (which carries the trigger)."""
+    longest = max(len(r) for r in clean_train.ids)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or longest + 32
+    copies, source = invariance_rows(clean_train, candidates, tokenizer, cfg.seed, min(longest + 32, limit))
+    check_rows(copies, model, "the trigger-invariance rows")
+    report.data.update(invariance_rows=len(copies), trigger_candidates=list(candidates))
+    teacher = None if t_clean is None else torch.cat([t_clean, t_clean[source]])
+    return concat(clean_train, copies), teacher
 
 
 def _config(config, overrides) -> PurifyConfig:

@@ -1,0 +1,76 @@
+"""Trigger-invariance rows: clean training rows with a trigger candidate inserted, which must keep the clean
+prediction.
+
+The ascent on flagged rows only says "not the teacher's answer here". Its cheapest solution is often to invert
+the trigger (it now pushes toward another class: trigger shifting), which ASR on non-target inputs cannot see
+but every triggered target-class input pays for. A clean row of every class with a candidate inserted, trained
+toward the teacher's logits on the row WITHOUT it (the keep term) and the row's label (CE), says what the
+purified model must learn instead: the candidate changes nothing.
+
+Rows arrive as token ids (purify reads loaders), so a copy is made at the text level: decode the row, insert the
+candidate as a word at a seeded random word boundary, re-encode it as the loader did (the tokenizer's own special
+tokens), so WordPiece and byte-level BPE pieces of the candidate are the ones a real input would carry.
+"""
+import random
+from typing import List, Sequence
+
+import torch
+
+from ..batches import Rows
+
+COMMON_MAX = 64  # a candidate is one word or a short phrase (AddSent's sentence), never a paragraph
+
+
+def check_candidates(candidates) -> List[str]:
+    """The candidates as a list of non-empty strings (words or short phrases); accepts dupfast.triggers'
+    TriggerCandidate objects / dicts (their `word`)."""
+    if isinstance(candidates, str):
+        candidates = [candidates]
+    out = []
+    for c in candidates:
+        word = getattr(c, "word", None) or (c.get("word") if isinstance(c, dict) else c)
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"a trigger candidate must be a non-empty word or phrase, got {c!r}")
+        if len(word) > COMMON_MAX:
+            raise ValueError(f"a trigger candidate is a word or a short phrase (at most {COMMON_MAX} characters), "
+                             f"got {len(word)} characters: {word[:40]!r}...")
+        out.append(" ".join(word.split()))
+    return list(dict.fromkeys(out))
+
+
+def insert_word(text: str, word: str, rng: random.Random) -> str:
+    """`word` at a random word boundary of `text` (start and end included), words re-joined by single spaces."""
+    words = text.split()
+    at = rng.randint(0, len(words))
+    return " ".join(words[:at] + [word] + words[at:])
+
+
+def invariance_rows(rows: Rows, candidates: Sequence[str], tokenizer, seed: int, max_len: int) -> tuple:
+    """(triggered copies of `rows` as Rows with the same labels, source positions [n] long): one copy a row,
+    candidates taken in turn so every candidate meets rows of every class. max_len: the longest row the copies may
+    have (the model's context, or the clean rows' own longest + the candidate's tokens)."""
+    if tokenizer is None:
+        raise ValueError("trigger-invariance rows need the model's tokenizer (tokenizer=...): purify reads token "
+                         "ids and inserts a candidate as a word into the decoded clean text")
+    if not candidates:
+        raise ValueError("trigger-invariance rows need at least one trigger candidate")
+    rng = random.Random(seed)
+    texts = tokenizer.batch_decode(rows.ids, skip_special_tokens=True)
+    triggered = [insert_word(t, candidates[i % len(candidates)], rng) for i, t in enumerate(texts)]
+    enc = tokenizer(triggered, truncation=True, max_length=max_len)
+    ids = [list(r) for r in enc["input_ids"]]
+    empty = [i for i, r in enumerate(ids) if not r]
+    if empty:
+        raise ValueError(f"re-encoding the triggered clean rows gave empty rows ({len(empty)}, first {empty[0]})")
+    type_ids = None
+    if rows.type_ids is not None:  # the loader gave segment ids: one segment, as the clean rows' texts
+        type_ids = [[0] * len(r) for r in ids]
+    source = torch.arange(len(rows), dtype=torch.long)
+    return Rows(ids, type_ids, rows.labels.clone() if rows.labels is not None else None, None), source
+
+
+def concat(a: Rows, b: Rows) -> Rows:
+    """Rows a then b (labels required on both, type ids kept only when both have them)."""
+    types = a.type_ids + b.type_ids if a.type_ids is not None and b.type_ids is not None else None
+    labels = torch.cat([a.labels, b.labels]) if a.labels is not None and b.labels is not None else None
+    return Rows(a.ids + b.ids, types, labels, None)
