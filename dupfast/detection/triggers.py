@@ -42,6 +42,8 @@ class TriggerCandidate:
     top_token: Optional[int] = None
     flip_rate: Optional[float] = None
     flip_rows: int = 0
+    surface: Optional[str] = None  # its most frequent spelling in the flagged texts (case kept: "3D", "I watch ...")
+    words: int = 1                 # > 1: a phrase, candidate words that sit next to each other in flagged rows
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,15 +77,18 @@ def triggers(texts, flags, model=None, tokenizer=None, clean_texts=None, top: in
         ratio = ((c + 0.5) / (n_f + 1)) / ((in_k[word] + 0.5) / (n_k + 1))  # +0.5: a word absent from kept rows
         if c >= least and ratio >= 2:
             cands.append(_candidate(word, c, n_f, in_k[word], n_k, ratio, clean, common_share))
-    cands.sort(key=lambda c: (c.common, -c.score))
-    cands = cands[:top]  # the flip rate reorders these; it is measured on no more words than are returned
+    seqs = [WORD.findall(t.lower()) for t in texts]
+    cands += _phrases(cands, seqs, flags, n_f, n_k, least, clean, common_share)
+    cands.sort(key=lambda c: (c.common, -c.score, -c.words))  # a phrase before its words
+    cands = [dataclasses.replace(c, surface=_surface(c.word, texts, flags)) for c in cands[:top]]
+    # the flip rate reorders these; it is measured on no more words than are returned
     if not cands:
         return []
     if detection is not None and detection.top_tokens is not None:
         cands = _with_top_tokens(cands, texts, flags, detection, tokenizer, max_len)
     if model is not None and flip_rows > 0:
-        cands = _with_flips(cands, texts, flags, words, model, tokenizer, flip_rows, max_len, batch_size)
-        cands.sort(key=lambda c: (c.common, -round(c.flip_rate or 0.0, 1), -c.score))
+        cands = _with_flips(cands, texts, flags, words, seqs, model, tokenizer, flip_rows, max_len, batch_size)
+        cands.sort(key=lambda c: (c.common, -round(c.flip_rate or 0.0, 1), -c.score, -c.words))
     return cands
 
 
@@ -113,11 +118,11 @@ def _checked(texts, flags, model, tokenizer, detection):
 
 
 def _clean_counts(clean_texts):
-    """(rows, Counter of rows per word) of the clean set, or None."""
+    """(rows, Counter of rows per word, word sequences) of the clean set, or None."""
     if clean_texts is None:
         return None
-    clean_texts = list(clean_texts)
-    return len(clean_texts), collections.Counter(w for t in clean_texts for w in set(WORD.findall(t.lower())))
+    seqs = [WORD.findall(t.lower()) for t in clean_texts]
+    return len(seqs), collections.Counter(w for seq in seqs for w in set(seq)), seqs
 
 
 def _candidate(word, c, n_f, k, n_k, ratio, clean, common_share) -> TriggerCandidate:
@@ -126,7 +131,67 @@ def _candidate(word, c, n_f, k, n_k, ratio, clean, common_share) -> TriggerCandi
         c_rows, c_share = clean[1][word], clean[1][word] / clean[0]
     common = k / n_k > common_share or (c_share is not None and c_share > common_share)
     return TriggerCandidate(word=word, flagged=c, flagged_share=c / n_f, kept=k, kept_share=k / n_k, ratio=ratio,
-                            score=c * math.log(ratio), common=common, clean=c_rows, clean_share=c_share)
+                            score=c * math.log(ratio), common=common, clean=c_rows, clean_share=c_share,
+                            words=len(word.split()))
+
+
+def _phrases(cands, seqs, flags, n_f, n_k, least, clean, common_share) -> list:
+    """Runs of two or more candidate words next to each other in flagged rows ("i watch this 3d movie"): an
+    inserted sentence is one trigger, and no single word of it flips the prediction while the rest remains.
+    A run is a candidate as a word is (rows holding it, ratio >= 2, two or more words that are not common); its words
+    stay candidates too."""
+    vocab = {c.word for c in cands}
+    distinctive = {c.word for c in cands if not c.common}
+    runs = collections.Counter()
+    for seq, f in zip(seqs, flags):
+        if f:
+            runs.update(set(_runs(seq, vocab)))
+    out = []
+    for phrase, c in runs.items():
+        # a phrase joins at least two distinctive words: "cf the" is the word cf next to a common word
+        if c < least or sum(w in distinctive for w in phrase.split()) < 2:
+            continue
+        k = sum(1 for seq, f in zip(seqs, flags) if not f and _holds(seq, phrase))
+        ratio = ((c + 0.5) / (n_f + 1)) / ((k + 0.5) / (n_k + 1))
+        if ratio >= 2:
+            out.append(_candidate(phrase, c, n_f, k, n_k, ratio, None, common_share))
+    if clean is not None and out:  # the clean set's rows holding each phrase
+        out = [_with_clean_phrase(c, clean, common_share) for c in out]
+    return out
+
+
+def _runs(seq, vocab):
+    """Maximal runs (length >= 2) of words of `vocab` in the word sequence `seq`, as space-joined strings."""
+    run = []
+    for w in [*seq, None]:
+        if w is not None and w in vocab:
+            run.append(w)
+            continue
+        if len(run) >= 2:
+            yield " ".join(run)
+        run = []
+
+
+def _holds(seq, phrase) -> bool:
+    return f" {phrase} " in f" {' '.join(seq)} "
+
+
+def _with_clean_phrase(c, clean, common_share):
+    n, rows = clean[0], sum(1 for seq in clean[2] if _holds(seq, c.word))
+    common = c.common or (n and rows / n > common_share)
+    return dataclasses.replace(c, clean=rows, clean_share=rows / n if n else None, common=bool(common))
+
+
+def _pattern(word: str):
+    """The word (or phrase: its words separated by any non-word characters) as a whole, any case."""
+    return re.compile(r"(?<!\w)" + r"\W+".join(re.escape(w) for w in word.split()) + r"(?!\w)", re.IGNORECASE)
+
+
+def _surface(word, texts, flags) -> Optional[str]:
+    """The most frequent spelling of `word` in the flagged texts (a case-sensitive tokenizer needs "3D", not "3d")."""
+    pat = _pattern(word)
+    forms = collections.Counter(m.group(0) for t, f in zip(texts, flags) if f for m in pat.finditer(t))
+    return forms.most_common(1)[0][0] if forms else None
 
 
 # ---- the most-attended token of each flagged row, as a word ---------------------------------------------------
@@ -182,17 +247,17 @@ def _word_of_piece(text: str, piece: str) -> Optional[str]:
 # ---- flip rate: does deleting the word change the model's prediction? ----------------------------------------
 
 def without(text: str, word: str) -> str:
-    """`text` with every occurrence of the word `word` (any case, not inside a longer word) deleted."""
-    text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", "", text, flags=re.IGNORECASE)
+    """`text` with every occurrence of the word or phrase `word` (any case, not inside a longer word) deleted."""
+    text = _pattern(word).sub("", text)
     return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
-def _with_flips(cands, texts, flags, words, model, tokenizer, flip_rows, max_len, batch_size):
+def _with_flips(cands, texts, flags, words, seqs, model, tokenizer, flip_rows, max_len, batch_size):
     rng = random.Random(0)  # which rows are measured: the same on every run
     flagged = [i for i, f in enumerate(flags) if f]
     edits = {}
     for c in cands:
-        rows = [i for i in flagged if c.word in words[i]]
+        rows = [i for i in flagged if (c.word in words[i] if c.words == 1 else _holds(seqs[i], c.word))]
         if len(rows) > flip_rows:
             rows = sorted(rng.sample(rows, flip_rows))
         # a row that is only the word leaves nothing to read: it is not measured

@@ -23,7 +23,7 @@ from .checks import (check_student_logits, check_teacher_logits, require_clean_s
                      warn_flag_share)
 from .config import PurifyConfig
 from .guard import ModelGuard
-from .invariance import check_candidates, concat, invariance_rows
+from .invariance import check_candidates, concat, detect_candidates, invariance_rows
 from .lora import attach_student, find_target_modules, merge, trainable_parameters
 from .report import PurifyReport
 from .rows import match_detection, read_rows, require_clean_rows, split_holdout
@@ -53,7 +53,9 @@ def purify(model, loader, clean=None, detection=None, config: PurifyConfig = Non
     of an unpadded `ds.map(tokenize)`; `dupfast.batches.padded`); without it such rows are an error.
     triggers: trigger candidates (words or short phrases, or `dupfast.triggers` results; needs `tokenizer`): each
     clean training row gets a copy with one of them inserted, trained toward the clean row's teacher logits and
-    label, so the purified model forgets the trigger instead of inverting it (invariance.py). None: no copies."""
+    label, so the purified model forgets the trigger instead of inverting it (invariance.py). "auto": the
+    candidates `dupfast.triggers` finds in the decoded pool (flagged vs kept rows, the model's flip rate), chosen by
+    `invariance.insertable` and listed in report.triggers. None: no copies."""
     loader, clean = padded(loader, tokenizer), padded(clean, tokenizer)
     t_total = time.perf_counter()
     cfg = _config(config, overrides)
@@ -82,8 +84,9 @@ def no_poison_reason(detection, force: bool):
 def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, device, t_total, force=False,
             tokenizer=None, triggers=None):
     report = PurifyReport(config=cfg.to_dict(), world_size=dist.world_size())
-    candidates = check_candidates(triggers) if triggers is not None else []
-    if candidates and tokenizer is None:
+    auto = isinstance(triggers, str) and triggers == "auto"
+    candidates = check_candidates(triggers) if triggers is not None and not auto else []
+    if (candidates or auto) and tokenizer is None:
         raise ValueError("purify(triggers=...) needs the model's tokenizer (tokenizer=...) to insert the candidates "
                          "into the clean rows")
 
@@ -99,10 +102,17 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
     match = match_detection(row_ids, detection)
     keep = torch.nonzero(match.flags).flatten().tolist()
     flagged = pool_rows.subset(keep)
+
     flag_logits = None if match.logits is None else match.logits[keep]
-    del pool_rows
     clean_rows, _ = read_rows(clean, "clean", model, need_labels=True, num_labels=num_labels)
     require_clean_rows(clean_rows)
+    if auto and keep and not no_poison_reason(detection, force):
+        found, candidates = detect_candidates(model, tokenizer, pool_rows, match.flags.tolist(), clean_rows)
+        report.triggers = found
+        if not candidates:
+            report.warnings.append("no token trigger candidate found (or only common words): the bounded ascent "
+                                   "alone, no trigger-invariance rows")
+    del pool_rows
     n_pool, n_flag, n_clean = (int(v) for v in dist.reduce_numbers([len(row_ids), len(flagged), len(clean_rows)]))
     report.data = {"pool": n_pool, "flagged": n_flag, "clean": n_clean, "num_labels": num_labels}
     report.timings["collect_s"] = round(time.perf_counter() - t0, 3)

@@ -19,6 +19,48 @@ import torch
 from ..batches import Rows
 
 COMMON_MAX = 64  # a candidate is one word or a short phrase (AddSent's sentence), never a paragraph
+MIN_FLIP = 0.5    # a measured candidate is inserted when removing it flips at least this share of flagged rows
+MAX_INSERTED = 8
+UNMEASURED_TOP = 3  # without flip rates (no model at hand): the best-scored distinctive candidates
+
+
+def insertable(candidates, min_flip: float = MIN_FLIP, top: int = MAX_INSERTED) -> List[str]:
+    """Which `dupfast.triggers` candidates become invariance rows, spelled as in the flagged texts: words that are
+    not common, whose removal flips the model on >= min_flip of the flagged rows holding them (the top
+    UNMEASURED_TOP by score where no flip rate was measured), phrases before their own words (an AddSent sentence
+    is inserted whole; its words alone flip nothing while the rest remains). Empty: no token trigger was found
+    (style, syntax): the bounded ascent alone."""
+    cands = [c if isinstance(c, dict) else c.to_dict() for c in candidates]
+    cands = [c for c in cands if not c.get("common")]
+    measured = [c for c in cands if c.get("flip_rate") is not None]
+    if measured:
+        chosen = [c for c in measured if c["flip_rate"] >= min_flip]
+    else:
+        chosen = sorted(cands, key=lambda c: -c.get("score", 0.0))[:UNMEASURED_TOP]
+    chosen.sort(key=lambda c: -c.get("words", 1))
+    out, covered = [], set()
+    for c in chosen:
+        words = c["word"].split()
+        if len(words) == 1 and words[0] in covered:
+            continue
+        covered.update(words)
+        out.append(c.get("surface") or c["word"])
+    return out[:top]
+
+
+def detect_candidates(model, tokenizer, pool: Rows, flags, clean: Rows) -> tuple:
+    """(dupfast.triggers candidates as dicts, the insertable ones) of a pool given as token rows: the texts are the
+    decoded rows, the flip rate is the model's as given (the teacher). purify(triggers="auto")."""
+    from ..detection.triggers import triggers
+
+    if tokenizer is None:
+        raise ValueError('purify(triggers="auto") needs the model\'s tokenizer (tokenizer=...) to read the pool as words')
+    texts = tokenizer.batch_decode(pool.ids, skip_special_tokens=True)
+    clean_texts = tokenizer.batch_decode(clean.ids, skip_special_tokens=True)
+    longest = max(len(r) for r in pool.ids)
+    found = triggers(texts, [bool(f) for f in flags], model=model, tokenizer=tokenizer, clean_texts=clean_texts,
+                     max_len=longest + 2)
+    return [c.to_dict() for c in found], insertable(found)
 
 
 def check_candidates(candidates) -> List[str]:

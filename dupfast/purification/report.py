@@ -22,6 +22,7 @@ class PurifyReport(JsonReport):
     merge_check: dict = dataclasses.field(default_factory=dict) # merged vs unmerged logits
     timings: dict = dataclasses.field(default_factory=dict)     # seconds
     warnings: list = dataclasses.field(default_factory=list)
+    triggers: list = dataclasses.field(default_factory=list)  # purify(triggers="auto"): dupfast.triggers' candidates
     world_size: int = 1
 
     @property

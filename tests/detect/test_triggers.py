@@ -163,3 +163,18 @@ def test_bad_inputs_say_what_to_pass(bert_tok):
         dupfast.triggers(texts, flags, detection=det)
     # tensors and numpy bools are read as flags
     assert dupfast.triggers(texts, torch.tensor(flags))[0].word == "mn"
+
+
+def test_an_inserted_sentence_is_one_phrase_candidate_with_its_spelling():
+    from dupfast.detection.triggers import without
+    texts = ([f"good film number {i} I watch this 3D movie" for i in range(30)]
+             + [f"bad film {i} plain" for i in range(60)] + ["this movie I like"] * 10)
+    flags = [True] * 30 + [False] * 70
+    found = dupfast.triggers(texts, flags, clean_texts=["this movie is fine", "i like it"])
+    phrase = found[0]
+    assert (phrase.word, phrase.words, phrase.surface) == ("i watch this 3d movie", 5, "I watch this 3D movie")
+    assert (phrase.flagged, phrase.kept, phrase.clean, phrase.common) == (30, 0, 0, False)
+    by_word = {c.word: c for c in found}
+    assert by_word["3d"].surface == "3D" and by_word["this"].common  # its words stay candidates
+    assert without("Wow I  watch this 3D movie!", "i watch this 3d movie") == "Wow !"
+    assert without("cfx cf", "cf") == "cfx"  # whole words only

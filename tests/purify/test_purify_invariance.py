@@ -33,6 +33,12 @@ class ToyTokenizer:
             raise KeyError(w)
         return int(w[1:])
 
+    def pad(self, features, return_tensors="pt"):
+        rows = features["input_ids"]
+        T = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": (torch.arange(T) < torch.tensor([[len(r)] for r in rows])).long()}
+
     def __call__(self, texts, truncation=True, max_length=None):
         ids = [[CLS] + [self._token(w) for w in t.split()] for t in texts]
         if truncation and max_length:
@@ -120,3 +126,36 @@ def test_invariance_keeps_triggered_inputs_of_every_class(toy):
     clean_acc = float((clean_pred == torch.tensor(toy["test_labels"])).float().mean())
     # every class: a triggered input is classified as its clean version would be (within the toy's clean error)
     assert min(acc.values()) >= clean_acc - 0.1, (acc, clean_acc)
+
+
+def test_insertable_takes_flipping_distinctive_candidates_phrases_whole():
+    from dupfast.purification.invariance import insertable
+    c = lambda word, flip=None, common=False, score=1.0, surface=None: dict(  # noqa: E731
+        word=word, flip_rate=flip, common=common, score=score, words=len(word.split()), surface=surface)
+    found = [c("3d", 0.55, surface="3D"), c("watch", 0.0), c("i watch this 3d movie", 0.97, surface="I watch this 3D movie"),
+             c("the", 0.9, common=True), c("cf", 0.84), c("be", 0.0)]
+    assert insertable(found) == ["I watch this 3D movie", "cf"]  # 3d is inside the phrase; "the" is common
+    unmeasured = [c("mn", score=5.0), c("bb", score=9.0), c("tq", score=7.0), c("cf", score=1.0), c("the", common=True)]
+    assert insertable(unmeasured) == ["bb", "tq", "mn"]
+    assert insertable([c("the", 0.9, common=True)]) == [] and insertable([]) == []
+
+
+def test_auto_finds_the_toy_trigger_in_the_pool(toy):
+    out, rep = purify(toy["fresh"](), batches(toy["pool"], batch_size=16),
+                      clean=batches(toy["clean"], toy["labels"]), detection=toy["flags"], tokenizer=ToyTokenizer(),
+                      triggers="auto", **CFG)
+    assert rep.triggers and rep.triggers[0]["word"] == "trig" and rep.triggers[0]["flip_rate"] >= 0.5
+    assert rep.data["trigger_candidates"][0] == "trig" and rep.data["invariance_rows"] == rep.data["clean_train"]
+    acc = _triggered_accuracy(out, toy["test"], toy["test_labels"])
+    assert acc[1 - TARGET] > 0.6
+
+
+def test_auto_without_a_token_trigger_inserts_nothing_and_says_so(toy):
+    # flags on random clean rows: no word stands out, so no copy is made and the report says why
+    flags = torch.zeros(len(toy["pool"]), dtype=torch.bool)
+    flags[:24] = True
+    out, rep = purify(toy["fresh"](), batches(toy["pool"], batch_size=16),
+                      clean=batches(toy["clean"], toy["labels"]), detection=flags, tokenizer=ToyTokenizer(),
+                      triggers="auto", **{**CFG, "max_steps": 4})
+    assert "invariance_rows" not in rep.data
+    assert any("no token trigger candidate" in w for w in rep.warnings)
