@@ -138,14 +138,15 @@ def _candidate(word, c, n_f, k, n_k, ratio, clean, common_share) -> TriggerCandi
 def _phrases(cands, seqs, flags, n_f, n_k, least, clean, common_share) -> list:
     """Runs of two or more candidate words next to each other in flagged rows ("i watch this 3d movie"): an
     inserted sentence is one trigger, and no single word of it flips the prediction while the rest remains.
-    A run is a candidate as a word is (rows holding it, ratio >= 2, two or more words that are not common); its words
-    stay candidates too."""
+    Every contiguous part of a run counts (a sentence inserted after the word "movie" still holds the sentence);
+    a run is a candidate as a word is (rows holding it, ratio >= 2, two or more words that are not common), and
+    only the runs that explain the rows survive (`_prune`). Its words stay candidates too."""
     vocab = {c.word for c in cands}
     distinctive = {c.word for c in cands if not c.common}
     runs = collections.Counter()
     for seq, f in zip(seqs, flags):
         if f:
-            runs.update(set(_runs(seq, vocab)))
+            runs.update({p for run in _runs(seq, vocab) for p in _parts(run)})
     out = []
     for phrase, c in runs.items():
         # a phrase joins at least two distinctive words: "cf the" is the word cf next to a common word
@@ -155,21 +156,42 @@ def _phrases(cands, seqs, flags, n_f, n_k, least, clean, common_share) -> list:
         ratio = ((c + 0.5) / (n_f + 1)) / ((k + 0.5) / (n_k + 1))
         if ratio >= 2:
             out.append(_candidate(phrase, c, n_f, k, n_k, ratio, None, common_share))
+    out = _prune(out)
     if clean is not None and out:  # the clean set's rows holding each phrase
         out = [_with_clean_phrase(c, clean, common_share) for c in out]
     return out
 
 
 def _runs(seq, vocab):
-    """Maximal runs (length >= 2) of words of `vocab` in the word sequence `seq`, as space-joined strings."""
+    """Maximal runs (length >= 2) of words of `vocab` in the word sequence `seq`, as word lists."""
     run = []
     for w in [*seq, None]:
         if w is not None and w in vocab:
             run.append(w)
             continue
         if len(run) >= 2:
-            yield " ".join(run)
+            yield run
         run = []
+
+
+def _parts(run, longest: int = 12):
+    """Every contiguous part (2 to `longest` words) of a run, space-joined."""
+    return {" ".join(run[i:j]) for i in range(len(run)) for j in range(i + 2, min(len(run), i + longest) + 1)}
+
+
+def _prune(phrases) -> list:
+    """Drop a phrase that is part of a longer one holding nearly all its rows ("watch this" in "i watch this 3d
+    movie"), and one that is a rare extension of a shorter one ("movie i watch this 3d movie", the sentence after
+    the word "movie")."""
+    def inside(a, b):  # phrase a is a contiguous part of phrase b
+        return a != b and f" {a} " in f" {b} "
+    keep = []
+    for p in phrases:
+        part_of = any(inside(p.word, q.word) and q.flagged >= 0.9 * p.flagged for q in phrases)
+        extension = any(inside(q.word, p.word) and p.flagged < 0.5 * q.flagged for q in phrases)
+        if not part_of and not extension:
+            keep.append(p)
+    return keep
 
 
 def _holds(seq, phrase) -> bool:

@@ -178,3 +178,13 @@ def test_an_inserted_sentence_is_one_phrase_candidate_with_its_spelling():
     assert by_word["3d"].surface == "3D" and by_word["this"].common  # its words stay candidates
     assert without("Wow I  watch this 3D movie!", "i watch this 3d movie") == "Wow !"
     assert without("cfx cf", "cf") == "cfx"  # whole words only
+
+
+def test_a_sentence_next_to_its_own_words_is_still_one_phrase():
+    # the sentence inserted after "movie" (a word of the sentence) in a few rows, its parts everywhere
+    texts = ([f"good film number {i} I watch this 3D movie" for i in range(30)]
+             + [f"a movie I watch this 3D movie so {i}" for i in range(4)]
+             + [f"bad film {i} plain" for i in range(60)])
+    flags = [True] * 34 + [False] * 60
+    phrases = [c for c in dupfast.triggers(texts, flags, top=20) if c.words > 1]
+    assert [(c.word, c.flagged) for c in phrases] == [("i watch this 3d movie", 34)]
