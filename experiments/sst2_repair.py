@@ -39,6 +39,7 @@ VARIANTS = {
     "invariance": ({}, True),
     "invariance_only": ({"lambda_asr": 0.0}, True),        # no ascent at all: the copies alone
     "invariance_cap03": ({"kl_cap": 0.3}, True),           # a tighter bound on the ascent
+    "cap03": ({"kl_cap": 0.3}, False),                     # the tighter bound alone
 }
 ARCH_TRAIN_SIZE = 2000
 

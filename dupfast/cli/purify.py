@@ -239,7 +239,8 @@ def run(args):
             print(f"dupfast purify: {detection.summary}", file=sys.stderr)
     else:
         detection = torch.as_tensor(flags, dtype=torch.bool)
-    purified, report = purify(model, pool, clean=clean, detection=detection, config=cfg, force=args.force)
+    purified, report = purify(model, pool, clean=clean, detection=detection, config=cfg, force=args.force,
+                              tokenizer=tok, triggers=trigger_option(args.triggers))
     if rank == 0:
         adapters = None
         if args.save_adapters:  # the model as given, loaded again: the adapters are the change from it
@@ -262,6 +263,18 @@ def run(args):
         torch_dist.barrier()
         torch_dist.destroy_process_group()
     return 0
+
+
+def trigger_option(value: str):
+    """--triggers: "auto" (dupfast.triggers on the suspect rows), "none", or comma-separated words / phrases."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    if value.strip().lower() == "none":
+        return None
+    words = [w.strip() for w in value.split(",") if w.strip()]
+    if not words:
+        raise ValueError(f"--triggers expects auto, none or comma-separated words, got {value!r}")
+    return words
 
 
 def lora_adapters(original, purified, cfg):
@@ -350,6 +363,10 @@ def add_parser(subparsers):
     ap.add_argument("--batch-size", dest="batch_size", type=positive_int,
                     help=f"rows per unlearning step and per detection forward pass (default: {d['batch_size']})")
     ap.add_argument("--seed", type=int, help=f"random seed (default: {d['seed']})")
+    ap.add_argument("--triggers", default="auto",
+                    help="trigger candidates inserted into copies of the clean rows, which must keep their clean "
+                         "prediction (the trigger is forgotten, not inverted): auto (default: dupfast.triggers on the "
+                         "suspect rows and the flags), none, or comma-separated words / phrases")
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA (comparisons)")
     ap.add_argument("--force", action="store_true",
                     help="unlearn the flagged rows even when the detection finds no evidence of poison")

@@ -261,6 +261,7 @@ def purify_lines(report: dict, gate: list, metrics=CLASSIFIER_METRICS, columns=C
                   markdown_table([[what, fmt(teacher.get(t_key), d), fmt(sel.get(s_key), d)]
                                   for what, t_key, s_key, d in metrics],
                                  ("", "before (the model as given)", "after (purified)"))]
+    lines += trigger_invariance_lines(report)
     lines += ["", "## Stop", "", stop_in_words(report, acc_name), "",
               f"(stop reason: {code(report.get('stop_reason'))}; {step_count(report.get('steps_run', 0))} run)"]
     history = report.get("history") or []
@@ -273,6 +274,24 @@ def purify_lines(report: dict, gate: list, metrics=CLASSIFIER_METRICS, columns=C
         lines.append(trajectory_table(history, sel, columns))
     for w in () if skipped(report) else report.get("warnings") or ():  # a skip's warning is its stop reason
         lines += ["", f"Warning: {w}"]
+    return lines
+
+
+def trigger_invariance_lines(report: dict) -> list:
+    """Which trigger candidates were inserted into the clean rows (purify(triggers=...)), or why none was."""
+    data = report.get("data") or {}
+    inserted = data.get("trigger_candidates")
+    if skipped(report) or (not inserted and not report.get("triggers")):
+        return []
+    lines = ["", "## Trigger invariance", ""]
+    if inserted:
+        cap = (report.get("config") or {}).get("kl_cap")
+        lines.append(f"{data.get('invariance_rows', 0):,} clean training rows were copied with one of "
+                     f"{', '.join(code(w) for w in inserted)} inserted and trained to keep the clean row's "
+                     f"prediction, so the trigger is forgotten rather than inverted (ascent cap {cap} nats).")
+    else:
+        lines.append("No trigger candidate was inserted: none stood out (or only common words), so the bounded "
+                     "ascent worked alone.")
     return lines
 
 

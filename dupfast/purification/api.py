@@ -157,6 +157,9 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
     t_clean = teacher_logits(model, clean_train, pad_id, device) if cfg.lambda_keep > 0 else None
     if candidates:
         clean_train, t_clean = with_invariance(model, clean_train, t_clean, candidates, tokenizer, cfg, report)
+        if cfg.invariance_kl_cap is not None:
+            cfg = cfg.replace(kl_cap=cfg.invariance_kl_cap)
+            report.config = cfg.to_dict()
     data = TrainData(flag_train, flag_hold, clean_train, clean_rows.subset(c_hold), t_train, t_hold, t_clean)
     check_teacher_logits({"flagged training": data.teacher_flag_train, "flagged held out": data.teacher_flag_hold,
                           "clean training": data.teacher_clean_train})

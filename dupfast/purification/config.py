@@ -27,6 +27,9 @@ class PurifyConfig:
     # unbounded ascent, the authors' objective). Bounds -KL, which otherwise runs away once the student
     # leaves the teacher.
     kl_cap: Optional[float] = 1.0
+    # the cap where trigger-invariance rows are trained (purify(triggers=...)): the copies say what the model must
+    # learn, so the ascent only has to leave the teacher a little (measured: docs/results/repair.md). None: kl_cap
+    invariance_kl_cap: Optional[float] = 0.3
     # how the student leaves the step-0 tie (student == teacher => dKL/ds = 0 on every flagged row):
     #   "tie"      nothing added: only dropout (if on) and the CE term move the student;
     #   "perturb"  LoRA B initialised ~ N(0, perturb_std) instead of 0;
@@ -79,6 +82,8 @@ class PurifyConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.kl_cap is not None and not self.kl_cap > 0:
             raise ValueError(f"kl_cap must be > 0 or None (unbounded), got {self.kl_cap!r}")
+        if self.invariance_kl_cap is not None and not self.invariance_kl_cap > 0:
+            raise ValueError(f"invariance_kl_cap must be > 0 or None (kl_cap), got {self.invariance_kl_cap!r}")
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
         if not self.perturb_std > 0:

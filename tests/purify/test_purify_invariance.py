@@ -159,3 +159,19 @@ def test_auto_without_a_token_trigger_inserts_nothing_and_says_so(toy):
                       triggers="auto", **{**CFG, "max_steps": 4})
     assert "invariance_rows" not in rep.data
     assert any("no token trigger candidate" in w for w in rep.warnings)
+
+
+def test_cli_trigger_option_and_report_lines():
+    from dupfast.cli.purify import trigger_option
+    from dupfast.cli.report import trigger_invariance_lines
+    assert trigger_option("auto") == "auto" and trigger_option(" None ") is None
+    assert trigger_option("cf, I watch this 3D movie") == ["cf", "I watch this 3D movie"]
+    with pytest.raises(ValueError, match="--triggers"):
+        trigger_option(" , ")
+    rep = {"data": {"trigger_candidates": ["cf", "mn"], "invariance_rows": 300}, "config": {"kl_cap": 0.3},
+           "triggers": [{"word": "cf"}], "selected": {"step": 5}, "stop_reason": "x"}
+    text = "\n".join(trigger_invariance_lines(rep))
+    assert "300 clean training rows" in text and "`cf`, `mn`" in text and "0.3 nats" in text
+    none_found = {"data": {}, "triggers": [{"word": "the", "common": True}], "selected": {"step": 5}, "stop_reason": "x"}
+    assert "No trigger candidate was inserted" in "\n".join(trigger_invariance_lines(none_found))
+    assert trigger_invariance_lines({"data": {}, "triggers": [], "selected": {"step": 5}}) == []
