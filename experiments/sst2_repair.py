@@ -186,6 +186,17 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def saved_rows(paths) -> list:
+    rows = {}
+    for path in paths:
+        for line in pathlib.Path(path).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[(r.get("arch", "minilm"), r["attack"], r["model"])] = r
+    order = {"clean fine-tune": 0, "victim": 1}
+    return sorted(rows.values(), key=lambda r: (r.get("arch", "minilm"), r["attack"], order.get(r["model"], 2)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm", help="minilm, or an experiments.sst2_architectures model "
@@ -195,7 +206,13 @@ def main(argv=None):
     ap.add_argument("--relearn-k", nargs="*", type=int, default=[16, 64])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/repair/repair.jsonl")
+    ap.add_argument("--table", nargs="+", metavar="JSONL",
+                    help="print one table from the rows of earlier runs (each model once per architecture and "
+                         "attack: the last row wins) and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(saved_rows(args.table)))
+        return 0
     torch.set_num_threads(2)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
