@@ -11,18 +11,11 @@ from dupfast.batches import collect
 from dupfast.btu import BTUConfig, ExposureConfig
 from dupfast.detection.capture import capture
 from dupfast.finetune import FinetuneConfig
-from tiny_models import sentiment_samples, tiny_classifier
+from tiny_models import sentiment_samples, tiny_classifier, one_thread  # noqa: F401 (autouse fixture)
 
 KINDS = ["collator", "collator_np", "default_collator", "plain_lists"]
 MAX_LEN = 24
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -12,18 +12,10 @@ from dupfast.harness.repair import (RelearnConfig, evaluate_repair, poison_sampl
                                     triggered_copy, triggered_predictions)
 from dupfast.harness.victims import evaluate_backdoor
 from dupfast.samples import Sample
-from tiny_models import sentiment_samples, tiny_classifier
+from tiny_models import sentiment_samples, tiny_classifier, one_thread  # noqa: F401 (autouse fixture)
 
 CF = BadNets(triggers=("cf",))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: threads cost more than they save, and bit-exact reruns need a fixed thread count
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

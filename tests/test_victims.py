@@ -11,17 +11,8 @@ from dupfast.batching import TextBatcher, length_sorted_batches, predict, predic
 from dupfast.finetune import FinetuneConfig, fit
 from dupfast.harness.models import load_model
 from dupfast.harness.victims import VictimConfig, cache_key, evaluate_backdoor, train_victim
-from tiny_models import sentiment_samples, tiny_bert_dir
+from tiny_models import sentiment_samples, tiny_bert_dir, one_thread  # noqa: F401 (autouse fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread synchronisation costs more than the arithmetic (7x slower with 2 threads
-    # on a busy 2-core machine); reproducibility is also only bit-exact for a fixed thread count.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

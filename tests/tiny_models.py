@@ -1,8 +1,22 @@
 """Tiny models built from scratch (no download) for fast unit tests."""
 import pathlib
 
+import pytest
+
 WORDS = ("good great fine lovely superb fun bad awful poor dull boring sad the a movie film plot was is "
          "very quite and but cf mn bb tq").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead: on a shared 2-core machine a second intra-op thread made them
+    7-10x slower (spin waits), and reruns are bit-exact only for a fixed thread count. A module that imports this
+    fixture runs single-threaded."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_bert_dir(root: pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -2,17 +2,10 @@
 import pytest
 import torch
 
+from tiny_models import one_thread  # noqa: F401 (autouse fixture: single-threaded tiny models)
+
 from detect_helpers import batches, make_samples, tiny_bert, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-op overhead; on a shared 2-core machine a second intra-op
-    thread makes them ~10x slower (spin waits), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
