@@ -42,6 +42,7 @@ VARIANTS = {
     "cap03": ({"kl_cap": 0.3}, False),                     # the tighter bound alone
 }
 ARCH_TRAIN_SIZE = 2000
+INSERTABLE = ("badnets", "addsent")  # attacks whose trigger the harness inserts into any text
 
 
 def clean_finetune():
@@ -93,8 +94,14 @@ def candidates_for(model, tok, pool, flags, clean_set):
 
 
 def measure(model, tok, attack, test, reference_preds, relearn_k, relearn_rows, seed=0):
-    """The repair metrics of one model and its relearning ASRs."""
+    """The repair metrics of one model and its relearning ASRs. StyleBkd's trigger is a paraphrase the harness
+    cannot apply (precomputed test-poison only): CACC, ASR and floor on the released files, no per-class copy."""
     t0 = time.perf_counter()
+    if attack not in INSERTABLE:
+        from experiments.sst2_victims import evaluate
+        rep = {**evaluate(model, tok, attack, max_len=MAX_LEN), "per_class": {}, "relearn": [],
+               "eval_s": round(time.perf_counter() - t0, 1)}
+        return rep
     rep = repair.evaluate_repair(model, tok, test, get_attack(attack), TARGET, reference_preds=reference_preds,
                                  seed=seed, max_len=MAX_LEN)
     rep["eval_s"] = round(time.perf_counter() - t0, 1)
@@ -124,7 +131,8 @@ def run_attack(attack, variants, relearn_k, out, data_dir=None, model_name="mini
     clean_set, pool = sst2_clean_and_pool(attack, data_dir, SPLIT_SEED)
     relearn_rows = (clean_set, load_sst2("train", data_dir), load_sst2_poison(attack, "test", data_dir=data_dir))
     ref, tok, ref_info = clean_model()
-    ref_preds = repair.triggered_predictions(ref, tok, test, get_attack(attack), TARGET, max_len=MAX_LEN)
+    ref_preds = (repair.triggered_predictions(ref, tok, test, get_attack(attack), TARGET, max_len=MAX_LEN)
+                 if attack in INSERTABLE else None)
     rows = [{"attack": attack, "arch": model_name, "model": "clean fine-tune",
              **measure(ref, tok, attack, test, None, relearn_k, relearn_rows)}]
     emit(rows[-1], out)
@@ -177,7 +185,7 @@ def table(rows) -> str:
              "relearn ASR (k) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = summary(r["model"], r)
-        acc = " / ".join(f"{v:.3f}" for v in s["trig_acc"].values())
+        acc = " / ".join(f"{v:.3f}" for v in s["trig_acc"].values()) or "—"
         shift = "—" if s["shift"] is None else f"{s['shift']:+.3f}"
         agree = "—" if s["agree_ref"] is None else f"{s['agree_ref']:.3f}"
         relearn = ", ".join(f"{v:.3f} ({k})" for k, v in s["relearn"].items())
