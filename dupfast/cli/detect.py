@@ -127,6 +127,7 @@ def run(args):
     import torch
 
     from ..detection import Detector, text_loader
+    from ..detection.triggers import piece_words
     from ..harness.detection_report import write_report
     from ..tables import read_table
     from . import report
@@ -174,8 +175,12 @@ def run(args):
     clear_outputs(out, OUTPUTS)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        # top_token: the token the classifier's reading token attends most (the trigger, on a triggered input)
-        top = result.top_words(tok) if result.top_tokens is not None else [None] * len(texts)
+        # top_token: the word holding the token the classifier's reading token attends most (the trigger, on a
+        # triggered input; the raw piece where it lies in no word, e.g. punctuation)
+        top = [None] * len(texts)
+        if result.top_tokens is not None:
+            words = piece_words(texts, result.top_tokens.tolist(), tok, args.max_len)
+            top = [w or p for w, p in zip(words, result.top_words(tok))]
         w.writerow(["index", "score", "flag", "top_token", "text"])
         for i, (s, f) in enumerate(zip(result.scores.tolist(), result.flags.tolist())):
             w.writerow([i, f"{s:.6g}", int(f), top[i] or "", texts[i]])
