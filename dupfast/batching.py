@@ -71,14 +71,19 @@ class TextBatcher(RowBatcher):
 
 @torch.inference_mode()
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_len: int = 128) -> torch.Tensor:
-    """Logits [N, C] in the input order."""
+    """Logits [N, C] (CPU) in the input order; the batches go to the model's device."""
     model.eval()
     if len(texts) == 0:
         return torch.empty(0, model.config.num_labels)
+    device = next(model.parameters()).device
     batcher = TextBatcher(tokenizer, texts, None, max_len)
     out = None
     for batch in batcher.batches(batch_size):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+        if logits.dim() != 2:
+            raise ValueError(f"predictions need a sequence classifier (logits [batch, classes]); the model gave "
+                             f"logits of shape {tuple(logits.shape)}")
         if out is None:
             out = torch.empty(len(batcher), logits.shape[-1])
         out[batch["index"]] = logits

@@ -297,30 +297,15 @@ def _with_flips(cands, texts, flags, words, seqs, model, tokenizer, flip_rows, m
 
 
 def predictions(model, tokenizer, texts, max_len: int = 128, batch_size: int = 64) -> list:
-    """The predicted class (argmax of the logits) of each text, in order: batched, eval mode, no gradients,
-    on the model's device; the model's train/eval mode is restored afterwards."""
-    import torch
-
-    from ..batches import model_device
-    from ..batching import TextBatcher
+    """The predicted class of each text, in order (`dupfast.batching.predict`: batched, no gradients, on the
+    model's device); the model's train/eval mode is restored afterwards."""
+    from ..batching import predict
 
     texts = list(texts)
     if not texts:
         return []
-    device, was_training = model_device(model), model.training
-    out = [None] * len(texts)
-    model.eval()
+    was_training = model.training
     try:
-        with torch.no_grad():
-            for batch in TextBatcher(tokenizer, texts, None, max_len).batches(batch_size):
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device))
-                logits = getattr(logits, "logits", logits)
-                if logits.dim() != 2:
-                    raise ValueError(f"the flip rate needs a sequence classifier (logits [batch, classes]); the "
-                                     f"model gave logits of shape {tuple(logits.shape)}")
-                for i, p in zip(batch["index"].tolist(), logits.argmax(-1).tolist()):
-                    out[i] = p
+        return predict(model, tokenizer, texts, batch_size, max_len).tolist()
     finally:
         model.train(was_training)
-    return out

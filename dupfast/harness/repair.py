@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..batches import forward_inputs
-from ..batching import TextBatcher
+from ..batching import TextBatcher, predict
 from ..finetune import _check_types, seed_everything
 from ..samples import Sample, validate
 from .attacks import StyleBkd, _as_samples, _check_attack, _rng
@@ -142,20 +142,6 @@ def _against_reference(p, y, ref, target, per_class) -> dict:
 
 # ---- evaluating a model -------------------------------------------------------------------------
 
-@torch.no_grad()
-def _predict(model, tokenizer, texts: Sequence[str], batch_size: int, max_len: int) -> torch.Tensor:
-    """`dupfast.batching.predict` (same batches, same inputs, hence the same predictions), plus moving the
-    batches to the model's device, so a relearned copy on a GPU is evaluated where it lives."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.empty(len(texts), dtype=torch.long)
-    for batch in TextBatcher(tokenizer, texts, None, max_len).batches(batch_size):
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        out[batch["index"]] = logits.argmax(-1).cpu()
-    return out
-
-
 def _num_classes(model) -> int:
     n = getattr(getattr(model, "config", None), "num_labels", None)
     if not _is_int(n):
@@ -168,7 +154,7 @@ def triggered_predictions(model, tokenizer, test_clean: Sequence, attack, target
     """The model's predictions on `triggered_copy(test_clean, attack, seed, target)`: compute a clean
     fine-tune's once and pass them as `reference_preds` to `evaluate_repair` for every purified model."""
     rows = triggered_copy(test_clean, attack, seed, target)
-    return _predict(model, tokenizer, [s.text for s in rows], batch_size, max_len)
+    return predict(model, tokenizer, [s.text for s in rows], batch_size, max_len)
 
 
 def evaluate_repair(model, tokenizer, test_clean: Sequence, attack, target: int, reference_model=None,
@@ -183,7 +169,7 @@ def evaluate_repair(model, tokenizer, test_clean: Sequence, attack, target: int,
     test_clean = _as_samples(test_clean, "clean test set")
     validate(test_clean, "clean test set", min_classes=1)
     labels = torch.tensor([s.label for s in test_clean])
-    clean_pred = _predict(model, tokenizer, [s.text for s in test_clean], batch_size, max_len)
+    clean_pred = predict(model, tokenizer, [s.text for s in test_clean], batch_size, max_len)
     trig_pred = triggered_predictions(model, tokenizer, test_clean, attack, target, seed, max_len, batch_size)
     if reference_model is not None:
         reference_preds = triggered_predictions(reference_model, reference_tokenizer or tokenizer, test_clean,
@@ -301,7 +287,7 @@ def relearn_asr(model, tokenizer, clean_rows: Sequence, poison_rows: Sequence, t
     texts = [s.text for s in test_poison]
 
     def asr() -> float:
-        pred = _predict(net, tokenizer, texts, cfg.eval_batch_size, cfg.max_len)
+        pred = predict(net, tokenizer, texts, cfg.eval_batch_size, cfg.max_len)
         return int((pred == target).sum()) / len(pred)
 
     curve = {}

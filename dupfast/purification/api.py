@@ -198,10 +198,10 @@ def with_invariance(model, clean_train, t_clean, candidates, tokenizer, cfg, rep
     both: a copy's target is the teacher on its clean source row, not on the copy (which carries the trigger)."""
     longest = max(len(r) for r in clean_train.ids)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or longest + 32
-    copies, source = invariance_rows(clean_train, candidates, tokenizer, cfg.seed, min(longest + 32, limit))
+    copies = invariance_rows(clean_train, candidates, tokenizer, cfg.seed, min(longest + 32, limit))
     check_rows(copies, model, "the trigger-invariance rows")
     report.data.update(invariance_rows=len(copies), trigger_candidates=list(candidates))
-    teacher = None if t_clean is None else torch.cat([t_clean, t_clean[source]])
+    teacher = None if t_clean is None else torch.cat([t_clean, t_clean])  # copy i comes from clean row i
     return concat(clean_train, copies), teacher
 
 

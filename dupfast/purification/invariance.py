@@ -18,7 +18,7 @@ import torch
 
 from ..batches import Rows
 
-COMMON_MAX = 64  # a candidate is one word or a short phrase (AddSent's sentence), never a paragraph
+MAX_CANDIDATE_CHARS = 64  # a candidate is one word or a short phrase (AddSent's sentence), never a paragraph
 MIN_FLIP = 0.5    # a measured candidate is inserted when removing it flips at least this share of flagged rows
 MAX_INSERTED = 8
 UNMEASURED_TOP = 3  # without flip rates (no model at hand): the best-scored distinctive candidates
@@ -73,8 +73,8 @@ def check_candidates(candidates) -> List[str]:
         word = getattr(c, "word", None) or (c.get("word") if isinstance(c, dict) else c)
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"a trigger candidate must be a non-empty word or phrase, got {c!r}")
-        if len(word) > COMMON_MAX:
-            raise ValueError(f"a trigger candidate is a word or a short phrase (at most {COMMON_MAX} characters), "
+        if len(word) > MAX_CANDIDATE_CHARS:
+            raise ValueError(f"a trigger candidate is a word or a short phrase (at most {MAX_CANDIDATE_CHARS} characters), "
                              f"got {len(word)} characters: {word[:40]!r}...")
         out.append(" ".join(word.split()))
     return list(dict.fromkeys(out))
@@ -87,9 +87,8 @@ def insert_word(text: str, word: str, rng: random.Random) -> str:
     return " ".join(words[:at] + [word] + words[at:])
 
 
-def invariance_rows(rows: Rows, candidates: Sequence[str], tokenizer, seed: int, max_len: int) -> tuple:
-    """(triggered copies of `rows` as Rows with the same labels, source positions [n] long): one copy a row,
-    candidates taken in turn so every candidate meets rows of every class. max_len: the longest row the copies may
+def invariance_rows(rows: Rows, candidates: Sequence[str], tokenizer, seed: int, max_len: int) -> Rows:
+    """Triggered copies of `rows`, in their order, with the same labels: one copy a row, candidates taken in turn so every candidate meets rows of every class. max_len: the longest row the copies may
     have (the model's context, or the clean rows' own longest + the candidate's tokens)."""
     if tokenizer is None:
         raise ValueError("trigger-invariance rows need the model's tokenizer (tokenizer=...): purify reads token "
@@ -107,8 +106,7 @@ def invariance_rows(rows: Rows, candidates: Sequence[str], tokenizer, seed: int,
     type_ids = None
     if rows.type_ids is not None:  # the loader gave segment ids: one segment, as the clean rows' texts
         type_ids = [[0] * len(r) for r in ids]
-    source = torch.arange(len(rows), dtype=torch.long)
-    return Rows(ids, type_ids, rows.labels.clone() if rows.labels is not None else None, None), source
+    return Rows(ids, type_ids, rows.labels.clone() if rows.labels is not None else None, None)
 
 
 def concat(a: Rows, b: Rows) -> Rows:

@@ -65,13 +65,12 @@ def test_candidates_accept_words_dicts_and_objects():
 def test_copies_carry_the_candidate_and_the_labels():
     rows, labels = toy_rows(40, 1)
     src = Rows(rows, None, torch.tensor(labels), None)
-    copies, source = invariance_rows(src, ["trig"], ToyTokenizer(), seed=3, max_len=64)
+    copies = invariance_rows(src, ["trig"], ToyTokenizer(), seed=3, max_len=64)
     assert len(copies) == len(src) and torch.equal(copies.labels, src.labels)
-    assert torch.equal(source, torch.arange(len(src)))
     for orig, new in zip(rows, copies.ids):
         assert new[0] == CLS and new.count(TRIGGER) == 1
         assert [t for t in new if t != TRIGGER] == orig  # the clean row, untouched around the insertion
-    again, _ = invariance_rows(src, ["trig"], ToyTokenizer(), seed=3, max_len=64)
+    again = invariance_rows(src, ["trig"], ToyTokenizer(), seed=3, max_len=64)
     assert again.ids == copies.ids  # seeded
 
 
