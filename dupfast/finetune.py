@@ -78,9 +78,12 @@ def _progress(iterable, total, desc):
         return iterable
 
 
-def fit(model, tokenizer, train, cfg: FinetuneConfig, desc: str = "train"):
+def fit(model, tokenizer, train, cfg: FinetuneConfig, desc: str = "train", extra_loss=None):
     """Fine-tune `model` in place on `train`: (text, label) samples, or labelled `dupfast.batches.Rows`
-    (token rows collected from a loader). Returns the per-step losses."""
+    (token rows collected from a loader). Returns the per-step losses.
+
+    extra_loss(outputs, batch) -> scalar tensor, added to the cross-entropy each step; with it the forward also
+    returns every layer's hidden states (an attacker's objective on the features, dupfast.harness.adaptive)."""
     from transformers import get_linear_schedule_with_warmup
 
     seed_everything(cfg.seed)
@@ -102,12 +105,14 @@ def fit(model, tokenizer, train, cfg: FinetuneConfig, desc: str = "train"):
         for batch in _progress(it, steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}"):
             inputs = {k: batch[k] for k in takes if k in batch}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-                out = model(**inputs, labels=batch["labels"])
-            out.loss.backward()
+                out = model(**inputs, labels=batch["labels"],
+                            **({} if extra_loss is None else {"output_hidden_states": True}))
+            loss = out.loss if extra_loss is None else out.loss + extra_loss(out, batch)
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
+            losses.append(loss.item())
     model.eval()
     return losses

@@ -71,14 +71,19 @@ def evaluate(res, old, n_clean_rows, n_poison_rows):
            "share_estimate": res.verdict.poison_share, "source": res.verdict.threshold_source}
     if y.any():
         rep, rep0 = metrics.detection_report(y, f, s), metrics.detection_report(y, before, old.scores.numpy())
+        # each fused signal on its own: what still separates where the fused score does not (adaptive attacker)
+        comps = res.components.numpy()
+        row["component_auroc"] = {name: metrics.auroc(y, comps[:, i]) for i, name in enumerate(res.component_names)}
         row.update(auroc=rep["auroc"], precision=rep["precision"], recall=rep["recall"], auroc_before=rep0["auroc"],
                    precision_before=rep0["precision"], recall_before=rep0["recall"])
     return row
 
 
-def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_dir=None):
+def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_dir=None, victim=None):
+    """victim: (model, tokenizer, info) to screen with instead of the SST-2 paper victim; its features are cached
+    under out/cache, keyed by the data only, so every victim needs its own `out`."""
     from experiments.sst2_victims import victim_for
-    model, tok, info = victim_for(attack, data_dir=data_dir)
+    model, tok, info = victim or victim_for(attack, data_dir=data_dir)
     model.eval()
     dev, test = load_sst2("dev", data_dir), load_sst2("test", data_dir)
     tpoison = load_sst2_poison(attack, "test", data_dir=data_dir)
@@ -140,6 +145,8 @@ def summarise(rows):
                     "precision_before": mean("precision_before"), "recall_before": mean("recall_before"),
                     "present_rate": float(np.mean([p is True for p in present])),
                     "undecided": int(sum(p is None for p in present)),
+                    "component_auroc": ({k: float(np.mean([r["component_auroc"][k] for r in rs]))
+                                         for k in rs[0]["component_auroc"]} if "component_auroc" in rs[0] else None),
                     "copies_same_score": (all(r["copies_same_score"] for r in rs) if pool == "dup" else None)})
     return out
 

@@ -82,7 +82,11 @@ def train_victim(train: Sequence[Sample], cfg: VictimConfig = VictimConfig(), ca
     seed_everything(cfg.seed)  # the fresh classification head is drawn here: part of "reproducible from a seed"
     model, tok = load_model(cfg.model, num_labels=num_labels)
     t0 = time.perf_counter()
-    losses = fit(model, tok, train, cfg, desc=name)
+    extra_loss = None
+    if getattr(cfg, "adaptive_lambda", 0):  # an adaptive attacker's victim (harness/adaptive.py)
+        from .adaptive import feature_matching_for
+        extra_loss = feature_matching_for(cfg, train, model)
+    losses = fit(model, tok, train, cfg, desc=name, extra_loss=extra_loss)
     info = {"name": name, "config": dataclasses.asdict(cfg), "train_size": len(train),
             "poisoned": sum(s.poison_label for s in train), "num_labels": num_labels,
             "train_seconds": round(time.perf_counter() - t0, 1), "final_loss": losses[-1] if losses else None,
