@@ -36,21 +36,33 @@ def adaptive_victim(attack, lam, data_dir=None):
     return train_victim(train, cfg, name=f"sst2-{attack}-dirty{RATE:g}-adaptive{lam:g}")
 
 
+def signal_aurocs(component_auroc) -> str:
+    """Each fused signal's AUROC on its own, layers folded to the best one (an oracle pick: it says whether ANY
+    layer still separates): pred / proj (default), attn, md / ss (DUP exact)."""
+    if not component_auroc:
+        return "—"
+    groups = {}
+    for name, v in component_auroc.items():
+        group = "proj-all" if name.endswith("-all") else name.rstrip("0123456789").rstrip("-")
+        groups.setdefault(group, []).append(v)
+    return ", ".join(f"{g} {max(vs):.3f}" for g, vs in groups.items())
+
+
 def summary_table(results) -> str:
     """One row per (lambda, mode, clean size) at the 1%, 5% and papers' pools, and the clean pool's verdict."""
     lines = ["| λ | CACC / ASR | mode | clean set | AUROC 1% / 5% / paper | poison found 1% / 5% / paper | "
-             "'no poison' on clean pools | signals' AUROC at the paper pool |", "|---|---|---|---|---|---|---|---|"]
+             "'no poison' on the clean pool | each signal alone at 5% (best layer) |",
+             "|---|---|---|---|---|---|---|---|"]
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     for lam, res in results.items():
         cells = {(r["mode"], r["clean_size"], r["pool"]): r for r in res["summary"]}
         for mode, n_c in dict.fromkeys((r["mode"], r["clean_size"]) for r in res["summary"]):
             at = {p: cells[(mode, n_c, p)] for p in ("1%", "5%", "paper", "0%")}
-            comps = at["paper"].get("component_auroc") or {}
             lines.append(
                 f"| {lam:g} | {res['victim_eval']['cacc']:.3f} / {res['victim_eval']['asr']:.3f} | {mode} | {n_c} | "
                 + " / ".join(f(at[p]["auroc"]) for p in ("1%", "5%", "paper")) + " | "
                 + " / ".join(f"{at[p]['present_rate']:.0%}" for p in ("1%", "5%", "paper")) + " | "
-                + f"{1 - at['0%']['present_rate']:.0%} | " + ", ".join(f"{k} {v:.3f}" for k, v in comps.items()) + " |")
+                + f"{1 - at['0%']['present_rate']:.0%} | {signal_aurocs(at['5%'].get('component_auroc'))} |")
     return "\n".join(lines)
 
 
@@ -64,7 +76,16 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/adaptive")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--table-only", action="store_true", help="only rebuild <out>/<attack>.md from the saved runs")
     args = ap.parse_args(argv)
+    if args.table_only:
+        out = pathlib.Path(args.out)
+        results = {lam: json.loads((out / f"lambda{lam:g}" / f"minilm-{args.attack}.json").read_text())
+                   for lam in args.lambdas}
+        table = summary_table(results)
+        (out / f"{args.attack}.md").write_text(table + "\n")
+        print(table)
+        return 0
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     results = {}
