@@ -1,7 +1,8 @@
 """`dupfast detect-prompts` and `dupfast purify-generative`: the generative siblings of detect / purify.
 
     dupfast detect-prompts LM --prompts pool.jsonl --clean clean.jsonl --out DIR [--mode default|dup|dan] [--frr 0.05]
-    dupfast purify-generative LM --prompts pool.jsonl --clean clean.jsonl --out DIR [--set key=value ...]
+    dupfast purify-generative LM --prompts pool.jsonl --clean clean.jsonl --out DIR [--triggers auto|none|w1,w2]
+        [--set key=value ...]
 
 LM: a local causal-LM folder (AutoModelForCausalLM, its tokenizer with a chat template) or a short name
 (dupfast.harness.models, e.g. smollm2-135m). Files are CSV / TSV / JSON lines read by dupfast.tables: the pool's
@@ -12,7 +13,8 @@ DIR/detect_hist.png (the score histogram; detect_roc.png with a poison_label col
 counts, plots, trigger candidates: words over-represented in the flagged prompts). purify-generative writes
 DIR/model/ (the purified model and tokenizer), DIR/purify.json, DIR/scores.csv of the detection it used,
 DIR/purify_trajectory.png and DIR/report.md (the verdict that gated it, before -> after on held-out prompts, the
-stop reason in words, the trajectory); with no evidence of poison it unlearns nothing unless --force.
+trigger candidates inserted into copies of the clean prompts (--triggers), the stop reason in words, the
+trajectory); with no evidence of poison it unlearns nothing unless --force.
 """
 import csv
 import json
@@ -65,6 +67,10 @@ def add_parser(subparsers):
                    help="a GenerativeConfig field, e.g. --set max_steps=40 (repeatable)")
     p.add_argument("--force", action="store_true",
                    help="unlearn the flagged prompts even when the detection finds no evidence of poison")
+    p.add_argument("--triggers", default="auto",
+                   help="trigger candidates inserted into copies of the clean prompts' user text, which must keep "
+                        "the clean response (the trigger is forgotten, not inverted): auto (default: dupfast.triggers "
+                        "on the pool's prompts and the flags), none, or comma-separated words / phrases")
     p.set_defaults(func=run_purify)
 
 
@@ -155,10 +161,13 @@ def run_purify(args):
     from ..generative import GenerativeConfig, purify_generative
     from ..purification.config import parse_overrides
     from . import report as md
+    from .purify import trigger_option
     overrides = parse_overrides(args.set, GenerativeConfig)
+    triggers = trigger_option(args.triggers)  # a bad --triggers fails before the model is loaded
     out = prepare_out(args.out, args.overwrite, PURIFY_OUTPUTS)
     model, tok, pool, pool_b, clean, res, clean_texts = _detect(args)
-    model, report = purify_generative(model, pool_b, clean=clean, detection=res, force=args.force, **overrides)
+    model, report = purify_generative(model, pool_b, clean=clean, detection=res, force=args.force, tokenizer=tok,
+                                      triggers=triggers, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out, PURIFY_OUTPUTS)
     _write_scores(out, pool, res)

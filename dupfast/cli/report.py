@@ -238,7 +238,7 @@ def stop_in_words(report: dict, acc_name: str = "clean accuracy") -> str:
 
 
 def purify_lines(report: dict, gate: list, metrics=CLASSIFIER_METRICS, columns=CLASSIFIER_COLUMNS,
-                 trajectory=None, acc_name: str = "clean accuracy") -> list:
+                 trajectory=None, acc_name: str = "clean accuracy", kept: str = "prediction") -> list:
     """What gated the run (`gate`: paragraphs on the detection or the flags), before -> after on the held-out rows,
     the stop reason in words, the trajectory (`trajectory`: its PNG's name) and the warnings.
     report: a PurifyReport's to_dict()."""
@@ -261,7 +261,7 @@ def purify_lines(report: dict, gate: list, metrics=CLASSIFIER_METRICS, columns=C
                   markdown_table([[what, fmt(teacher.get(t_key), d), fmt(sel.get(s_key), d)]
                                   for what, t_key, s_key, d in metrics],
                                  ("", "before (the model as given)", "after (purified)"))]
-    lines += trigger_invariance_lines(report)
+    lines += trigger_invariance_lines(report, kept)
     lines += ["", "## Stop", "", stop_in_words(report, acc_name), "",
               f"(stop reason: {code(report.get('stop_reason'))}; {step_count(report.get('steps_run', 0))} run)"]
     history = report.get("history") or []
@@ -277,18 +277,21 @@ def purify_lines(report: dict, gate: list, metrics=CLASSIFIER_METRICS, columns=C
     return lines
 
 
-def trigger_invariance_lines(report: dict) -> list:
-    """Which trigger candidates were inserted into the clean rows (purify(triggers=...)), or why none was."""
+def trigger_invariance_lines(report: dict, kept: str = "prediction") -> list:
+    """Which trigger candidates were inserted into the clean rows (purify(triggers=...)), or why none was. kept: what
+    a copy keeps ("response" for purify_generative). A run that searched and found nothing (data holds an empty
+    trigger_candidates) says so too."""
     data = report.get("data") or {}
     inserted = data.get("trigger_candidates")
-    if skipped(report) or (not inserted and not report.get("triggers")):
+    searched = inserted is not None or bool(report.get("triggers"))
+    if skipped(report) or not searched:
         return []
     lines = ["", "## Trigger invariance", ""]
     if inserted:
         cap = (report.get("config") or {}).get("kl_cap")
         lines.append(f"{data.get('invariance_rows', 0):,} clean training rows were copied with one of "
                      f"{', '.join(code(w) for w in inserted)} inserted and trained to keep the clean row's "
-                     f"prediction, so the trigger is forgotten rather than inverted (ascent cap {cap} nats).")
+                     f"{kept}, so the trigger is forgotten rather than inverted (ascent cap {cap} nats).")
     else:
         lines.append("No trigger candidate was inserted: none stood out (or only common words), so the bounded "
                      "ascent worked alone.")
@@ -311,8 +314,8 @@ def write_purify(out, report: dict, model, gate: list, files, generative: bool =
     if trained:
         plot_purify(pathlib.Path(out) / PNG_TRAJECTORY, report, *(("clean_match", "held-out clean exact match")
                                                                    if generative else ()))
-    options = (dict(metrics=GENERATIVE_METRICS, columns=GENERATIVE_COLUMNS, acc_name="clean exact match")
-               if generative else {})
+    options = (dict(metrics=GENERATIVE_METRICS, columns=GENERATIVE_COLUMNS, acc_name="clean exact match",
+                    kept="response") if generative else {})
     lines = [f"# dupfast {'purify-generative' if generative else 'purify'}: {code(model)}", "",
              f"**{headline(report)}**", "",
              *purify_lines(report, gate, trajectory=PNG_TRAJECTORY if trained else None, **options)]

@@ -2,6 +2,7 @@
 
     triggers(texts, flags)                                   words over-represented in the flagged rows
     triggers(texts, flags, model=m, tokenizer=tok)           + flip rate: does deleting the word change the prediction?
+    triggers(texts, flags, predict=fn)                       + flip rate from fn(texts) -> predictions (any model)
     triggers(..., clean_texts=clean, detection=result)       + the clean set's share, + the most-attended-token count
     piece_words(texts, token_ids, tokenizer)                 a token id -> the word of the text it lies in
 
@@ -51,18 +52,23 @@ class TriggerCandidate:
 
 def triggers(texts, flags, model=None, tokenizer=None, clean_texts=None, top: int = 10, max_len: int = 128,
              flip_rows: int = 64, min_rows: Optional[int] = None, common_share: float = COMMON_SHARE,
-             detection=None, batch_size: int = 64) -> list:
+             detection=None, batch_size: int = 64, predict=None) -> list:
     """The `top` trigger candidates among the words of `texts` (flags[i]: row i was flagged), best first:
     non-common words first, then by flip rate (when a model is given; rounded to tenths, so sampling noise does
     not reorder near-equal words), then by score. Empty when no word qualifies.
 
     model, tokenizer: a sequence classifier (logits [batch, classes]) and its tokenizer: the flip rate of each
     returned candidate, on up to `flip_rows` flagged rows holding it (two batched forwards in all).
+    predict: instead of a classifier, a callable texts -> one prediction per text (any comparable value), the flip
+    rate's "prediction" (purify_generative's: a causal LM's first response token); no tokenizer needed.
     clean_texts: trusted rows; a word in more than `common_share` of them is common too.
     detection: the DetectionResult the flags came from; with top tokens (the attention signal) and a tokenizer,
     each candidate counts the flagged rows whose most-attended token lies in it.
     min_rows: the fewest flagged rows a candidate sits in (default: 2, or 1% of the flagged rows)."""
     texts, flags = _checked(texts, flags, model, tokenizer, detection)
+    if predict is None and model is not None:
+        def predict(batch):
+            return predictions(model, tokenizer, batch, max_len, batch_size)
     n_f = sum(flags)
     n_k = len(flags) - n_f
     if n_f == 0 or n_k == 0:
@@ -86,8 +92,8 @@ def triggers(texts, flags, model=None, tokenizer=None, clean_texts=None, top: in
         return []
     if detection is not None and detection.top_tokens is not None:
         cands = _with_top_tokens(cands, texts, flags, detection, tokenizer, max_len)
-    if model is not None and flip_rows > 0:
-        cands = _with_flips(cands, texts, flags, words, seqs, model, tokenizer, flip_rows, max_len, batch_size)
+    if predict is not None and flip_rows > 0:
+        cands = _with_flips(cands, texts, flags, words, seqs, predict, flip_rows)
         cands.sort(key=lambda c: (c.common, -round(c.flip_rate or 0.0, 1), -c.score, -c.words))
     return cands
 
@@ -274,7 +280,7 @@ def without(text: str, word: str) -> str:
     return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
-def _with_flips(cands, texts, flags, words, seqs, model, tokenizer, flip_rows, max_len, batch_size):
+def _with_flips(cands, texts, flags, words, seqs, predict, flip_rows):
     rng = random.Random(0)  # which rows are measured: the same on every run
     flagged = [i for i, f in enumerate(flags) if f]
     edits = {}
@@ -285,14 +291,23 @@ def _with_flips(cands, texts, flags, words, seqs, model, tokenizer, flip_rows, m
         # a row that is only the word leaves nothing to read: it is not measured
         edits[c.word] = [(i, e) for i, e in ((i, without(texts[i], c.word)) for i in rows) if e]
     originals = sorted({i for pairs in edits.values() for i, _ in pairs})
-    before = dict(zip(originals, predictions(model, tokenizer, [texts[i] for i in originals], max_len, batch_size)))
-    after = iter(predictions(model, tokenizer, [e for pairs in edits.values() for _, e in pairs], max_len,
-                             batch_size))
+    before = dict(zip(originals, _predicted([texts[i] for i in originals], predict)))
+    after = iter(_predicted([e for pairs in edits.values() for _, e in pairs], predict))
     out = []
     for c in cands:
         pairs = edits[c.word]
         flips = sum(next(after) != before[i] for i, _ in pairs)
         out.append(dataclasses.replace(c, flip_rate=flips / len(pairs) if pairs else None, flip_rows=len(pairs)))
+    return out
+
+
+def _predicted(texts, predict) -> list:
+    """predict(texts) as a list of one prediction per text (nothing asked for no text)."""
+    if not texts:
+        return []
+    out = list(predict(texts))
+    if len(out) != len(texts):
+        raise ValueError(f"the flip-rate predictor gave {len(out)} predictions for {len(texts)} texts")
     return out
 
 

@@ -1,6 +1,7 @@
 """The knobs of generative purification: the classifier's `PurifyConfig` (same names, same checks) with the
 defaults of the vocabulary-level objective and the teacher's generation budget."""
 import dataclasses
+from typing import Optional
 
 from ..purification.config import PurifyConfig
 
@@ -15,11 +16,15 @@ class GenerativeConfig(PurifyConfig):
     student on the confident teacher (p ≈ 0.999 per response token, so the ascent's gradient at the tie is tiny)
     for all 30 steps (held-out flagged agreement 1.0, ASR 1.0), lr 2e-3 reached agreement 0.11 in 40 steps (ASR
     0.0, clean accuracy 0.925 -> 0.91); on the toy backdoor it left the teacher after 6 steps instead of 15.
-    max_new_tokens: the teacher's greedy response to each flagged prompt (the positions the ascent runs on)."""
+    max_new_tokens: the teacher's greedy response to each flagged prompt (the positions the ascent runs on).
+    invariance_kl_cap: the per-position cap where trigger-invariance copies are trained (purify_generative(
+    triggers=...)), as the classifier's: the copies say what the model must learn, so the ascent only has to leave
+    the teacher a little (None: kl_cap). Not yet measured on the generative victims."""
     lambda_keep: float = 1.0
     lr: float = 2e-3
     temperature: float = 1.0
     kl_cap: float = 2.0
+    invariance_kl_cap: Optional[float] = 0.3
     train_head: bool = False
     batch_size: int = 8
     epochs: int = 5

@@ -27,6 +27,7 @@ import math
 import random
 import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -34,28 +35,38 @@ from ..classifier import check_weights_loaded
 from ..purification.checks import require_reiterable, warn_flag_share
 from ..purification.api import no_poison_reason
 from ..purification.guard import ModelGuard
+from ..purification.invariance import NO_CANDIDATE
 from ..purification.lora import attach_student, find_target_modules, merge, teacher_context, trainable_parameters
 from ..purification.report import PurifyReport
 from ..purification.rows import match_detection, row_hash
 from ..purification.stopping import StoppingRule
 from .config import GenerativeConfig
+from .invariance import find_candidates, requested_triggers, triggered_copies, user_turns
 from .lm import check_causal_lm, final_hidden
 from .objective import generative_loss
-from .rows import ChatRows, pad_right, read_chat
+from .rows import ChatRows, check_context, pad_right, read_chat
 
 EVAL_BATCH = 16
 GEN_BATCH = 16
 
 
 def purify_generative(model, loader, clean=None, detection=None, config: GenerativeConfig = None,
-                      force: bool = False, **overrides):
+                      force: bool = False, tokenizer=None, triggers=None, **overrides):
     """Purify the causal LM `model` in place; returns (model, PurifyReport). loader: the suspicious pool's prompt
     batches; clean: the defender's clean prompt + response batches (dupfast.generative.chat_batches); detection: a
     `detect_prompts` result over the pool (matched by index) or a bool [N] vector; None runs detect_prompts first.
     force: unlearn even when the detection's verdict is "no evidence of poison" (else the model is returned
     unchanged, the report saying why). Raises before touching the model on bad input; restores it exactly on any
-    later failure."""
+    later failure.
+    triggers: trigger candidates (words or short phrases, or `dupfast.triggers` results; needs `tokenizer`, the one
+    the batches were built with): each clean training prompt gets a copy with one of them inserted into its user
+    text, trained toward the teacher's response distribution on the clean prompt and the clean response, so the
+    purified model forgets the trigger instead of inverting it (invariance.py); the ascent is then capped at
+    `invariance_kl_cap`. "auto": the candidates `dupfast.triggers` finds in the pool's user texts (flagged vs kept
+    prompts; flip rate: the teacher's first response token), chosen by `purification.invariance.insertable` and
+    listed in report.triggers. None: no copies."""
     t_total = time.perf_counter()
+    request = requested_triggers(triggers, tokenizer)  # bad candidates fail before any work
     if config is not None and not isinstance(config, GenerativeConfig):
         raise TypeError(f"config must be a GenerativeConfig, got {type(config).__name__}")
     cfg = (config or GenerativeConfig())
@@ -82,6 +93,7 @@ def purify_generative(model, loader, clean=None, detection=None, config: Generat
     flagged = pool.subset(torch.nonzero(match.flags).flatten().tolist())
     clean_rows = read_chat(clean, "clean", lm, need_responses=True)
     report.data = {"pool": len(pool), "flagged": len(flagged), "clean": len(clean_rows)}
+    plan = plan_invariance(request, tokenizer, pool, clean_rows, lm, cfg.seed)
 
     with ModelGuard(model, copy_weights=not cfg.use_lora) as guard:
         no_poison = no_poison_reason(detection, force)
@@ -94,10 +106,12 @@ def purify_generative(model, loader, clean=None, detection=None, config: Generat
             guard.restore()
             return model, report
         warn_flag_share(len(flagged), len(pool), report, "prompts", stacklevel=2)  # unlearning goes ahead
-        return _purify(lm, flagged, clean_rows, cfg, guard, report, t_total)
+        if plan is not None and plan.auto:
+            auto_candidates(plan, lm, tokenizer, match.flags.tolist(), clean_rows, cfg.seed, report)
+        return _purify(lm, flagged, clean_rows, cfg, guard, report, t_total, plan)
 
 
-def _purify(lm, flagged, clean_rows, cfg, guard, report, t_total):
+def _purify(lm, flagged, clean_rows, cfg, guard, report, t_total, plan=None):
     model = lm.model
     t0 = time.perf_counter()
     flagged = teacher_responses(lm, flagged, cfg.max_new_tokens)
@@ -128,6 +142,8 @@ def _purify(lm, flagged, clean_rows, cfg, guard, report, t_total):
             teacher = {k: teacher_hidden(lm, data[k]) for k in ("flag_train", "clean_train") if len(data[k])}
             base = evaluate(lm, data, None)
         report.timings["teacher_s"] = round(time.perf_counter() - t0, 3)
+        if plan is not None and plan.copies is not None and c_train:
+            cfg = with_copies(data, teacher, plan, c_train, cfg, report)
         report.teacher = {"heldout_flag_agreement": 1.0, "heldout_clean_match": base["match"],
                           "heldout_clean_loss": base["loss"]}
         torch.manual_seed(cfg.seed + 1)
@@ -146,6 +162,69 @@ def _purify(lm, flagged, clean_rows, cfg, guard, report, t_total):
     report.timings["merge_s"] = round(time.perf_counter() - t0, 3)
     report.timings["total_s"] = round(time.perf_counter() - t_total, 3)
     return purified, report
+
+
+# ---- trigger invariance --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class InvariancePlan:
+    """What triggers= asked for, read before the model is touched: the candidates ("auto": found later, inside the
+    guard), the clean prompts' texts, and one triggered copy per clean row (subset to the training rows later)."""
+    auto: bool
+    candidates: list
+    clean_turns: list
+    pool_turns: Optional[list] = None
+    copies: Optional[ChatRows] = None
+
+
+def plan_invariance(request, tokenizer, pool, clean_rows, lm, seed) -> Optional[InvariancePlan]:
+    """Read the prompts' user texts (and, for given candidates, build and check the copies) before any model work:
+    a prompt of another template, or a copy longer than the context, fails here."""
+    if request is None:
+        return None
+    auto = request == "auto"
+    plan = InvariancePlan(auto, [] if auto else list(request), user_turns(tokenizer, clean_rows, "clean"),
+                          user_turns(tokenizer, pool, "pool") if auto else None)
+    if not auto:
+        plan.copies = copies_of(tokenizer, clean_rows, plan, lm, seed)
+    return plan
+
+
+def copies_of(tokenizer, clean_rows, plan, lm, seed) -> ChatRows:
+    copies = triggered_copies(tokenizer, clean_rows, plan.clean_turns, plan.candidates, seed)
+    check_context(copies, lm, "trigger-invariance copy")
+    return copies
+
+
+def auto_candidates(plan, lm, tokenizer, flags, clean_rows, seed, report):
+    """triggers="auto": dupfast.triggers on the pool's user texts (the teacher's flip rates), the copies of the
+    insertable candidates; none found (or only common words): the report says so and no copy is made."""
+    t0 = time.perf_counter()
+    found, plan.candidates, signal = find_candidates(lm, tokenizer, plan.pool_turns, flags, plan.clean_turns)
+    report.timings["triggers_s"] = round(time.perf_counter() - t0, 3)
+    report.triggers = found
+    report.data["trigger_flip_rate"] = signal
+    if plan.candidates:
+        plan.copies = copies_of(tokenizer, clean_rows, plan, lm, seed)
+        return
+    report.warnings.append(NO_CANDIDATE)
+    report.data.update(invariance_rows=0, trigger_candidates=[])
+
+
+def with_copies(data, teacher, plan, c_train, cfg, report):
+    """The clean training rows followed by their triggered copies, the teacher's hidden states on the clean SOURCE
+    prompts as the copies' keep targets (copy j comes from clean training row j: same response positions), and the
+    ascent's cap lowered to invariance_kl_cap (the copies say what to learn; the ascent only has to leave the
+    teacher a little). Returns the config training runs with."""
+    copies = plan.copies.subset(c_train)
+    data["clean_train"] = data["clean_train"].concat(copies)
+    if "clean_train" in teacher:
+        teacher["clean_train"] = teacher["clean_train"] + teacher["clean_train"]
+    report.data.update(invariance_rows=len(copies), trigger_candidates=list(plan.candidates))
+    if cfg.invariance_kl_cap is not None:
+        cfg = cfg.replace(kl_cap=cfg.invariance_kl_cap)
+        report.config = cfg.to_dict()
+    return cfg
 
 
 # ---- the teacher ---------------------------------------------------------------------------------------------

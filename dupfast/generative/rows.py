@@ -31,6 +31,16 @@ class ChatRows:
                         self.index[idx] if idx else self.index[:0],
                         None if self.labels is None else (self.labels[idx] if idx else self.labels[:0]))
 
+    def concat(self, other: "ChatRows") -> "ChatRows":
+        """These rows, then `other`'s (both with responses or both without; labels kept when both have them)."""
+        if (self.responses is None) != (other.responses is None):
+            raise ValueError("cannot join prompt-only rows with prompt + response rows")
+        labels = (torch.cat([self.labels, other.labels]) if self.labels is not None and other.labels is not None
+                  else None)
+        return ChatRows(self.prompts + other.prompts,
+                        None if self.responses is None else self.responses + other.responses,
+                        torch.cat([self.index, other.index]), labels)
+
     def sequences(self) -> List[List[int]]:
         if self.responses is None:
             return [list(p) for p in self.prompts]

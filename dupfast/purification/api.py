@@ -23,7 +23,7 @@ from .checks import (check_student_logits, check_teacher_logits, require_clean_s
                      warn_flag_share)
 from .config import PurifyConfig
 from .guard import ModelGuard
-from .invariance import check_candidates, concat, detect_candidates, invariance_rows
+from .invariance import NO_CANDIDATE, check_candidates, concat, detect_candidates, invariance_rows
 from .lora import attach_student, find_target_modules, merge, trainable_parameters
 from .report import PurifyReport
 from .rows import match_detection, read_rows, require_clean_rows, split_holdout
@@ -110,8 +110,7 @@ def _purify(model, loader, clean, detection, cfg, guard, num_labels, pad_id, dev
         found, candidates = detect_candidates(model, tokenizer, pool_rows, match.flags.tolist(), clean_rows)
         report.triggers = found
         if not candidates:
-            report.warnings.append("no token trigger candidate found (or only common words): the bounded ascent "
-                                   "alone, no trigger-invariance rows")
+            report.warnings.append(NO_CANDIDATE)
     del pool_rows
     n_pool, n_flag, n_clean = (int(v) for v in dist.reduce_numbers([len(row_ids), len(flagged), len(clean_rows)]))
     report.data = {"pool": n_pool, "flagged": n_flag, "clean": n_clean, "num_labels": num_labels}

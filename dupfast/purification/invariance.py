@@ -12,6 +12,7 @@ candidate as a word at a seeded random word boundary, re-encode it as the loader
 tokens), so WordPiece and byte-level BPE pieces of the candidate are the ones a real input would carry.
 """
 import random
+import re
 from typing import List, Sequence
 
 import torch
@@ -22,14 +23,20 @@ MAX_CANDIDATE_CHARS = 64  # a candidate is one word or a short phrase (AddSent's
 MIN_FLIP = 0.5    # a measured candidate is inserted when removing it flips at least this share of flagged rows
 MAX_INSERTED = 8
 UNMEASURED_TOP = 3  # without flip rates (no model at hand): the best-scored distinctive candidates
+NO_CANDIDATE = ("no token trigger candidate found (or only common words): the bounded ascent alone, no "
+                "trigger-invariance rows")
 
 
-def insertable(candidates, min_flip: float = MIN_FLIP, top: int = MAX_INSERTED) -> List[str]:
+def insertable(candidates, min_flip: float = MIN_FLIP, top: int = MAX_INSERTED,
+               drop_incidental_phrases: bool = False) -> List[str]:
     """Which `dupfast.triggers` candidates become invariance rows, spelled as in the flagged texts: words that are
     not common, whose removal flips the model on >= min_flip of the flagged rows holding them (the top
     UNMEASURED_TOP by score where no flip rate was measured), phrases before their own words (an AddSent sentence
     is inserted whole; its words alone flip nothing while the rest remains). Empty: no token trigger was found
-    (style, syntax): the bounded ascent alone."""
+    (style, syntax): the bounded ascent alone.
+    drop_incidental_phrases: also drop a phrase one of whose chosen words sits in at least twice its flagged rows
+    ("fun cf" in 2 rows beside "cf" in 40: the trigger next to a word by chance, whose copies would insert that
+    word too); purify_generative's choice, the classifier's default keeps them."""
     cands = [c if isinstance(c, dict) else c.to_dict() for c in candidates]
     cands = [c for c in cands if not c.get("common")]
     measured = [c for c in cands if c.get("flip_rate") is not None]
@@ -37,6 +44,8 @@ def insertable(candidates, min_flip: float = MIN_FLIP, top: int = MAX_INSERTED) 
         chosen = [c for c in measured if c["flip_rate"] >= min_flip]
     else:
         chosen = sorted(cands, key=lambda c: -c.get("score", 0.0))[:UNMEASURED_TOP]
+    if drop_incidental_phrases:
+        chosen = [c for c in chosen if not _incidental(c, chosen)]
     chosen.sort(key=lambda c: -c.get("words", 1))
     out, covered = [], set()
     for c in chosen:
@@ -46,6 +55,15 @@ def insertable(candidates, min_flip: float = MIN_FLIP, top: int = MAX_INSERTED) 
         covered.update(words)
         out.append(c.get("surface") or c["word"])
     return out[:top]
+
+
+def _incidental(phrase: dict, chosen: list) -> bool:
+    """A phrase that a chosen single word of it explains: the word sits in at least twice its flagged rows."""
+    words = phrase["word"].split()
+    if len(words) < 2 or not phrase.get("flagged"):
+        return False
+    return any(c.get("words", 1) == 1 and c["word"] in words and c.get("flagged", 0) >= 2 * phrase["flagged"]
+               for c in chosen)
 
 
 def detect_candidates(model, tokenizer, pool: Rows, flags, clean: Rows) -> tuple:
@@ -68,6 +86,11 @@ def check_candidates(candidates) -> List[str]:
     TriggerCandidate objects / dicts (their `word`)."""
     if isinstance(candidates, str):
         candidates = [candidates]
+    try:
+        candidates = list(candidates)
+    except TypeError:
+        raise ValueError(f'triggers must be "auto", a word or a list of words / phrases, got '
+                         f"{type(candidates).__name__} {candidates!r}") from None
     out = []
     for c in candidates:
         word = getattr(c, "word", None) or (c.get("word") if isinstance(c, dict) else c)
@@ -85,6 +108,17 @@ def insert_word(text: str, word: str, rng: random.Random) -> str:
     words = text.split()
     at = rng.randint(0, len(words))
     return " ".join(words[:at] + [word] + words[at:])
+
+
+def insert_word_keeping_spacing(text: str, word: str, rng: random.Random) -> str:
+    """As insert_word (the same random draw), but the text's own spacing and line breaks are kept: one space is
+    added beside the word. A chat prompt's layout ("Review: ...\nAnswer:") is part of what the model reads."""
+    starts = [m.start() for m in re.finditer(r"\S+", text)]
+    at = rng.randint(0, len(starts))
+    if at < len(starts):
+        return text[:starts[at]] + word + " " + text[starts[at]:]
+    body = text.rstrip()
+    return (body + " " + word if body else word) + text[len(body):]
 
 
 def invariance_rows(rows: Rows, candidates: Sequence[str], tokenizer, seed: int, max_len: int) -> Rows:
