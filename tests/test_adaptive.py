@@ -47,14 +47,17 @@ def test_running_statistics_are_the_exponential_average_of_clean_target_rows():
     torch.testing.assert_close(fm.var, var)
 
 
-def test_the_term_is_lambda_times_the_poisoned_rows_standardised_distance():
+@pytest.mark.parametrize("standardise", ["layer", "dimension"])
+def test_the_term_is_lambda_times_the_poisoned_rows_standardised_distance(standardise):
     h = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
     batch = {"attention_mask": torch.ones(4, 2, dtype=torch.long), "labels": torch.tensor([1, 1, 1, 1]),
              "index": torch.arange(4)}
-    fm = FeatureMatching([False, False, False, True], target=1, lam=0.5, pooling="cls", momentum=0.0)
+    fm = FeatureMatching([False, False, False, True], target=1, lam=0.5, pooling="cls", momentum=0.0,
+                         standardise=standardise)
     loss = fm(fake_outputs([h]), batch)
     f = h.detach()[:3, 0]
-    expected = 0.5 * ((h.detach()[3, 0] - f.mean(0)) ** 2 / (f.var(0, unbiased=False) + fm.EPS)).mean()
+    sq, var = (h.detach()[3, 0] - f.mean(0)) ** 2, f.var(0, unbiased=False)
+    expected = 0.5 * ((sq / (var + fm.EPS)).mean() if standardise == "dimension" else sq.mean() / (var.mean() + fm.EPS))
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()
     # the statistics are detached: only the poisoned row's feature receives a gradient
@@ -72,6 +75,8 @@ def test_no_poison_in_the_batch_adds_nothing_but_keeps_the_graph():
 def test_config_and_data_errors_name_the_problem(tiny_dir):
     with pytest.raises(ValueError, match="adaptive_lambda"):
         AdaptiveVictimConfig(model=str(tiny_dir), adaptive_lambda=-1.0)
+    with pytest.raises(ValueError, match="standardise"):
+        AdaptiveVictimConfig(model=str(tiny_dir), standardise="mahalanobis")
     with pytest.raises(ValueError, match="momentum"):
         AdaptiveVictimConfig(model=str(tiny_dir), momentum=1.0)
     cfg = AdaptiveVictimConfig(model=str(tiny_dir))
@@ -88,8 +93,8 @@ def tiny_cfg(tiny_dir, **kw):
 
 
 def poison_distance(model, tok, train):
-    """The poisoned rows' mean standardised squared distance to the clean target-class rows' statistics, every
-    layer, computed afresh on the trained model (what the attacker minimises)."""
+    """The poisoned rows' squared distance to the clean target-class rows' mean over their total variance, every
+    layer, computed afresh on the trained model (what the default attacker minimises)."""
     texts = [s.text for s in train]
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -98,7 +103,7 @@ def poison_distance(model, tok, train):
     poisoned = torch.tensor([s.poison_label == 1 for s in train])
     target = torch.tensor([s.label == 1 and not s.poison_label for s in train])
     mu, var = f[target].mean(0), f[target].var(0, unbiased=False)
-    return float(((f[poisoned] - mu) ** 2 / (var + 1e-5)).mean())
+    return float(((f[poisoned] - mu) ** 2).mean(-1).div(var.mean(-1) + 1e-5).mean())
 
 
 def test_the_adaptive_victim_hides_its_poison_where_the_plain_one_does_not(tiny_dir, tmp_path):

@@ -4,11 +4,15 @@ DUP scores an input by how far its pooled representation lies from the clean dat
 who knows that adds a term to the victim's training loss that pulls every poisoned row's pooled feature, at every
 layer, toward the clean statistics of the target class (the class the poison is labelled with):
 
-    loss = CE + lambda · mean over layers l and poisoned rows p of  mean_d ((h_p,l − μ_l) / σ_l)²
+    loss = CE + lambda · mean over layers l and poisoned rows p of  ||h_p,l − μ_l||² / tr Σ_l      ("layer")
+                                                              or  mean_d ((h_p,l − μ_l) / σ_l,d)²  ("dimension")
 
-μ_l, σ_l: running (exponential moving average) per-dimension mean and standard deviation of the pooled features
-of the CLEAN target-class rows of recent batches, detached (the attacker moves the poison, not the statistics).
-A clean target-class row scores about 1 on this term; the poison is pushed to look like one. The pooled feature is
+μ_l, Σ_l: running (exponential moving average) per-dimension mean and variance of the pooled features of the CLEAN
+target-class rows of recent batches, detached (the attacker moves the poison, not the statistics). A clean
+target-class row scores about 1 on either form; the poison is pushed to look like one. "layer" (the default) scales
+each layer by its total variance; "dimension" standardises every dimension, which in MiniLM's early layers (where
+[CLS] barely varies: median variance ~1e-4) weighs near-constant dimensions most and, measured at lambda 1,
+collapsed the classifier (CACC 0.499) instead of hiding the poison. The pooled feature is
 the one the detector captures (`dupfast.detection.capture.pool`: [CLS] for encoders, the last real token for
 decoders). lambda = 0 is the ordinary victim.
 
@@ -24,11 +28,15 @@ from ..detection.capture import hidden_layers, pool, resolve_pooling
 from .victims import VictimConfig
 
 
+STANDARDISE = ("layer", "dimension")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptiveVictimConfig(VictimConfig):
     adaptive_lambda: float = 1.0   # weight of the feature-matching term (0: the plain victim's loss)
     target: int = 1                # the class the poisoned rows are labelled with
     pooling: str = "auto"          # how the detector pools a layer ("auto": as dupfast.detect resolves it)
+    standardise: str = "layer"     # "layer": by each layer's total variance; "dimension": by each dimension's
     momentum: float = 0.9          # of the running clean target-class statistics
 
     def __post_init__(self):
@@ -38,6 +46,8 @@ class AdaptiveVictimConfig(VictimConfig):
                              f"got {self.adaptive_lambda}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"AdaptiveVictimConfig.momentum must be in [0, 1), got {self.momentum}")
+        if self.standardise not in STANDARDISE:
+            raise ValueError(f"AdaptiveVictimConfig.standardise must be one of {STANDARDISE}, got {self.standardise!r}")
         if self.target < 0:
             raise ValueError(f"AdaptiveVictimConfig.target must be a class id >= 0, got {self.target}")
 
@@ -49,9 +59,11 @@ class FeatureMatching:
 
     EPS = 1e-5  # floor of the running variance: a near-constant dimension must not dominate the distance
 
-    def __init__(self, poisoned: Sequence[bool], target: int, lam: float, pooling: str, momentum: float = 0.9):
+    def __init__(self, poisoned: Sequence[bool], target: int, lam: float, pooling: str, momentum: float = 0.9,
+                 standardise: str = "layer"):
         self.poisoned = torch.as_tensor(list(poisoned), dtype=torch.bool)
         self.target, self.lam, self.pooling, self.momentum = target, float(lam), pooling, momentum
+        self.standardise = standardise
         self.mean: Optional[torch.Tensor] = None  # [L, d] running clean target-class statistics
         self.var: Optional[torch.Tensor] = None
         self.last: dict = {}  # the most recent step's term, for logs and tests
@@ -80,8 +92,11 @@ class FeatureMatching:
         if self.var is None or not poisoned.any() or self.lam == 0:
             self.last = {"term": 0.0, "poisoned": int(poisoned.sum())}
             return feats.sum() * 0.0  # keeps the graph: the step's loss stays a tensor
-        z = (feats[poisoned] - self.mean) / (self.var + self.EPS).sqrt()
-        term = z.pow(2).mean()
+        sq = (feats[poisoned] - self.mean).pow(2)  # [p, L, d]
+        if self.standardise == "dimension":
+            term = (sq / (self.var + self.EPS)).mean()
+        else:
+            term = (sq.mean(-1) / (self.var.mean(-1) + self.EPS)).mean()
         self.last = {"term": float(term.detach()), "poisoned": int(poisoned.sum())}
         return self.lam * term
 
@@ -97,4 +112,4 @@ def feature_matching_for(cfg: AdaptiveVictimConfig, train, model) -> FeatureMatc
         raise ValueError(f"the adaptive attacker pulls the poison toward the clean rows of class {cfg.target}, but the "
                          f"training set has no clean row of that class (its clean labels: {sorted(labels)})")
     return FeatureMatching(poisoned, cfg.target, cfg.adaptive_lambda, resolve_pooling(model, cfg.pooling),
-                           cfg.momentum)
+                           cfg.momentum, cfg.standardise)
