@@ -3,7 +3,8 @@
     python -m experiments.realistic_detection --attack badnets [--model minilm] [--seeds 10]
         [--clean-sizes 100 200 400] [--modes default noattn dup] [--attn-weight 0.5] [--out runs/realistic]
 
-Victim: the SST-2 paper victim of `experiments.sst2_victims` (20% dirty-label poison). The clean set is a
+Victim: the SST-2 paper victim of `experiments.sst2_victims` (20% dirty-label poison); `--model mpnet-base` or
+`smollm2-135m`: that architecture's victim of `experiments.sst2_architectures` (2,000 rows, 2 epochs, cached). The clean set is a
 seeded random subset of SST-2 dev (100 / 200 / 400 rows); every pool is drawn from ANOTHER split, SST-2 test:
 its 1,821 clean rows plus k triggered non-target test rows (test-poison), k giving 0%, 0.5%, 1%, 5% and the
 papers' third. Modes: "default" (dupfast's detector, with the reading token's attention signal), "noattn" (the
@@ -31,6 +32,7 @@ from experiments.sst2_detection import cached_capture
 
 POOLS = ("0%", "0.5%", "1%", "5%", "paper", "dup", "small")
 CLEAN_TEST = 1821
+ARCH_TRAIN_SIZE = 2000  # the other architectures' victims, as their table in docs/results/architectures.md
 
 
 def poison_count(pool: str, n_clean: int) -> int:
@@ -89,9 +91,10 @@ def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_d
     tpoison = load_sst2_poison(attack, "test", data_dir=data_dir)
     poolings = ("cls", "mean", "attn")
     cache = out / "cache"
-    df, dl, dy = cached_capture(model, tok, dev, cache / f"{attack}-dev.safetensors", poolings, True)
-    tf, tl, _ = cached_capture(model, tok, test, cache / f"{attack}-test.safetensors", poolings, False)
-    pf, pl, _ = cached_capture(model, tok, tpoison, cache / f"{attack}-testpoison.safetensors", poolings, False)
+    stem = f"{model_name}-{attack}"  # the cache is keyed by the data: the file name carries the model
+    df, dl, dy = cached_capture(model, tok, dev, cache / f"{stem}-dev.safetensors", poolings, True)
+    tf, tl, _ = cached_capture(model, tok, test, cache / f"{stem}-test.safetensors", poolings, False)
+    pf, pl, _ = cached_capture(model, tok, tpoison, cache / f"{stem}-testpoison.safetensors", poolings, False)
     feats, logits = {"clean": tf, "poison": pf}, {"clean": tl, "poison": pl}
     rows = []
     for n_c in clean_sizes:
@@ -170,7 +173,9 @@ def markdown(summary):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", default="badnets", choices=["badnets", "addsent", "stylebkd"])
-    ap.add_argument("--model", default="minilm", choices=["minilm"])
+    ap.add_argument("--model", default="minilm", choices=["minilm", "mpnet-base", "smollm2-135m"],
+                    help="minilm: the SST-2 paper victim; others: the victim of experiments.sst2_architectures "
+                         "(2,000 SST-2 train rows, 2 epochs, bf16)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--clean-sizes", type=int, nargs="+", default=[100, 200, 400])
     ap.add_argument("--modes", nargs="+", default=["default", "noattn", "dup"])
@@ -187,7 +192,11 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run(args.attack, args.model, args.seeds, args.clean_sizes, args.modes, out, args.data_dir)
+    victim = None
+    if args.model != "minilm":
+        from experiments import sst2_architectures as arch
+        victim = arch.victim(args.model, args.attack, arch.victim_config(args.model, epochs=2), ARCH_TRAIN_SIZE)
+    result = run(args.attack, args.model, args.seeds, args.clean_sizes, args.modes, out, args.data_dir, victim)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     summary = summarise(result["rows"])
     stem = f"{args.model}-{args.attack}" + ("" if args.attn_weight is None else f"-w{args.attn_weight:g}")
