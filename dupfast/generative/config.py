@@ -34,6 +34,9 @@ class GenerativeConfig(PurifyConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.autocast is not None:  # the fused vocabulary KL reads fp32 hidden states; not wired for bf16
+            raise ValueError("autocast is not supported by purify_generative (its forwards run in the model's dtype); "
+                             "leave it None")
         if self.train_head:
             raise ValueError("train_head must be False for causal LMs (the vocabulary head stays frozen)")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

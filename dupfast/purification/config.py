@@ -59,6 +59,9 @@ class PurifyConfig:
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 2025
+    # "bf16": the student's training and held-out forwards under bf16 autocast (faster where the device computes
+    # bf16 natively; the teacher's logits, the loss and the before / after check stay fp32). None: fp32
+    autocast: Optional[str] = None
     # stopping / selection from what a defender holds: held-out flagged rows and held-out clean rows
     holdout_fraction: float = 0.25
     evals_per_epoch: int = 4
@@ -84,6 +87,8 @@ class PurifyConfig:
             raise ValueError(f"kl_cap must be > 0 or None (unbounded), got {self.kl_cap!r}")
         if self.invariance_kl_cap is not None and not self.invariance_kl_cap > 0:
             raise ValueError(f"invariance_kl_cap must be > 0 or None (kl_cap), got {self.invariance_kl_cap!r}")
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"autocast must be None or 'bf16', got {self.autocast!r}")
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
         if not self.perturb_std > 0:

@@ -35,8 +35,11 @@ class TrainData:
     teacher_clean_train: Optional[torch.Tensor]  # [len(clean_train), C] when lambda_keep > 0
 
 
-def forward_logits(model, inputs):
-    out = model(**inputs)
+def forward_logits(model, inputs, autocast=None):
+    """fp32 logits of a forward; autocast="bf16": the forward under bf16 autocast (PurifyConfig.autocast)."""
+    device_type = inputs["input_ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        out = model(**inputs)
     logits = out["logits"] if isinstance(out, dict) else out.logits
     return logits.float()
 
@@ -55,12 +58,12 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def predict_rows(model, rows, pad_id, device, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def predict_rows(model, rows, pad_id, device, batch_size: int = EVAL_BATCH, autocast=None) -> torch.Tensor:
     """Eval-mode logits [n, C] (CPU) of every row, in order."""
     outs = []
     with eval_mode(model):
         for idx in index_batches(len(rows), batch_size, False, 0):
-            outs.append(forward_logits(model, pad(rows, idx, pad_id, device)).cpu())
+            outs.append(forward_logits(model, pad(rows, idx, pad_id, device), autocast).cpu())
     if not outs:
         return torch.zeros(0, 0)
     return torch.cat(outs)
@@ -143,7 +146,7 @@ def step(ddp, opt, sched, params, batch: Batch, cfg) -> BatchLoss:
     averages gradients over ranks."""
     world = dist.world_size()
     n_f, n_c = dist.reduce_numbers([len(batch.f_idx), len(batch.c_idx)])
-    logits = forward_logits(ddp, batch.inputs)
+    logits = forward_logits(ddp, batch.inputs, cfg.autocast)
     nf = len(batch.f_idx)
     bl = unlearning_loss(logits[:nf] if nf else None, batch.flag_targets, batch.flag_teacher,
                          logits[nf:] if batch.c_idx else None, batch.clean_labels, cfg,
@@ -167,12 +170,12 @@ def tie_diagnostics(model, data: TrainData, batch: Batch, cfg, pad_id, device):
     for mode in ("train", "eval"):
         model.train(mode == "train" and cfg.dropout)
         if batch.f_idx and cfg.lambda_asr > 0:
-            s = forward_logits(model, pad(data.flag_train, batch.f_idx, pad_id, device))
+            s = forward_logits(model, pad(data.flag_train, batch.f_idx, pad_id, device), cfg.autocast)
             term = unlearning_loss(s, batch.flag_targets, batch.flag_teacher, None, None, cfg, s.shape[0], 1)
             out[f"ascent_grad_norm_{mode}"] = _norm(torch.autograd.grad(term.loss, params, allow_unused=True))
             out[f"kl_mean_{mode}"] = term.kl_mean
         if mode == "train" and batch.c_idx and cfg.lambda_acc > 0:
-            s = forward_logits(model, pad(data.clean_train, batch.c_idx, pad_id, device))
+            s = forward_logits(model, pad(data.clean_train, batch.c_idx, pad_id, device), cfg.autocast)
             ce_only = dataclasses.replace(cfg, lambda_keep=0.0)  # the CE term's own gradient
             term = unlearning_loss(None, None, None, s, batch.clean_labels, ce_only, 1, s.shape[0])
             out["ce_grad_norm_train"] = _norm(torch.autograd.grad(term.loss, params, allow_unused=True))
@@ -187,17 +190,17 @@ def _norm(grads):
 
 # ---- evaluate -------------------------------------------------------------------------------------
 
-def evaluate(model, data: TrainData, pad_id, device, flagged: bool = True):
+def evaluate(model, data: TrainData, pad_id, device, flagged: bool = True, autocast=None):
     """(agreement, accuracy, n flagged, n clean): the global (all ranks) share of held-out flagged rows on which
     `model` predicts the teacher's label (flagged=False: not measured, NaN), and its accuracy on the held-out
-    clean rows."""
+    clean rows; forwards under `autocast` as the training's (PurifyConfig.autocast)."""
     agree = n_flag = correct = n_clean = 0
     fh, ch = data.flag_hold, data.clean_hold
     if flagged and len(fh):
-        s = predict_rows(model, fh, pad_id, device)
+        s = predict_rows(model, fh, pad_id, device, autocast=autocast)
         agree, n_flag = int((s.argmax(-1) == data.teacher_flag_hold.argmax(-1)).sum()), len(fh)
     if len(ch):
-        s = predict_rows(model, ch, pad_id, device)
+        s = predict_rows(model, ch, pad_id, device, autocast=autocast)
         correct, n_clean = int((s.argmax(-1) == ch.labels).sum()), len(ch)
     agree, n_flag, correct, n_clean = dist.reduce_numbers([agree, n_flag, correct, n_clean])
     return (agree / n_flag if n_flag else float("nan"), correct / n_clean if n_clean else float("nan"),
@@ -216,11 +219,11 @@ def _progress(total, enabled):
 
 # ---- the loop -------------------------------------------------------------------------------------
 
-def teacher_baseline(model, data: TrainData, pad_id, device, report):
+def teacher_baseline(model, data: TrainData, pad_id, device, report, autocast=None):
     """Step 0: the teacher's own held-out numbers (its agreement with itself is 1 by definition, so only the
-    clean accuracy is measured)."""
+    clean accuracy is measured), under the evaluations' autocast so the stopping rule compares like with like."""
     with teacher_context(model):
-        _, acc0, _, n_ch = evaluate(model, data, pad_id, device, flagged=False)
+        _, acc0, _, n_ch = evaluate(model, data, pad_id, device, flagged=False, autocast=autocast)
     n_fh, = dist.reduce_numbers([len(data.flag_hold)])
     agree0 = 1.0 if n_fh else float("nan")
     report.teacher = {"heldout_clean_acc": acc0, "heldout_flag_agreement": agree0,
@@ -294,7 +297,7 @@ def train(model, data: TrainData, cfg, pad_id, device, report):
     flag_cycle, clean_cycle = _Cycle(len(ft), cfg.batch_size, cfg.seed), _Cycle(len(ct), cfg.batch_size, cfg.seed + 1)
 
     t0 = time.perf_counter()
-    selection = _Selection(cfg, p, *teacher_baseline(model, data, pad_id, device, report), named)
+    selection = _Selection(cfg, p, *teacher_baseline(model, data, pad_id, device, report, cfg.autocast), named)
     eval_seconds = time.perf_counter() - t0
     stop_reason = f"step budget exhausted ({p.total} steps)"
     bar, sums, n = _progress(p.total, cfg.progress), _Sums(), 0
@@ -311,7 +314,7 @@ def train(model, data: TrainData, cfg, pad_id, device, report):
             if n % p.eval_every and n != p.total:
                 continue
             t0 = time.perf_counter()
-            agree, acc, _, _ = evaluate(model, data, pad_id, device)
+            agree, acc, _, _ = evaluate(model, data, pad_id, device, autocast=cfg.autocast)
             model.train(cfg.dropout)
             eval_seconds += time.perf_counter() - t0
             if bar is not None:

@@ -89,3 +89,36 @@ def test_min_steps_stretches_a_small_flagged_set_and_its_evaluations(backdoor):
     assert short.steps_run == 2 * per_epoch and short.data["eval_every"] == 1
     _, capped = _purify(backdoor, max_steps=5, min_steps=24, early_stop=False)
     assert capped.steps_run == 5  # an explicit max_steps wins
+
+
+def test_bf16_autocast_removes_the_toy_backdoor_too(backdoor):
+    acc0, _ = backdoor["score"](backdoor["fresh"]())
+    out, rep = _purify(backdoor, autocast="bf16")
+    acc, asr = backdoor["score"](out)
+    assert asr < 0.2, rep.history
+    assert acc >= acc0 - 0.05
+    assert rep.merge_check["max_abs_logit_diff"] < 1e-4  # the merge is checked in fp32 as before
+
+
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_autocast_covers_the_students_forwards_and_not_the_teachers(backdoor, autocast):
+    """Training and held-out forwards run under bf16 autocast; the teacher's logits and the before / after check
+    stay fp32 (autocast off). Without the option no forward runs under autocast."""
+    model = backdoor["fresh"]()
+    seen = []
+    model.classifier.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    purify(model, batches(backdoor["pool"], batch_size=16), clean=batches(backdoor["clean"], backdoor["labels"]),
+           detection=backdoor["flags"], **{**CFG, "max_steps": 4, "autocast": autocast})
+    if autocast is None:
+        assert seen and not any(seen)
+    else:
+        assert seen.count(True) >= 4 and seen.count(False) >= 1, seen
+
+
+def test_autocast_values_are_checked():
+    from dupfast.generative import GenerativeConfig
+    from dupfast.purification import PurifyConfig
+    with pytest.raises(ValueError, match="autocast"):
+        PurifyConfig(autocast="fp16")
+    with pytest.raises(ValueError, match="autocast"):
+        GenerativeConfig(autocast="bf16")
