@@ -40,6 +40,7 @@ VARIANTS = {
     "invariance_only": ({"lambda_asr": 0.0}, True),        # no ascent at all: the copies alone
     "invariance_cap03": ({"kl_cap": 0.3}, True),           # a tighter bound on the ascent
     "cap03": ({"kl_cap": 0.3}, False),                     # the tighter bound alone
+    "invariance_bf16": ({"autocast": "bf16"}, True),       # the copies, student forwards under bf16 autocast
 }
 ARCH_TRAIN_SIZE = 2000
 INSERTABLE = ("badnets", "addsent")  # attacks whose trigger the harness inserts into any text
