@@ -19,7 +19,8 @@ class GenerativeConfig(PurifyConfig):
     max_new_tokens: the teacher's greedy response to each flagged prompt (the positions the ascent runs on).
     invariance_kl_cap: the per-position cap where trigger-invariance copies are trained (purify_generative(
     triggers=...)), as the classifier's: the copies say what the model must learn, so the ascent only has to leave
-    the teacher a little (None: kl_cap). Not yet measured on the generative victims."""
+    the teacher a little (None: kl_cap); measured on the SmolLM2 BadNets->steer victim (docs/results/repair.md):
+    triggered-prompt accuracy 0.53 -> 0.89 against the ascent alone."""
     lambda_keep: float = 1.0
     lr: float = 2e-3
     temperature: float = 1.0
