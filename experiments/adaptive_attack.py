@@ -1,7 +1,7 @@
 """The adaptive attacker against detection: SST-2 victims trained to pull their poison's pooled features toward the
 clean target class at every layer (dupfast.harness.adaptive), screened as users screen (the realistic protocol).
 
-    python -m experiments.adaptive_attack [--attack badnets] [--lambdas 0 0.1 1] [--seeds 10]
+    python -m experiments.adaptive_attack [--attack badnets] [--lambdas 0 0.1 1] [--standardise dimension|layer] [--seeds 10]
         [--clean-sizes 100 200 400] [--modes default noattn dup] [--out runs/adaptive]
 
 lambda 0 is the paper victim of experiments.sst2_victims (the same recipe, no extra term); every other lambda
@@ -28,12 +28,13 @@ from experiments.sst2_victims import SST2_VICTIM, evaluate, victim_for
 RATE, TARGET = 0.2, 1
 
 
-def adaptive_victim(attack, lam, data_dir=None):
+def adaptive_victim(attack, lam, standardise="dimension", data_dir=None):
     if lam == 0:
         return victim_for(attack, RATE, data_dir=data_dir)
-    cfg = AdaptiveVictimConfig(**dataclasses.asdict(SST2_VICTIM), adaptive_lambda=lam, target=TARGET)
+    cfg = AdaptiveVictimConfig(**dataclasses.asdict(SST2_VICTIM), adaptive_lambda=lam, target=TARGET,
+                               standardise=standardise)
     train = load_sst2_poison(attack, "train", RATE, data_dir)
-    return train_victim(train, cfg, name=f"sst2-{attack}-dirty{RATE:g}-adaptive{lam:g}")
+    return train_victim(train, cfg, name=f"sst2-{attack}-dirty{RATE:g}-adaptive{lam:g}-{standardise}")
 
 
 def signal_aurocs(component_auroc) -> str:
@@ -70,6 +71,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", default="badnets", choices=["badnets", "addsent"])
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 1.0])
+    ap.add_argument("--standardise", choices=["dimension", "layer"], default="dimension",
+                    help="the feature-matching term's scale (dupfast.harness.adaptive)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--clean-sizes", type=int, nargs="+", default=[100, 200, 400])
     ap.add_argument("--modes", nargs="+", default=["default", "noattn", "dup"])
@@ -91,7 +94,7 @@ def main(argv=None):
     results = {}
     for lam in args.lambdas:
         t0 = time.perf_counter()
-        model, tok, info = adaptive_victim(args.attack, lam, args.data_dir)
+        model, tok, info = adaptive_victim(args.attack, lam, args.standardise, args.data_dir)
         victim_eval = evaluate(model, tok, args.attack, args.data_dir)
         print(json.dumps({"lambda": lam, **victim_eval, "train_seconds": info.get("train_seconds"),
                           "cached": info.get("cached")}), flush=True)

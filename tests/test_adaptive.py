@@ -92,9 +92,9 @@ def tiny_cfg(tiny_dir, **kw):
     return dict(model=str(tiny_dir), epochs=3, lr=1e-2, batch_size=16, max_len=16, seed=7, **kw)
 
 
-def poison_distance(model, tok, train):
-    """The poisoned rows' squared distance to the clean target-class rows' mean over their total variance, every
-    layer, computed afresh on the trained model (what the default attacker minimises)."""
+def poison_distance(model, tok, train, standardise):
+    """The poisoned rows' distance to the clean target-class rows' statistics in the attacker's own form, every
+    layer, computed afresh on the trained model (what the attacker minimises)."""
     texts = [s.text for s in train]
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -103,17 +103,21 @@ def poison_distance(model, tok, train):
     poisoned = torch.tensor([s.poison_label == 1 for s in train])
     target = torch.tensor([s.label == 1 and not s.poison_label for s in train])
     mu, var = f[target].mean(0), f[target].var(0, unbiased=False)
-    return float(((f[poisoned] - mu) ** 2).mean(-1).div(var.mean(-1) + 1e-5).mean())
+    sq = (f[poisoned] - mu) ** 2
+    if standardise == "dimension":
+        return float((sq / (var + 1e-5)).mean())
+    return float(sq.mean(-1).div(var.mean(-1) + 1e-5).mean())
 
 
-def test_the_adaptive_victim_hides_its_poison_where_the_plain_one_does_not(tiny_dir, tmp_path):
+@pytest.mark.parametrize("standardise", ["dimension", "layer"])
+def test_the_adaptive_victim_hides_its_poison_where_the_plain_one_does_not(tiny_dir, tmp_path, standardise):
     train = poisoned_train()
     plain, tok, _ = train_victim(train, VictimConfig(**tiny_cfg(tiny_dir)), cache_dir=tmp_path)
-    hidden, tok, info = train_victim(train, AdaptiveVictimConfig(**tiny_cfg(tiny_dir), adaptive_lambda=1.0),
-                                     cache_dir=tmp_path)
-    d_plain, d_hidden = poison_distance(plain, tok, train), poison_distance(hidden, tok, train)
+    hidden, tok, info = train_victim(train, AdaptiveVictimConfig(**tiny_cfg(tiny_dir), adaptive_lambda=1.0,
+                                                                 standardise=standardise), cache_dir=tmp_path)
+    d_plain, d_hidden = (poison_distance(m, tok, train, standardise) for m in (plain, hidden))
     assert d_hidden < 0.5 * d_plain, (d_hidden, d_plain)
-    assert info["config"]["adaptive_lambda"] == 1.0
+    assert info["config"]["adaptive_lambda"] == 1.0 and info["config"]["standardise"] == standardise
 
 
 def test_lambda_zero_is_the_plain_victim_bit_for_bit_under_its_own_cache_key(tiny_dir, tmp_path):

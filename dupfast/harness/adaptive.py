@@ -4,15 +4,18 @@ DUP scores an input by how far its pooled representation lies from the clean dat
 who knows that adds a term to the victim's training loss that pulls every poisoned row's pooled feature, at every
 layer, toward the clean statistics of the target class (the class the poison is labelled with):
 
-    loss = CE + lambda · mean over layers l and poisoned rows p of  ||h_p,l − μ_l||² / tr Σ_l      ("layer")
-                                                              or  mean_d ((h_p,l − μ_l) / σ_l,d)²  ("dimension")
+    loss = CE + lambda · mean over layers l and poisoned rows p of  mean_d ((h_p,l − μ_l,d) / σ_l,d)²  ("dimension")
+                                                              or  ||h_p,l − μ_l||² / tr Σ_l           ("layer")
 
 μ_l, Σ_l: running (exponential moving average) per-dimension mean and variance of the pooled features of the CLEAN
 target-class rows of recent batches, detached (the attacker moves the poison, not the statistics). A clean
-target-class row scores about 1 on either form; the poison is pushed to look like one. "layer" (the default) scales
-each layer by its total variance; "dimension" standardises every dimension, which in MiniLM's early layers (where
-[CLS] barely varies: median variance ~1e-4) weighs near-constant dimensions most and, measured at lambda 1,
-collapsed the classifier (CACC 0.499) instead of hiding the poison. The pooled feature is
+target-class row scores about 1 on either form; the poison is pushed to look like one. "dimension" (the default)
+standardises every dimension, as a Mahalanobis detector sees them; "layer" scales each layer by its total variance.
+Measured on MiniLM SST-2 BadNets (docs/results/users-pools.md): at lambda 0.1 both keep CACC and ASR and
+"dimension" hides the poison better; at lambda 1 both collapse the classifier (it answers the target class for
+everything): in MiniLM's early layers [CLS] barely varies (mean variance ~1e-4), so the term's gradient, scaled by
+1/σ², swamps the cross-entropy's under gradient clipping.
+The pooled feature is
 the one the detector captures (`dupfast.detection.capture.pool`: [CLS] for encoders, the last real token for
 decoders). lambda = 0 is the ordinary victim.
 
@@ -36,7 +39,7 @@ class AdaptiveVictimConfig(VictimConfig):
     adaptive_lambda: float = 1.0   # weight of the feature-matching term (0: the plain victim's loss)
     target: int = 1                # the class the poisoned rows are labelled with
     pooling: str = "auto"          # how the detector pools a layer ("auto": as dupfast.detect resolves it)
-    standardise: str = "layer"     # "layer": by each layer's total variance; "dimension": by each dimension's
+    standardise: str = "dimension"  # "dimension": by each dimension's variance; "layer": by each layer's total
     momentum: float = 0.9          # of the running clean target-class statistics
 
     def __post_init__(self):
@@ -60,7 +63,7 @@ class FeatureMatching:
     EPS = 1e-5  # floor of the running variance: a near-constant dimension must not dominate the distance
 
     def __init__(self, poisoned: Sequence[bool], target: int, lam: float, pooling: str, momentum: float = 0.9,
-                 standardise: str = "layer"):
+                 standardise: str = "dimension"):
         self.poisoned = torch.as_tensor(list(poisoned), dtype=torch.bool)
         self.target, self.lam, self.pooling, self.momentum = target, float(lam), pooling, momentum
         self.standardise = standardise
