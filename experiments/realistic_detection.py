@@ -30,6 +30,11 @@ from dupfast.harness import metrics
 from dupfast.harness.data import load_sst2, load_sst2_poison
 from experiments.sst2_detection import cached_capture
 
+# modes beyond the detector's own: the default without the attention column, the default reading mean-pooled
+# features (the adaptive attacker hides the [CLS] token's), DAN (mean pooling, as its authors)
+MODE_OPTIONS = {"noattn": dict(mode="default", signals=("pred", "proj"), pooling="cls"),
+                "default-mean": dict(mode="default", pooling="mean"),
+                "dan": dict(mode="dan", pooling="mean")}
 POOLS = ("0%", "0.5%", "1%", "5%", "paper", "dup", "small")
 CLEAN_TEST = 1821
 ARCH_TRAIN_SIZE = 2000  # the other architectures' victims, as their table in docs/results/architectures.md
@@ -104,8 +109,7 @@ def run(attack, model_name, seeds, clean_sizes, modes, out: pathlib.Path, data_d
             for mode in modes:
                 t0 = time.perf_counter()
                 clean_feats = {p: v[idx] for p, v in df.items()}
-                opts = dict(mode="default", signals=("pred", "proj")) if mode == "noattn" else dict(mode=mode)
-                opts["pooling"] = "mean" if mode == "dan" else "cls"
+                opts = MODE_OPTIONS.get(mode, dict(mode=mode, pooling="cls"))
                 det = Detector(**opts)
                 det.fit_features(clean_feats, dy[idx], logits=dl[idx])
                 old = Detector(**opts, threshold="clean", fusion="adaptive").fit_features(clean_feats, dy[idx],
