@@ -185,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["default", "noattn", "dup"])
     ap.add_argument("--attn-weight", type=float, default=None,
                     help="the attention column's share of the fixed combination (default: the detector's)")
+    ap.add_argument("--gap-fused-only", action="store_true",
+                    help="diagnostic: the presence verdict's gap test reads the fused scores only, not the attention "
+                         "column on its own as well (dupfast.detection.verdict.decide's gap_columns)")
     ap.add_argument("--out", default="runs/realistic")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
@@ -193,6 +196,12 @@ def main(argv=None):
     if args.attn_weight is not None:
         from dupfast.detection.scorers import default as default_scorer
         default_scorer.ATTN_WEIGHT = args.attn_weight
+    if args.gap_fused_only:
+        from dupfast.detection import scoring, verdict
+
+        def fused_only(*a, **k):  # decide(clean, pool, frr, threshold, rule, n_rows, calibrated, gap_columns)
+            return verdict.decide(*a[:7], **{**k, "gap_columns": ()})
+        scoring.decide = fused_only
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -203,7 +212,8 @@ def main(argv=None):
     result = run(args.attack, args.model, args.seeds, args.clean_sizes, args.modes, out, args.data_dir, victim)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     summary = summarise(result["rows"])
-    stem = f"{args.model}-{args.attack}" + ("" if args.attn_weight is None else f"-w{args.attn_weight:g}")
+    stem = (f"{args.model}-{args.attack}" + ("" if args.attn_weight is None else f"-w{args.attn_weight:g}")
+            + ("-gapfused" if args.gap_fused_only else ""))
     (out / f"{stem}.json").write_text(json.dumps({**result, "summary": summary}, indent=2))
     table = markdown(summary)
     (out / f"{stem}.md").write_text(table + "\n")
