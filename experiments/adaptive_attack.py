@@ -1,7 +1,8 @@
 """The adaptive attacker against detection: SST-2 victims trained to pull their poison's pooled features toward the
 clean target class at every layer (dupfast.harness.adaptive), screened as users screen (the realistic protocol).
 
-    python -m experiments.adaptive_attack [--attack badnets] [--lambdas 0 0.1 1] [--standardise dimension|layer] [--seeds 10]
+    python -m experiments.adaptive_attack [--attack badnets] [--lambdas 0 0.1 1] [--standardise dimension|layer]
+        [--seeds 10]
         [--clean-sizes 100 200 400] [--modes default noattn dup] [--out runs/adaptive]
 
 lambda 0 is the paper victim of experiments.sst2_victims (the same recipe, no extra term); every other lambda
@@ -67,6 +68,23 @@ def summary_table(results) -> str:
     return "\n".join(lines)
 
 
+def screen(args, lam, folder: pathlib.Path) -> dict:
+    """One victim: trained (or cached), evaluated, screened with the realistic protocol; saved under `folder`."""
+    t0 = time.perf_counter()
+    model, tok, info = adaptive_victim(args.attack, lam, args.standardise, args.data_dir)
+    victim_eval = evaluate(model, tok, args.attack, args.data_dir)
+    print(json.dumps({"lambda": lam, **victim_eval, "train_seconds": info.get("train_seconds"),
+                      "cached": info.get("cached")}), flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    res = realistic.run(args.attack, "minilm", args.seeds, args.clean_sizes, args.modes, folder, args.data_dir,
+                        victim=(model, tok, info))
+    res.update(victim_eval=victim_eval, adaptive_lambda=lam, seconds=round(time.perf_counter() - t0, 1),
+               summary=realistic.summarise(res["rows"]))
+    (folder / f"minilm-{args.attack}.json").write_text(json.dumps(res, indent=2))
+    (folder / f"minilm-{args.attack}.md").write_text(realistic.markdown(res["summary"]) + "\n")
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", default="badnets", choices=["badnets", "addsent"])
@@ -81,37 +99,17 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--table-only", action="store_true", help="only rebuild <out>/<attack>.md from the saved runs")
     args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
     if args.table_only:
-        out = pathlib.Path(args.out)
         results = {lam: json.loads((out / f"lambda{lam:g}" / f"minilm-{args.attack}.json").read_text())
                    for lam in args.lambdas}
-        table = summary_table(results)
-        (out / f"{args.attack}.md").write_text(table + "\n")
-        print(table)
-        return 0
-    torch.set_num_threads(args.threads)
-    out = pathlib.Path(args.out)
-    results = {}
-    for lam in args.lambdas:
-        t0 = time.perf_counter()
-        model, tok, info = adaptive_victim(args.attack, lam, args.standardise, args.data_dir)
-        victim_eval = evaluate(model, tok, args.attack, args.data_dir)
-        print(json.dumps({"lambda": lam, **victim_eval, "train_seconds": info.get("train_seconds"),
-                          "cached": info.get("cached")}), flush=True)
-        folder = out / f"lambda{lam:g}"
-        folder.mkdir(parents=True, exist_ok=True)
-        res = realistic.run(args.attack, "minilm", args.seeds, args.clean_sizes, args.modes, folder, args.data_dir,
-                            victim=(model, tok, info))
-        res.update(victim_eval=victim_eval, adaptive_lambda=lam, seconds=round(time.perf_counter() - t0, 1),
-                   summary=realistic.summarise(res["rows"]))
-        (folder / f"minilm-{args.attack}.json").write_text(json.dumps(res, indent=2))
-        (folder / f"minilm-{args.attack}.md").write_text(realistic.markdown(res["summary"]) + "\n")
-        results[lam] = res
+    else:
+        torch.set_num_threads(args.threads)
+        results = {lam: screen(args, lam, out / f"lambda{lam:g}") for lam in args.lambdas}
     table = summary_table(results)
     (out / f"{args.attack}.md").write_text(table + "\n")
     print(table)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,15 +1,18 @@
 """Inference-time screening as users meet it: mostly clean pools, low poison rates, duplicates.
 
-    python -m experiments.realistic_detection --attack badnets [--model minilm] [--seeds 10]
-        [--clean-sizes 100 200 400] [--modes default noattn dup] [--attn-weight 0.5] [--out runs/realistic]
+    python -m experiments.realistic_detection --attack badnets [--model minilm|mpnet-base|smollm2-135m] [--seeds 10]
+        [--clean-sizes 100 200 400] [--modes default noattn dup] [--attn-weight 0.5] [--gap-fused-only]
+        [--out runs/realistic]
 
 Victim: the SST-2 paper victim of `experiments.sst2_victims` (20% dirty-label poison); `--model mpnet-base` or
-`smollm2-135m`: that architecture's victim of `experiments.sst2_architectures` (2,000 rows, 2 epochs, cached). The clean set is a
-seeded random subset of SST-2 dev (100 / 200 / 400 rows); every pool is drawn from ANOTHER split, SST-2 test:
-its 1,821 clean rows plus k triggered non-target test rows (test-poison), k giving 0%, 0.5%, 1%, 5% and the
-papers' third. Modes: "default" (dupfast's detector, with the reading token's attention signal), "noattn" (the
-same without it: signals pred + proj, the detector before that signal), "dup" (the authors' algorithm). A "dup" pool repeats 8 random clean rows 8 times each inside the clean pool, a "small" pool is
-64 clean rows. Each (clean size, seed) fits every mode once; each pool is drawn per seed.
+`smollm2-135m`: that architecture's victim of `experiments.sst2_architectures` (2,000 rows, 2 epochs, cached).
+The clean set is a seeded random subset of SST-2 dev (100 / 200 / 400 rows); every pool is drawn from ANOTHER
+split, SST-2 test: its 1,821 clean rows plus k triggered non-target test rows (test-poison), k giving 0%, 0.5%,
+1%, 5% and the papers' third. Modes: "default" (dupfast's detector, with the reading token's attention signal),
+"noattn" (the same without it: signals pred + proj, the detector before that signal), "default-mean" (the default
+reading mean-pooled features), "dan", "dup" (the authors' algorithm). A "dup" pool repeats 8 random clean rows 8
+times each inside the clean pool, a "small" pool is 64 clean rows. Each (clean size, seed) fits every mode once;
+each pool is drawn per seed. --gap-fused-only (a diagnostic): the verdict's gap test reads the fused scores only.
 
 Per cell: AUROC, the flagged share, FRR on the pool's clean rows, precision and recall at the threshold, the
 presence verdict (share of seeds with poison_present), and "before": the same pool scored by the rule before

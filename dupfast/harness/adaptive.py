@@ -69,7 +69,6 @@ class FeatureMatching:
         self.standardise = standardise
         self.mean: Optional[torch.Tensor] = None  # [L, d] running clean target-class statistics
         self.var: Optional[torch.Tensor] = None
-        self.last: dict = {}  # the most recent step's term, for logs and tests
 
     def update(self, feats: torch.Tensor) -> None:
         """Fold one batch's clean target-class features [n, L, d] into the running statistics."""
@@ -93,14 +92,12 @@ class FeatureMatching:
         if clean_target.any():
             self.update(feats[clean_target])
         if self.var is None or not poisoned.any() or self.lam == 0:
-            self.last = {"term": 0.0, "poisoned": int(poisoned.sum())}
             return feats.sum() * 0.0  # keeps the graph: the step's loss stays a tensor
         sq = (feats[poisoned] - self.mean).pow(2)  # [p, L, d]
         if self.standardise == "dimension":
             term = (sq / (self.var + self.EPS)).mean()
         else:
             term = (sq.mean(-1) / (self.var.mean(-1) + self.EPS)).mean()
-        self.last = {"term": float(term.detach()), "poisoned": int(poisoned.sum())}
         return self.lam * term
 
 

@@ -97,22 +97,21 @@ def check_candidates(candidates) -> List[str]:
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"a trigger candidate must be a non-empty word or phrase, got {c!r}")
         if len(word) > MAX_CANDIDATE_CHARS:
-            raise ValueError(f"a trigger candidate is a word or a short phrase (at most {MAX_CANDIDATE_CHARS} characters), "
-                             f"got {len(word)} characters: {word[:40]!r}...")
+            raise ValueError(f"a trigger candidate is a word or a short phrase (at most {MAX_CANDIDATE_CHARS} "
+                             f"characters), got {len(word)} characters: {word[:40]!r}...")
         out.append(" ".join(word.split()))
     return list(dict.fromkeys(out))
 
 
 def insert_word(text: str, word: str, rng: random.Random) -> str:
     """`word` at a random word boundary of `text` (start and end included), words re-joined by single spaces."""
-    words = text.split()
-    at = rng.randint(0, len(words))
-    return " ".join(words[:at] + [word] + words[at:])
+    return insert_word_keeping_spacing(" ".join(text.split()), word, rng)
 
 
 def insert_word_keeping_spacing(text: str, word: str, rng: random.Random) -> str:
-    """As insert_word (the same random draw), but the text's own spacing and line breaks are kept: one space is
-    added beside the word. A chat prompt's layout ("Review: ...\nAnswer:") is part of what the model reads."""
+    """`word` at a random word boundary of `text` (start and end included), the text's own spacing and line breaks
+    kept: one space is added beside the word. A chat prompt's layout ("Review: ...\nAnswer:") is part of what the
+    model reads."""
     starts = [m.start() for m in re.finditer(r"\S+", text)]
     at = rng.randint(0, len(starts))
     if at < len(starts):
@@ -122,7 +121,8 @@ def insert_word_keeping_spacing(text: str, word: str, rng: random.Random) -> str
 
 
 def invariance_rows(rows: Rows, candidates: Sequence[str], tokenizer, seed: int, max_len: int) -> Rows:
-    """Triggered copies of `rows`, in their order, with the same labels: one copy a row, candidates taken in turn so every candidate meets rows of every class. max_len: the longest row the copies may
+    """Triggered copies of `rows`, in their order, with the same labels: one copy a row, candidates taken in turn
+    so every candidate meets rows of every class. max_len: the longest row the copies may
     have (the model's context, or the clean rows' own longest + the candidate's tokens)."""
     if tokenizer is None:
         raise ValueError("trigger-invariance rows need the model's tokenizer (tokenizer=...): purify reads token "
